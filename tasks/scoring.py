@@ -1,0 +1,336 @@
+"""Score a list of photo objects: read, decode, find the face, classify in batches.
+
+Reading runs in a background thread (concurrent reads on async stores), decoding and
+face alignment run in worker processes, and the model runs on full batches in this
+process while the next photos are prepared. Memory holds a bounded number of photos.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing
+import queue
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+
+from models.predictor import Predictor, cpu_count, gender_of
+from tasks.decoding import TOO_LARGE, DecodeLimits, Rejection, decode_photo
+from tasks.faces import NO_FACE, FaceFrontEnd, Framing
+from tasks.predictions import PhotoResult
+from tasks.storage import ObjectInfo, Store
+
+log = logging.getLogger(__name__)
+
+BAD_KEY = "bad_key"
+READ_ERROR = "read_error"
+DECODER_CRASH = "decoder_crash"
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    batch_size: int = 64
+    workers: int | None = None  # None: one per core, none at all for small runs
+    limits: DecodeLimits = DecodeLimits()
+    detect_side: int = 640
+    read_chunk: int = 32
+    abstain_threshold: float | None = None  # None: the model card's value
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"workers must be 0 or more, got {self.workers}")
+        if self.read_chunk < 1:
+            raise ValueError(f"read chunk must be at least 1, got {self.read_chunk}")
+
+
+def user_of(key: str) -> str | None:
+    """The user id is the first path segment; None when the key has no usable one."""
+    parts = key.split("/")
+    if len(parts) < 2 or any(p in ("", ".", "..") for p in parts):
+        return None
+    return parts[0]
+
+
+@dataclass
+class Prepared:
+    """What a worker sends back for one photo: a chip to classify, or a rejection."""
+
+    key: str
+    user_id: str | None
+    sha256: str | None
+    chip: np.ndarray | None = None
+    box: list[int] | None = None
+    face_count: int = 0
+    reject_reason: str | None = None
+    detail: str = ""
+    format: str | None = None
+
+
+_frontend: FaceFrontEnd | None = None
+_worker_setup: tuple[Framing, DecodeLimits, int] | None = None
+
+
+def _init_worker(framing: Framing, limits: DecodeLimits, detect_side: int) -> None:
+    global _worker_setup, _frontend
+    _worker_setup = (framing, limits, detect_side)
+    _frontend = None
+
+
+def _frontend_for(detect_side: int) -> FaceFrontEnd:
+    global _frontend
+    if _frontend is None or _frontend.detect_side != detect_side:
+        _frontend = FaceFrontEnd(detect_side=detect_side)
+    return _frontend
+
+
+def prepare_photo(key: str, data: bytes, sha256: str, framing: Framing, limits: DecodeLimits,
+                  detect_side: int = 640) -> Prepared:
+    """Decode, validate and align one photo. Plain function: no storage, no model."""
+    user_id = user_of(key)
+    if user_id is None:
+        return Prepared(key, None, sha256, reject_reason=BAD_KEY,
+                        detail="key is not {user_id}/{file name}")
+    decoded = decode_photo(data, limits)
+    if isinstance(decoded, Rejection):
+        return Prepared(key, user_id, sha256, reject_reason=decoded.reason, detail=decoded.detail,
+                        format=decoded.format)
+    face = _frontend_for(detect_side).largest_face(decoded.rgb, framing)
+    if face is None:
+        return Prepared(key, user_id, sha256, reject_reason=NO_FACE, detail="no face detected",
+                        format=decoded.format)
+    box = [min(int(round(v / decoded.scale)), limit - 1) for v, limit in
+           zip(face.box, (decoded.width, decoded.height, decoded.width, decoded.height))]
+    return Prepared(key, user_id, sha256, chip=face.chip, box=box, face_count=face.count,
+                    format=decoded.format)
+
+
+def _prepare_in_worker(key: str, data: bytes, sha256: str) -> Prepared:
+    assert _worker_setup is not None
+    framing, limits, detect_side = _worker_setup
+    return prepare_photo(key, data, sha256, framing, limits, detect_side)
+
+
+@dataclass
+class ScoringStats:
+    listed: int = 0
+    read: int = 0
+    skipped_same_hash: int = 0
+    scored: int = 0
+    rejected: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+    decode_seconds: float = 0.0
+    model_seconds: float = 0.0
+
+    @property
+    def photos_per_second(self) -> float:
+        return (self.scored + self.rejected) / self.seconds if self.seconds > 0 else 0.0
+
+
+_DONE = object()
+
+
+def _read_ahead(store: Store, objects: list[ObjectInfo], chunk: int, out: queue.Queue,
+                stop: threading.Event) -> None:
+    """Reader thread: fetch chunks concurrently, hash, drop unchanged content."""
+    try:
+        for start in range(0, len(objects), chunk):
+            if stop.is_set():
+                return
+            keys = [o.key for o in objects[start:start + chunk]]
+            for key, data in store.read_many(keys).items():
+                if isinstance(data, BaseException):
+                    out.put((key, data, None))
+                    continue
+                sha = hashlib.sha256(data).hexdigest()
+                out.put((key, data, sha))
+    except BaseException as error:  # pragma: no cover - surfaced by the consumer
+        out.put((None, error, None))
+    finally:
+        out.put(_DONE)
+
+
+class _Preparer:
+    """Runs prepare_photo inline or on a process pool that survives crashing decoders."""
+
+    def __init__(self, options: ScoringOptions, framing: Framing, workers: int) -> None:
+        self.options, self.framing, self.workers = options, framing, workers
+        self.pool: ProcessPoolExecutor | None = None
+        self.inflight: deque[tuple[tuple, Future]] = deque()
+        self.crash_suspects: deque[tuple] = deque()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(self.framing, self.options.limits, self.options.detect_side))
+
+    def __enter__(self) -> "_Preparer":
+        if self.workers > 0:
+            self.pool = self._new_pool()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def capacity(self) -> int:
+        return max(2, self.workers * 4)
+
+    def submit(self, item: tuple) -> Prepared | None:
+        if self.pool is None:
+            key, data, sha = item
+            return prepare_photo(key, data, sha, self.framing, self.options.limits,
+                                 self.options.detect_side)
+        self.inflight.append((item, self.pool.submit(_prepare_in_worker, *item)))
+        return None
+
+    def full(self) -> bool:
+        return len(self.inflight) >= self.capacity
+
+    def pending(self) -> bool:
+        return bool(self.inflight)
+
+    def next_result(self) -> list[Prepared]:
+        """The oldest in-flight photo's result; after a worker crash, the photos that were
+        in flight are retried one by one, and the one that crashes again is rejected."""
+        item, future = self.inflight.popleft()
+        try:
+            return [future.result()]
+        except BrokenProcessPool:
+            suspects = [item] + [i for i, _ in self.inflight]
+            self.inflight.clear()
+            log.warning("a decoder worker crashed; retrying %d photos one at a time", len(suspects))
+            self._restart()
+            return [self._isolated(s) for s in suspects]
+
+    def _restart(self) -> None:
+        assert self.pool is not None
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool = self._new_pool()
+
+    def _isolated(self, item: tuple) -> Prepared:
+        key, _, sha = item
+        try:
+            return self.pool.submit(_prepare_in_worker, *item).result()
+        except BrokenProcessPool:
+            log.error("photo %s crashes the decoder; rejected", key)
+            self._restart()
+            return Prepared(key, user_of(key), sha, reject_reason=DECODER_CRASH,
+                            detail="the decoder process died on this photo")
+
+
+def score_objects(store: Store, objects: list[ObjectInfo], known_hashes: dict[str, set[str]],
+                  predictor: Predictor, options: ScoringOptions, run_id: str, scored_at: datetime,
+                  progress: Callable[[int, int], None] | None = None) -> tuple[list[PhotoResult], ScoringStats]:
+    """Answer every object in `objects` with one row (unless its content is already known)."""
+    stats = ScoringStats(listed=len(objects))
+    started = time.perf_counter()
+    workers = options.workers
+    if workers is None:
+        workers = cpu_count() if len(objects) >= 64 else 0
+    threshold = (options.abstain_threshold if options.abstain_threshold is not None
+                 else predictor.abstain_threshold)
+    results: list[PhotoResult] = []
+    batch: list[Prepared] = []
+
+    def stamp(row: PhotoResult) -> PhotoResult:
+        row.run_id, row.scored_at = run_id, scored_at
+        row.model_name, row.model_version = predictor.name, predictor.version
+        return row
+
+    def flush() -> None:
+        if not batch:
+            return
+        t0 = time.perf_counter()
+        prediction = predictor.predict(np.stack([p.chip for p in batch]))
+        stats.model_seconds += time.perf_counter() - t0
+        genders = gender_of(prediction.p_male, threshold)
+        for prepared, p_male, gender in zip(batch, prediction.p_male, genders):
+            p_male = float(p_male)
+            results.append(stamp(PhotoResult(
+                user_id=prepared.user_id, photo_key=prepared.key, photo_sha256=prepared.sha256,
+                status="scored", gender=gender, p_male=p_male, p_female=1.0 - p_male,
+                confidence=max(p_male, 1.0 - p_male), face_count=prepared.face_count,
+                face_box=prepared.box)))
+        stats.scored += len(batch)
+        batch.clear()
+
+    def accept(prepared: Prepared) -> None:
+        if prepared.reject_reason:
+            stats.rejected += 1
+            stats.reasons[prepared.reject_reason] += 1
+            row = PhotoResult.rejected(prepared.user_id, prepared.key, prepared.sha256,
+                                       prepared.reject_reason, prepared.face_count)
+            results.append(stamp(row))
+            log.debug("rejected %s: %s (%s)", prepared.key, prepared.reject_reason, prepared.detail)
+        else:
+            batch.append(prepared)
+            if len(batch) >= options.batch_size:
+                flush()
+        done = stats.scored + stats.rejected + len(batch)
+        if progress:
+            progress(done + stats.skipped_same_hash, stats.listed)
+
+    # Objects over the byte limit are answered from the listing, without a download.
+    to_read = [o for o in objects if o.size <= options.limits.max_bytes]
+    for obj in objects:
+        if obj.size > options.limits.max_bytes:
+            accept(Prepared(obj.key, user_of(obj.key), None, reject_reason=TOO_LARGE,
+                            detail=f"{obj.size} bytes > limit {options.limits.max_bytes}"))
+
+    incoming: queue.Queue = queue.Queue(maxsize=max(options.read_chunk * 2, workers * 8))
+    stop = threading.Event()
+    reader = threading.Thread(target=_read_ahead, name="photo-reader", daemon=True,
+                              args=(store, to_read, options.read_chunk, incoming, stop))
+    reader.start()
+    try:
+        with _Preparer(options, predictor.framing, workers) as preparer:
+            while True:
+                item = incoming.get()
+                if item is _DONE:
+                    break
+                key, data, sha = item
+                if key is None:
+                    raise data
+                stats.read += 1
+                if isinstance(data, BaseException):
+                    accept(Prepared(key, user_of(key), None, reject_reason=READ_ERROR, detail=str(data)))
+                    continue
+                if sha in known_hashes.get(key, ()):
+                    stats.skipped_same_hash += 1
+                    continue
+                t0 = time.perf_counter()
+                prepared = preparer.submit((key, data, sha))
+                stats.decode_seconds += time.perf_counter() - t0
+                if prepared is not None:
+                    accept(prepared)
+                while preparer.full():
+                    for result in preparer.next_result():
+                        accept(result)
+            while preparer.pending():
+                for result in preparer.next_result():
+                    accept(result)
+        flush()
+    finally:
+        stop.set()
+        while reader.is_alive():  # unblock a reader waiting on a full queue
+            try:
+                incoming.get_nowait()
+            except queue.Empty:
+                reader.join(timeout=0.1)
+    stats.seconds = time.perf_counter() - started
+    results.sort(key=lambda r: r.photo_key)
+    return results, stats
+

@@ -1,0 +1,136 @@
+"""Prefect tasks for the scoring flow: thin wrappers (names, retries, logs, artifacts)
+around the plain functions in tasks.storage, tasks.scoring, tasks.predictions."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import date, datetime
+
+import pandas as pd
+from prefect import get_run_logger, task
+from prefect.artifacts import (create_link_artifact, create_markdown_artifact,
+                               create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
+from prefect.cache_policies import NO_CACHE
+
+from models.registry import ModelRef, Registry
+from tasks.expectations import ExpectationsFailed, check_photo_metadata, check_predictions
+from tasks.predictions import (PhotoResult, diff_against_dataset, read_predictions, to_table,
+                               write_predictions)
+from tasks.scoring import ScoringOptions, ScoringStats, score_objects, user_of
+from tasks.storage import ObjectInfo, StorageError, Store, storage_options
+from tasks.summary import render_markdown, summarize
+
+
+@dataclass
+class Listing:
+    """The objects this run must look at, and what the dataset already answered."""
+
+    objects: list[ObjectInfo]
+    known_hashes: dict[str, set[str]]
+    skipped_unchanged: int
+    listed_at: datetime
+
+
+@task(name="list-new-photos", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+def list_new_photos(source: str, output: str, endpoint_url: str | None, listed_at: datetime) -> Listing:
+    logger = get_run_logger()
+    options = storage_options(endpoint_url)
+    source_store = Store(source, options)
+    if not source_store.exists():
+        raise StorageError(f"source {source} does not exist or cannot be reached")
+    objects = source_store.list_objects()
+    existing = read_predictions(Store(output, options),
+                                columns=["photo_key", "photo_sha256", "reject_reason", "scored_at"])
+    diff = diff_against_dataset(objects, existing)
+    logger.info("listed %d objects under %s; %d unchanged since answered; %d to read",
+                len(objects), source, diff.skipped_unchanged, len(diff.to_read))
+    return Listing(diff.to_read, diff.known_hashes, diff.skipped_unchanged, listed_at)
+
+
+@task(name="check-photo-metadata", cache_policy=NO_CACHE)
+def check_photo_metadata_task(listing: Listing) -> None:
+    """Before inference: the photos to read have unique, contained keys and sane sizes."""
+    readable = [o for o in listing.objects if user_of(o.key) is not None]
+    frame = pd.DataFrame({"photo_key": [o.key for o in readable],
+                          "size_bytes": [o.size for o in readable]})
+    report = check_photo_metadata(frame)
+    get_run_logger().info(report.text())
+    if not report.success:
+        raise ExpectationsFailed(report)
+
+
+@task(name="score-photos", cache_policy=NO_CACHE)
+def score_photos(source: str, endpoint_url: str | None, listing: Listing, registry: str | None,
+                 model: str, device: str, options: ScoringOptions, run_id: str
+                 ) -> tuple[list[PhotoResult], ScoringStats]:
+    logger = get_run_logger()
+    predictor = Registry(registry, storage_options(endpoint_url)).load_predictor(
+        ModelRef.parse(model), device=device, abstain_threshold=options.abstain_threshold)
+    logger.info("model %s@%s on %s, batch size %d, framing %s", predictor.name, predictor.version,
+                predictor.device, options.batch_size, predictor.framing.to_dict())
+    total = len(listing.objects)
+    artifact = create_progress_artifact(0.0, key="scoring-progress",
+                                        description=f"photos answered out of {total}") if total else None
+    last = {"t": time.monotonic(), "pct": 0.0}
+
+    def progress(done: int, of: int) -> None:
+        pct = 100.0 * done / max(of, 1)
+        now = time.monotonic()
+        if done == of or now - last["t"] >= 5 or pct - last["pct"] >= 10:
+            logger.info("progress: %d/%d photos (%.0f%%)", done, of, pct)
+            if artifact is not None:
+                update_progress_artifact(artifact, pct)
+            last.update(t=now, pct=pct)
+
+    rows, stats = score_objects(Store(source, storage_options(endpoint_url)), listing.objects,
+                                listing.known_hashes, predictor, options, run_id,
+                                listing.listed_at, progress)
+    logger.info("scored %d, rejected %d, same content skipped %d, %.1f photos/s",
+                stats.scored, stats.rejected, stats.skipped_same_hash, stats.photos_per_second)
+    return rows, stats
+
+
+@task(name="check-predictions", cache_policy=NO_CACHE)
+def check_predictions_task(rows: list[PhotoResult]) -> None:
+    """Before publishing: keys present, one row per photo, probabilities valid."""
+    report = check_predictions(to_table(rows).to_pandas())
+    logger = get_run_logger()
+    if not report.success:
+        logger.error(report.text())
+        create_markdown_artifact("```\n" + report.text() + "\n```", key="predictions-suite",
+                                 description="predictions suite failed: nothing was published")
+        raise ExpectationsFailed(report)
+    logger.info(report.text())
+
+
+@task(name="write-predictions", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+def write_predictions_task(rows: list[PhotoResult], output: str, endpoint_url: str | None,
+                          scoring_date: date, part_name: str) -> str:
+    url = write_predictions(Store(output, storage_options(endpoint_url)), to_table(rows),
+                            scoring_date, part_name)
+    get_run_logger().info("published %d rows to %s", len(rows), url)
+    return url
+
+
+@task(name="publish-run-summary", cache_policy=NO_CACHE)
+def publish_run_summary(rows: list[PhotoResult], stats: ScoringStats, listing: Listing,
+                        model: str, written: str | None) -> dict:
+    summary = summarize(rows, stats, listing.skipped_unchanged)
+    summary.update(model=model, written=written)
+    create_table_artifact([{"status": "scored", "photos": summary["scored"]},
+                           {"status": "rejected", "photos": summary["rejected"]},
+                           {"status": "unchanged (skipped)", "photos": summary["skipped_unchanged"]}],
+                          key="scoring-counts", description="photos by status")
+    create_table_artifact([{"reason": k, "photos": v} for k, v in summary["reject_reasons"].items()]
+                          or [{"reason": "none", "photos": 0}],
+                          key="reject-reasons", description="rejected photos by reason")
+    create_table_artifact(summary["p_male_histogram"], key="p-male-histogram",
+                          description="calibrated p_male of scored photos")
+    create_markdown_artifact(render_markdown(summary), key="scoring-summary",
+                             description="nightly scoring summary")
+    if written:
+        create_link_artifact(written, link_text="predictions Parquet written by this run",
+                             key="predictions-file")
+    return summary

@@ -1,0 +1,156 @@
+"""Object storage through fsspec: one code path for file://, s3:// and memory://."""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TypeVar
+
+import fsspec
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Errors worth a retry: connection trouble and throttling, not "no such key".
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, OSError)
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, PermissionError,
+                                                     IsADirectoryError, NotADirectoryError)
+
+
+class StorageError(RuntimeError):
+    """Storage could not be reached or read after retries."""
+
+
+def storage_options(endpoint_url: str | None = None) -> dict:
+    """fsspec options for S3-compatible stores (MinIO, Ceph, moto) given an endpoint."""
+    return {"client_kwargs": {"endpoint_url": endpoint_url}} if endpoint_url else {}
+
+
+def with_retries(action: Callable[[], T], what: str, attempts: int = 4, backoff: float = 0.5) -> T:
+    """Run `action`, retrying transient storage errors with exponential backoff."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except PERMANENT_ERRORS:
+            raise
+        except TRANSIENT_ERRORS as error:
+            if attempt == attempts:
+                raise StorageError(f"{what} failed after {attempts} attempts: {error}") from error
+            delay = backoff * 2 ** (attempt - 1)
+            log.warning("%s failed (%s); retry %d/%d in %.1fs", what, error, attempt, attempts - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str  # relative to the store root, '/'-separated
+    size: int
+    modified: datetime | None
+
+
+def _modified(info: dict) -> datetime | None:
+    for field in ("LastModified", "mtime", "last_modified", "created", "updated"):
+        value = info.get(field)
+        if value is None:
+            continue
+        if isinstance(value, (int, float)):
+            return datetime.fromtimestamp(value, tz=timezone.utc)
+        if isinstance(value, datetime):
+            return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        if isinstance(value, str):
+            try:
+                parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                continue
+            return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return None
+
+
+class Store:
+    """A folder of objects at an fsspec URL (a plain path works too)."""
+
+    def __init__(self, url: str, options: dict | None = None) -> None:
+        self.url = url.rstrip("/") or url
+        self.fs, root = fsspec.core.url_to_fs(url, **(options or {}))
+        self.root = root.rstrip("/")
+
+    def path(self, key: str) -> str:
+        return f"{self.root}/{key}" if key else self.root
+
+    def key_of(self, path: str) -> str:
+        path = path.rstrip("/")
+        prefix = self.root + "/"
+        if not path.startswith(prefix):
+            raise ValueError(f"{path!r} is not under {self.root!r}")
+        return path[len(prefix):]
+
+    def exists(self) -> bool:
+        return with_retries(lambda: self.fs.exists(self.root), f"checking {self.url}")
+
+    def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
+        """Every object below the root (recursively), sorted by key."""
+        target = self.path(prefix)
+
+        def find() -> dict:
+            self.fs.invalidate_cache()
+            return self.fs.find(target, detail=True, withdirs=False)
+
+        found = with_retries(find, f"listing {self.url}")
+        objects = []
+        for path, info in found.items():
+            if info.get("type") == "directory":
+                continue
+            objects.append(ObjectInfo(self.key_of(path), int(info.get("size") or 0), _modified(info)))
+        objects.sort(key=lambda o: o.key)
+        return objects
+
+    def read_many(self, keys: Iterable[str]) -> dict[str, bytes | BaseException]:
+        """Read many objects at once (concurrently on async stores such as s3fs).
+
+        Objects that still fail after retries come back as the exception, so one
+        unreadable photo does not stop the others.
+        """
+        keys = list(keys)
+        paths = {self.path(k): k for k in keys}
+        try:
+            raw = with_retries(lambda: self.fs.cat(list(paths), on_error="return"),
+                               f"reading {len(keys)} objects from {self.url}")
+        except StorageError as error:
+            return {k: error for k in keys}
+        out: dict[str, bytes | BaseException] = {}
+        for path, key in paths.items():
+            value = raw.get(path, FileNotFoundError(path))
+            if isinstance(value, BaseException) and not isinstance(value, PERMANENT_ERRORS):
+                try:  # one more careful try, alone, for the objects that failed
+                    value = with_retries(lambda p=path: self.fs.cat_file(p), f"reading {key}")
+                except (StorageError, *PERMANENT_ERRORS) as error:
+                    value = error
+            out[key] = value
+        return out
+
+    def read(self, key: str) -> bytes:
+        return with_retries(lambda: self.fs.cat_file(self.path(key)), f"reading {key}")
+
+    def write_atomic(self, key: str, data: bytes) -> str:
+        """Write under a hidden temporary name, then move into place.
+
+        Readers (pyarrow, pandas, DuckDB, Spark) skip names starting with '_' or '.',
+        so they never see a partial file; on S3 the final object appears whole.
+        """
+        final = self.path(key)
+        directory, name = posixpath.split(final)
+        temp = f"{directory}/_tmp-{name}"
+        with_retries(lambda: self.fs.makedirs(directory, exist_ok=True), f"creating {directory}")
+        with_retries(lambda: self.fs.pipe_file(temp, data), f"writing {temp}")
+        with_retries(lambda: self.fs.mv(temp, final), f"publishing {final}")
+        return final
+
+    def full_url(self, key: str) -> str:
+        path = self.path(key)
+        protocol = self.fs.protocol[0] if isinstance(self.fs.protocol, (tuple, list)) else self.fs.protocol
+        return path if protocol in ("file", "local") else f"{protocol}://{path}"
