@@ -1,0 +1,173 @@
+"""Sample uploads for the demo, the tests and the benchmarks: real face photos that
+installed packages ship, re-encoded the ways phones and browsers send them, plus the
+broken files a public upload form receives."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image
+
+
+def grace_hopper() -> np.ndarray:
+    """matplotlib's sample portrait (RGB uint8)."""
+    import matplotlib.cbook
+
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as handle:
+        return np.asarray(Image.open(handle).convert("RGB"))
+
+
+def astronaut() -> np.ndarray | None:
+    """scikit-image's astronaut portrait, when scikit-image is installed."""
+    try:
+        from skimage import data
+    except ImportError:
+        return None
+    return np.ascontiguousarray(data.astronaut())
+
+
+def no_face_photo() -> np.ndarray:
+    """A real photo without a human face (scikit-image's coffee), else a gradient."""
+    try:
+        from skimage import data
+
+        return np.ascontiguousarray(data.coffee())
+    except ImportError:
+        y, x = np.mgrid[0:300, 0:400]
+        return np.stack([x % 256, y % 256, (x + y) % 256], axis=2).astype(np.uint8)
+
+
+def encode(rgb: np.ndarray, fmt: str, **options) -> bytes:
+    """Encode an RGB array; fmt is a Pillow format name (JPEG, PNG, WEBP, HEIF, GIF...)."""
+    image = Image.fromarray(rgb)
+    if fmt == "HEIF":
+        import pillow_heif
+
+        pillow_heif.register_heif_opener()
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def jpeg_with_orientation(rgb: np.ndarray, orientation: int) -> bytes:
+    """A JPEG whose pixels are stored rotated, with the EXIF tag that undoes it, as
+    phone cameras write them. Orientation 6: displayed rotated 90 degrees clockwise."""
+    undo = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90,
+            8: Image.Transpose.ROTATE_270}[orientation]
+    stored = Image.fromarray(rgb).transpose(undo)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", quality=92, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+def cmyk_jpeg(rgb: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).convert("CMYK").save(buffer, format="JPEG", quality=92)
+    return buffer.getvalue()
+
+
+def png_16bit_gray(rgb: np.ndarray) -> bytes:
+    gray = np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.uint16) * 257
+    buffer = io.BytesIO()
+    Image.fromarray(gray).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_rgba(rgb: np.ndarray) -> bytes:
+    alpha = np.full(rgb.shape[:2] + (1,), 255, dtype=np.uint8)
+    alpha[:10] = 0
+    return encode(np.concatenate([rgb, alpha], axis=2), "PNG")
+
+
+def png_palette(rgb: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=256).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def pasted_into(rgb: np.ndarray, size: tuple[int, int], at: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """The photo pasted into a larger noisy background: a face that fills less of the frame."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    canvas = rng.integers(60, 200, size=(height, width, 3), dtype=np.uint8)
+    canvas = np.asarray(Image.fromarray(canvas).resize((width // 8 or 1, height // 8 or 1)).resize((width, height)))
+    canvas = canvas.copy()
+    h, w = min(rgb.shape[0], height - at[1]), min(rgb.shape[1], width - at[0])
+    canvas[at[1]:at[1] + h, at[0]:at[0] + w] = rgb[:h, :w]
+    return canvas
+
+
+def decompression_bomb_png(side: int = 20_000) -> bytes:
+    """A tiny PNG that claims side x side grey pixels (hundreds of MB when decoded)."""
+    raw_row = b"\x00" + b"\x00" * side
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(raw_row) for _ in range(side)) + compressor.flush()
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def broken_files(seed: int = 0) -> dict[str, tuple[bytes, str]]:
+    """File name -> (bytes, expected reject reason)."""
+    rng = np.random.default_rng(seed)
+    portrait = grace_hopper()
+    jpeg = encode(portrait, "JPEG", quality=90)
+    corrupt = bytearray(jpeg)
+    corrupt[200:2000] = rng.integers(0, 256, 1800, dtype=np.uint8).tobytes()
+    svg = b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>'
+    return {
+        "empty.jpg": (b"", "empty"),
+        "truncated.jpg": (jpeg[: len(jpeg) // 3], "truncated"),
+        "notes.txt.jpg": (b"this is not a photo\n" * 20, "not_an_image"),
+        "drawing.svg": (svg, "not_an_image"),
+        "random.bin": (rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(), "not_an_image"),
+        "layers.psd": (b"8BPS\x00\x01" + bytes(60), "unsupported_format"),
+        "tiny.png": (encode(portrait[:40, :40].copy(), "PNG"), "too_small"),
+        "bomb.png": (decompression_bomb_png(), "decompression_bomb"),
+        "coffee.jpg": (encode(no_face_photo(), "JPEG", quality=90), "no_face"),
+        "scrambled.jpg": (bytes(corrupt), "corrupt"),
+    }
+
+
+def face_variants() -> dict[str, bytes]:
+    """File name -> bytes of a real face photo in each accepted encoding."""
+    portrait = grace_hopper()
+    variants = {
+        "baseline.jpg": encode(portrait, "JPEG", quality=90),
+        "progressive.jpg": encode(portrait, "JPEG", quality=90, progressive=True),
+        "cmyk.jpg": cmyk_jpeg(portrait),
+        "rotated-exif6.jpg": jpeg_with_orientation(portrait, 6),
+        "gray16.png": png_16bit_gray(portrait),
+        "rgba.png": png_rgba(portrait),
+        "palette.png": png_palette(portrait),
+        "photo.webp": encode(portrait, "WEBP", quality=90),
+        "photo.heic": encode(portrait, "HEIF", quality=90),
+        "first-frame.gif": encode(portrait, "GIF"),
+        "scan.tiff": encode(portrait, "TIFF"),
+        "old.bmp": encode(portrait, "BMP"),
+        "grayscale.jpg": encode(np.asarray(Image.fromarray(portrait).convert("L")), "JPEG"),
+        "no extension": encode(portrait, "JPEG", quality=85),
+        "große Datei ü.jpeg": encode(pasted_into(portrait, (1600, 1200), (500, 300)), "JPEG", quality=88),
+    }
+    other = astronaut()
+    if other is not None:
+        variants["astronaut.png"] = encode(other, "PNG")
+    return variants
+
+
+def write_tree(root: str, files: dict[str, bytes]) -> None:
+    """Write {relative key: bytes} under a local folder."""
+    for key, data in files.items():
+        path = os.path.join(root, *key.split("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as handle:
+            handle.write(data)
