@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from gender_pipeline import samples
+from tasks.decoding import DecodeLimits
+from tasks.faces import FaceFrontEnd, Framing
+from tasks.scoring import prepare_photo
+
+
+@pytest.fixture(scope="module")
+def frontend():
+    return FaceFrontEnd()
+
+
+def test_finds_the_face_in_a_portrait(frontend):
+    portrait = samples.grace_hopper()
+    face = frontend.largest_face(portrait, Framing(size=48, padding=0.25))
+    assert face is not None and face.count == 1
+    left, top, right, bottom = face.box
+    # The face sits in the upper middle of this portrait.
+    assert 100 < left < right < 420 and 80 < top < bottom < 420
+    assert face.chip.shape == (48, 48, 3) and face.chip.dtype == np.uint8
+
+
+def test_no_face_in_a_photo_of_coffee(frontend):
+    assert frontend.largest_face(samples.no_face_photo(), Framing()) is None
+
+
+def test_detection_on_a_downscaled_copy_maps_back(frontend):
+    portrait = samples.grace_hopper()
+    big = samples.pasted_into(portrait, (1800, 1400), (900, 600))
+    box_small = frontend.detect(big)[0]
+    reference = FaceFrontEnd(detect_side=4000).detect(big)[0]
+    assert iou(box_small, reference) > 0.6, (box_small, reference)
+    assert box_small[0] > 900 and box_small[1] > 600
+
+
+def iou(a, b):
+    left, top = max(a[0], b[0]), max(a[1], b[1])
+    right, bottom = min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0, right - left) * max(0, bottom - top)
+    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+def test_largest_of_several_faces_is_used(frontend):
+    portrait = samples.grace_hopper()
+    small = np.asarray(Image.fromarray(portrait).resize((256, 300)))
+    canvas = samples.pasted_into(portrait, (1000, 700), (0, 0))
+    canvas[350:650, 700:956] = small
+    faces = frontend.detect(canvas)
+    assert len(faces) == 2
+    area = [(b[2] - b[0]) * (b[3] - b[1]) for b in faces]
+    assert area[0] > area[1] and faces[0][0] < 512
+
+
+def test_face_box_is_reported_in_original_pixels():
+    big = samples.pasted_into(samples.grace_hopper(), (4000, 3000), (2000, 1500))
+    data = samples.encode(big, "JPEG", quality=90)
+    prepared = prepare_photo("u/big.jpg", data, "sha", Framing(), DecodeLimits(working_side=1000))
+    assert prepared.reject_reason is None
+    left, top, right, bottom = prepared.box
+    assert 2000 + 100 < left < right < 2000 + 420 and 1500 + 80 < top < bottom < 1500 + 420
+
+
+@pytest.mark.parametrize("bad", [dict(kind="square"), dict(size=4), dict(padding=-1)])
+def test_framing_rejects_nonsense(bad):
+    with pytest.raises(ValueError):
+        Framing(**bad)
+
+
+def test_framing_round_trips_through_a_card():
+    framing = Framing(size=224, padding=0.3)
+    assert Framing.from_dict(framing.to_dict()) == framing

@@ -1,0 +1,110 @@
+from datetime import date, datetime, timedelta, timezone
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from tasks import storage as storage_module
+from tasks.predictions import (PREDICTIONS_SCHEMA, PhotoResult, diff_against_dataset,
+                               read_predictions, to_table, write_predictions)
+from tasks.storage import ObjectInfo, StorageError, Store, with_retries
+
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def row(key, sha, status="scored", reason=None, at=T0):
+    if status == "scored":
+        return PhotoResult(user_id=key.split("/")[0], photo_key=key, photo_sha256=sha, status="scored",
+                           gender="male", p_male=0.9, p_female=0.1, confidence=0.9, face_count=1,
+                           face_box=[1, 2, 3, 4], model_name="m", model_version="1", scored_at=at, run_id="r")
+    result = PhotoResult.rejected(key.split("/")[0], key, sha, reason)
+    result.scored_at, result.run_id = at, "r"
+    return result
+
+
+def test_schema_is_the_contract():
+    expected = [("user_id", "string"), ("photo_key", "string"), ("photo_sha256", "string"),
+                ("status", "string"), ("reject_reason", "string"), ("gender", "string"),
+                ("p_male", "float"), ("p_female", "float"), ("confidence", "float"),
+                ("face_count", "int16"), ("face_box", "list<item: int32>"), ("model_name", "string"),
+                ("model_version", "string"), ("scored_at", "timestamp[us, tz=UTC]"),
+                ("run_id", "string"), ("schema_version", "int16")]
+    assert [(f.name, str(f.type)) for f in PREDICTIONS_SCHEMA] == expected
+
+
+def test_write_is_atomic_and_partitioned(tmp_path):
+    store = Store(str(tmp_path / "lake"))
+    url = write_predictions(store, to_table([row("a/1.jpg", "h1"), row("b/2.jpg", "h2", "rejected", "empty")]),
+                            date(2026, 1, 2), "part-x")
+    assert url.endswith("predictions/dt=2026-01-02/part-x.parquet")
+    files = sorted(p.name for p in (tmp_path / "lake" / "predictions" / "dt=2026-01-02").iterdir())
+    assert files == ["part-x.parquet"]  # no temporary left behind
+    assert pq.read_schema(url).equals(PREDICTIONS_SCHEMA, check_metadata=False)
+    frame = pd.read_parquet(str(tmp_path / "lake" / "predictions"))
+    assert list(frame["photo_key"]) == ["a/1.jpg", "b/2.jpg"]
+    assert str(frame["dt"].iloc[0]) == "2026-01-02"
+
+
+def test_readers_skip_unpublished_temporaries(tmp_path):
+    store = Store(str(tmp_path))
+    write_predictions(store, to_table([row("a/1.jpg", "h1")]), date(2026, 1, 2), "part-1")
+    (tmp_path / "predictions" / "dt=2026-01-02" / "_tmp-part-2.parquet").write_bytes(b"half a file")
+    assert len(read_predictions(store)) == 1
+    assert len(pd.read_parquet(str(tmp_path / "predictions"))) == 1
+
+
+def test_read_predictions_on_an_empty_output(tmp_path):
+    assert len(read_predictions(Store(str(tmp_path / "nothing")))) == 0
+
+
+def test_diff_skips_unchanged_and_rereads_modified_or_retryable():
+    existing = to_table([row("a/1.jpg", "h1"), row("b/2.jpg", "h2"),
+                         row("c/3.jpg", None, "rejected", "read_error")]).to_pandas()
+    objects = [ObjectInfo("a/1.jpg", 10, T0 - timedelta(hours=1)),   # unchanged: skipped
+               ObjectInfo("b/2.jpg", 10, T0 + timedelta(hours=1)),   # touched since: read, hash decides
+               ObjectInfo("c/3.jpg", 10, T0 - timedelta(hours=1)),   # failed read last time: read
+               ObjectInfo("d/4.jpg", 10, None)]                      # new
+    diff = diff_against_dataset(objects, existing)
+    assert [o.key for o in diff.to_read] == ["b/2.jpg", "c/3.jpg", "d/4.jpg"]
+    assert diff.skipped_unchanged == 1
+    assert diff.known_hashes["b/2.jpg"] == {"h2"} and "c/3.jpg" not in diff.known_hashes
+
+
+def test_memory_store_lists_reads_and_writes():
+    store = Store("memory://store-test/src")
+    store.fs.pipe({"/store-test/src/u1/a b.jpg": b"1", "/store-test/src/u2/ü.png": b"22"})
+    assert [(o.key, o.size) for o in store.list_objects()] == [("u1/a b.jpg", 1), ("u2/ü.png", 2)]
+    got = store.read_many(["u1/a b.jpg", "u2/ü.png", "u3/missing"])
+    assert got["u1/a b.jpg"] == b"1" and got["u2/ü.png"] == b"22"
+    assert isinstance(got["u3/missing"], FileNotFoundError)
+
+
+def test_transient_errors_are_retried_then_reported(monkeypatch):
+    monkeypatch.setattr(storage_module.time, "sleep", lambda s: None)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("connection reset")
+        return "ok"
+
+    assert with_retries(flaky, "reading") == "ok" and len(calls) == 3
+
+    def down():
+        raise TimeoutError("timed out")
+
+    with pytest.raises(StorageError, match="after 4 attempts"):
+        with_retries(down, "listing s3://bucket")
+
+
+def test_missing_objects_are_not_retried(monkeypatch):
+    calls = []
+
+    def missing():
+        calls.append(1)
+        raise FileNotFoundError("nope")
+
+    with pytest.raises(FileNotFoundError):
+        with_retries(missing, "reading")
+    assert len(calls) == 1
