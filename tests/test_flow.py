@@ -1,0 +1,130 @@
+"""The nightly-scoring flow end to end on a real (temporary) Prefect server."""
+
+import os
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flows.scoring import nightly_scoring
+from gender_pipeline import samples
+from tasks.expectations import ExpectationsFailed
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def run(source, output, registry, **kwargs):
+    return nightly_scoring(source=str(source), output=str(output), registry=str(registry), workers=0, **kwargs)
+
+
+def parquet_files(output):
+    root = output / "predictions"
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def test_scores_once_and_rerun_writes_nothing(uploads, tmp_path):
+    from prefect.artifacts import Artifact
+
+    source, files = uploads
+    output, registry = tmp_path / "lake", tmp_path / "registry"
+    summary = run(source, output, registry, scoring_date="2026-03-04")
+    frame = pd.read_parquet(str(output / "predictions"))
+    assert sorted(frame["photo_key"]) == sorted(files)  # one row per object
+    assert frame["photo_key"].is_unique
+    assert summary["rows"] == len(files) and summary["scored"] == 4
+    assert set(frame["dt"].astype(str)) == {"2026-03-04"}
+    assert set(frame["model_name"]) == {"dlib-gender-v1"}
+    assert (frame["run_id"] == summary["run_id"]).all()
+    assert frame.loc[frame.status == "scored", "gender"].isin(["male", "female", "unknown"]).all()
+    for key in ("scoring-counts", "reject-reasons", "p-male-histogram", "scoring-summary", "predictions-file"):
+        assert Artifact.get(key) is not None, key
+    counts = Artifact.get("scoring-counts")
+    assert '"photos": 4' in str(counts.data) or "4" in str(counts.data)
+
+    again = run(source, output, registry, scoring_date="2026-03-04")
+    assert again["rows"] == 0 and again["written"] is None
+    assert again["skipped_unchanged"] == len(files)
+    assert len(parquet_files(output)) == 1
+
+
+def test_only_new_and_replaced_photos_are_scored_next_time(uploads, tmp_path, face_files):
+    source, files = uploads
+    output, registry = tmp_path / "lake", tmp_path / "registry"
+    run(source, output, registry, scoring_date="2026-03-04")
+    time.sleep(0.05)
+    samples.write_tree(str(source), {"newbie/me.webp": face_files["photo.webp"],
+                                     "ada/baseline.jpg": face_files["progressive.jpg"]})  # replaced content
+    # A touched file with the same bytes is read again but not scored again.
+    same = source / "bea" / "photo.heic"
+    os.utime(same, (time.time() + 5, time.time() + 5))
+    summary = run(source, output, registry, scoring_date="2026-03-05")
+    assert summary["rows"] == 2
+    frame = pd.read_parquet(str(output / "predictions"))
+    latest = frame[frame.dt.astype(str) == "2026-03-05"]
+    assert sorted(latest["photo_key"]) == ["ada/baseline.jpg", "newbie/me.webp"]
+    assert frame.groupby(["photo_key", "photo_sha256"]).size().max() == 1
+
+
+def test_crash_before_publish_then_rerun_gives_one_row_per_photo(uploads, tmp_path, monkeypatch):
+    import tasks.scoring_tasks as scoring_tasks
+
+    source, files = uploads
+    output, registry = tmp_path / "lake", tmp_path / "registry"
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("node lost")
+
+    monkeypatch.setattr(scoring_tasks, "write_predictions", crash)
+    with pytest.raises(RuntimeError, match="node lost"):
+        run(source, output, registry)
+    assert parquet_files(output) == []
+    monkeypatch.undo()
+    run(source, output, registry)
+    frame = pd.read_parquet(str(output / "predictions"))
+    assert sorted(frame["photo_key"]) == sorted(files)
+
+
+def test_crash_after_publish_then_rerun_adds_nothing(uploads, tmp_path, monkeypatch):
+    import tasks.scoring_tasks as scoring_tasks
+
+    source, files = uploads
+    output, registry = tmp_path / "lake", tmp_path / "registry"
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed after publish")
+
+    monkeypatch.setattr(scoring_tasks, "summarize", crash)
+    with pytest.raises(RuntimeError, match="killed after publish"):
+        run(source, output, registry)
+    monkeypatch.undo()
+    summary = run(source, output, registry)
+    assert summary["rows"] == 0
+    frame = pd.read_parquet(str(output / "predictions"))
+    assert sorted(frame["photo_key"]) == sorted(files)
+
+
+def test_failing_predictions_suite_stops_the_publish(uploads, tmp_path, monkeypatch):
+    import models.predictor as predictor_module
+    from prefect.artifacts import Artifact
+
+    source, _ = uploads
+    output, registry = tmp_path / "lake", tmp_path / "registry"
+    monkeypatch.setattr(predictor_module, "calibrate", lambda logits, t: np.full(len(logits), 1.5, np.float32))
+    with pytest.raises(ExpectationsFailed, match="p_male"):
+        run(source, output, registry)
+    assert parquet_files(output) == []
+    assert "FAILED" in Artifact.get("predictions-suite").data
+
+
+def test_missing_source_fails_clearly(tmp_path):
+    from tasks.storage import StorageError
+
+    with pytest.raises(StorageError, match="does not exist"):
+        run(tmp_path / "no-such-folder", tmp_path / "lake", tmp_path / "registry")
+
+
+def test_empty_source_writes_nothing(tmp_path):
+    (tmp_path / "uploads").mkdir()
+    summary = run(tmp_path / "uploads", tmp_path / "lake", tmp_path / "registry")
+    assert summary["rows"] == 0 and parquet_files(tmp_path / "lake") == []

@@ -1,0 +1,119 @@
+from datetime import datetime, timezone
+
+import numpy as np
+import pytest
+
+from models.registry import Registry
+from tasks.scoring import ScoringOptions, prepare_photo, score_objects, user_of
+from tasks.storage import Store
+
+AT = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory):
+    return Registry(str(tmp_path_factory.mktemp("reg"))).load_predictor("gender-classifier", "cpu")
+
+
+def memory_store(name, files):
+    store = Store(f"memory://{name}/uploads")
+    store.fs.pipe({f"/{name}/uploads/{k}": v for k, v in files.items()})
+    return store
+
+
+@pytest.mark.parametrize("key, user", [("u1/a.jpg", "u1"), ("u1/sub/a.jpg", "u1"), ("a.jpg", None),
+                                       ("u1/../a.jpg", None), ("/u/a", None), ("u//a", None)])
+def test_user_id_comes_from_the_first_segment(key, user):
+    assert user_of(key) == user
+
+
+def test_every_object_gets_exactly_one_answer(predictor, face_files, broken_files):
+    files = {f"face{i}/{name}": data for i, (name, data) in enumerate(face_files.items())}
+    files.update({f"bad{i}/{name}": data for i, (name, (data, _)) in enumerate(broken_files.items())})
+    files["loose-file.jpg"] = face_files["baseline.jpg"]
+    store = memory_store("every", files)
+    rows, stats = score_objects(store, store.list_objects(), {}, predictor,
+                                ScoringOptions(batch_size=4, workers=0), "run", AT)
+    assert sorted(r.photo_key for r in rows) == sorted(files)
+    by_key = {r.photo_key: r for r in rows}
+    for i, (name, (_, reason)) in enumerate(broken_files.items()):
+        assert by_key[f"bad{i}/{name}"].reject_reason == reason, name
+    assert by_key["loose-file.jpg"].reject_reason == "bad_key"
+    for i, name in enumerate(face_files):
+        r = by_key[f"face{i}/{name}"]
+        assert r.status == "scored" and r.face_count >= 1 and len(r.face_box) == 4, name
+        assert abs(r.p_male + r.p_female - 1) < 1e-6 and r.confidence >= 0.5
+    assert stats.scored == len(face_files) and stats.rejected == len(broken_files) + 1
+
+
+@pytest.mark.parametrize("count", [1, 3, 4])  # batch size 3: one, exactly one batch, one more
+def test_batch_boundaries(predictor, face_files, count):
+    files = {f"user{i}/p.jpg": face_files["baseline.jpg"] for i in range(count)}
+    store = memory_store(f"batch{count}", files)
+    rows, _ = score_objects(store, store.list_objects(), {}, predictor,
+                            ScoringOptions(batch_size=3, workers=0), "run", AT)
+    assert len(rows) == count and all(r.status == "scored" for r in rows)
+    assert len({round(r.p_male, 5) for r in rows}) == 1
+
+
+def test_worker_processes_give_the_same_rows_as_inline(predictor, face_files, broken_files):
+    files = {f"u{i}/{name}": data for i, (name, data) in enumerate(list(face_files.items())[:6])}
+    files.update({f"b{i}/{name}": data for i, (name, (data, _)) in enumerate(list(broken_files.items())[:4])})
+    store = memory_store("pool", files)
+    inline, _ = score_objects(store, store.list_objects(), {}, predictor, ScoringOptions(workers=0), "r", AT)
+    pooled, _ = score_objects(store, store.list_objects(), {}, predictor, ScoringOptions(workers=2), "r", AT)
+    assert [(r.photo_key, r.status, r.reject_reason, r.face_box) for r in inline] == \
+           [(r.photo_key, r.status, r.reject_reason, r.face_box) for r in pooled]
+    assert np.allclose([r.p_male or 0 for r in inline], [r.p_male or 0 for r in pooled], atol=1e-5)
+
+
+def test_same_content_is_not_scored_again(predictor, face_files):
+    import hashlib
+
+    data = face_files["baseline.jpg"]
+    store = memory_store("same", {"u/a.jpg": data, "v/b.jpg": data})
+    known = {"u/a.jpg": {hashlib.sha256(data).hexdigest()}}
+    rows, stats = score_objects(store, store.list_objects(), known, predictor, ScoringOptions(workers=0), "r", AT)
+    assert [r.photo_key for r in rows] == ["v/b.jpg"] and stats.skipped_same_hash == 1
+
+
+def test_oversize_objects_are_rejected_from_the_listing_without_download(predictor, face_files, monkeypatch):
+    store = memory_store("oversize", {"u/big.jpg": face_files["baseline.jpg"]})
+    read = []
+    original = store.read_many
+    monkeypatch.setattr(store, "read_many", lambda keys: read.extend(keys) or original(keys))
+    from tasks.decoding import DecodeLimits
+
+    rows, _ = score_objects(store, store.list_objects(), {}, predictor,
+                            ScoringOptions(workers=0, limits=DecodeLimits(max_bytes=1000)), "r", AT)
+    assert rows[0].reject_reason == "too_large" and read == []
+
+
+def test_unreadable_object_becomes_read_error(predictor, face_files, monkeypatch):
+    store = memory_store("unreadable", {"u/a.jpg": face_files["baseline.jpg"], "v/b.jpg": b"x"})
+    original = store.read_many
+    monkeypatch.setattr(store, "read_many", lambda keys: {**original(keys), "v/b.jpg": ConnectionError("reset")})
+    rows, _ = score_objects(store, store.list_objects(), {}, predictor, ScoringOptions(workers=0), "r", AT)
+    assert [(r.photo_key, r.status, r.reject_reason) for r in rows] == [
+        ("u/a.jpg", "scored", None), ("v/b.jpg", "rejected", "read_error")]
+
+
+def test_abstain_threshold_override(predictor, face_files):
+    store = memory_store("abstain", {"u/a.png": face_files["astronaut.png"]})
+    rows, _ = score_objects(store, store.list_objects(), {}, predictor,
+                            ScoringOptions(workers=0, abstain_threshold=1.0), "r", AT)
+    assert rows[0].gender == "unknown" and rows[0].p_male is not None
+
+
+def test_prepare_photo_is_a_plain_function(face_files):
+    from tasks.decoding import DecodeLimits
+    from tasks.faces import Framing
+
+    prepared = prepare_photo("u/p.jpg", face_files["baseline.jpg"], "sha", Framing(size=40), DecodeLimits())
+    assert prepared.chip.shape == (40, 40, 3) and prepared.user_id == "u"
+
+
+@pytest.mark.parametrize("bad", [dict(batch_size=0), dict(workers=-1), dict(read_chunk=0)])
+def test_bad_options(bad):
+    with pytest.raises(ValueError):
+        ScoringOptions(**bad)
