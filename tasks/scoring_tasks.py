@@ -19,7 +19,7 @@ from tasks.expectations import ExpectationsFailed, check_photo_metadata, check_p
 from tasks.predictions import (PhotoResult, diff_against_dataset, read_predictions, to_table,
                                write_predictions)
 from tasks.scoring import ScoringOptions, ScoringStats, score_objects, user_of
-from tasks.storage import ObjectInfo, StorageError, Store, storage_options
+from tasks.storage import ObjectInfo, StorageError, Store, retry_if_transient, storage_options
 from tasks.summary import render_markdown, summarize
 
 
@@ -33,13 +33,14 @@ class Listing:
     listed_at: datetime
 
 
-@task(name="list-new-photos", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+@task(name="list-new-photos", retries=2, retry_delay_seconds=[5, 30],
+      retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 def list_new_photos(source: str, output: str, endpoint_url: str | None, listed_at: datetime) -> Listing:
     logger = get_run_logger()
     options = storage_options(endpoint_url)
     source_store = Store(source, options)
     if not source_store.exists():
-        raise StorageError(f"source {source} does not exist or cannot be reached")
+        raise StorageError(f"source {source} does not exist", transient=False)
     objects = source_store.list_objects()
     existing = read_predictions(Store(output, options),
                                 columns=["photo_key", "photo_sha256", "reject_reason", "scored_at"])
@@ -105,7 +106,8 @@ def check_predictions_task(rows: list[PhotoResult]) -> None:
     logger.info(report.text())
 
 
-@task(name="write-predictions", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+@task(name="write-predictions", retries=2, retry_delay_seconds=[5, 30],
+      retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 def write_predictions_task(rows: list[PhotoResult], output: str, endpoint_url: str | None,
                           scoring_date: date, part_name: str) -> str:
     url = write_predictions(Store(output, storage_options(endpoint_url)), to_table(rows),

@@ -19,10 +19,40 @@ T = TypeVar("T")
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, OSError)
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, PermissionError,
                                                      IsADirectoryError, NotADirectoryError)
+# botocore/aiohttp errors that are not OSError subclasses, by class name (no import needed).
+TRANSIENT_NAMES = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+                   "ConnectionClosedError", "ClientConnectorError", "ServerDisconnectedError",
+                   "ClientOSError", "ResponseStreamingError", "IncompleteReadError"}
+CREDENTIAL_NAMES = {"NoCredentialsError", "PartialCredentialsError", "NoRegionError"}
+
+
+def _kind(error: BaseException) -> str:
+    names = {cls.__name__ for cls in type(error).__mro__}
+    if names & CREDENTIAL_NAMES:
+        return "credentials"
+    if isinstance(error, PERMANENT_ERRORS):
+        return "permanent"
+    if isinstance(error, TRANSIENT_ERRORS) or names & TRANSIENT_NAMES:
+        return "transient"
+    return "other"
+
+
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)
 
 
 class StorageError(RuntimeError):
-    """Storage could not be reached or read after retries."""
+    """Storage could not be reached or read. `transient` errors may pass if tried later."""
+
+    def __init__(self, message: str, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect retry condition: retry a task only for storage trouble that may pass."""
+    error = state.data if isinstance(state.data, BaseException) else None
+    return isinstance(error, StorageError) and error.transient
 
 
 def storage_options(endpoint_url: str | None = None) -> dict:
@@ -35,14 +65,18 @@ def with_retries(action: Callable[[], T], what: str, attempts: int = 4, backoff:
     for attempt in range(1, attempts + 1):
         try:
             return action()
-        except PERMANENT_ERRORS:
-            raise
-        except TRANSIENT_ERRORS as error:
+        except Exception as error:
+            kind = _kind(error)
+            if kind == "credentials":
+                raise StorageError(f"{what}: no usable credentials ({error}); set AWS_ACCESS_KEY_ID/"
+                                   f"AWS_SECRET_ACCESS_KEY or AWS_PROFILE", transient=False) from error
+            if kind != "transient":
+                raise
             if attempt == attempts:
                 raise StorageError(f"{what} failed after {attempts} attempts: {error}") from error
             delay = backoff * 2 ** (attempt - 1)
             log.warning("%s failed (%s); retry %d/%d in %.1fs", what, error, attempt, attempts - 1, delay)
-            time.sleep(delay)
+            _sleep(delay)
     raise AssertionError("unreachable")
 
 

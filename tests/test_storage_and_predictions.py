@@ -80,7 +80,7 @@ def test_memory_store_lists_reads_and_writes():
 
 
 def test_transient_errors_are_retried_then_reported(monkeypatch):
-    monkeypatch.setattr(storage_module.time, "sleep", lambda s: None)
+    monkeypatch.setattr(storage_module, "_sleep", lambda s: None)
     calls = []
 
     def flaky():

@@ -1,0 +1,55 @@
+import json
+
+import pandas as pd
+import pytest
+
+from gender_pipeline.cli import EXIT_STORAGE, EXIT_USAGE, main
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["score"], "--source"),
+    (["score", "--source", "a", "--output", "b", "--batch-size", "0"], "at least 1"),
+    (["score", "--source", "a", "--output", "b", "--date", "29/11/2026"], "YYYY-MM-DD"),
+    (["score", "--source", "a", "--output", "b", "--device", "tpu"], "invalid choice"),
+    (["score", "--source", "a", "--output", "b", "--model", "x/y"], "NAME@VERSION"),
+    (["score", "--source", "a", "--output", "b", "--abstain-below", "0.2"], "[0.5, 1]"),
+])
+def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_score_prints_a_summary_and_exits_0(uploads, tmp_path, capsys):
+    source, files = uploads
+    status = main(["score", "--source", str(source), "--output", str(tmp_path / "lake"),
+                   "--registry", str(tmp_path / "reg"), "--workers", "0", "--json"])
+    assert status == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("{"):])
+    assert summary["rows"] == len(files) and summary["model"] == "dlib-gender-v1@1"
+    assert len(pd.read_parquet(str(tmp_path / "lake" / "predictions"))) == len(files)
+
+    status = main(["score", "--source", str(source), "--output", str(tmp_path / "lake"),
+                   "--registry", str(tmp_path / "reg"), "--workers", "0"])
+    assert status == 0
+    assert "nothing new" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_missing_source_exits_3(tmp_path, capsys):
+    status = main(["score", "--source", str(tmp_path / "nope"), "--output", str(tmp_path / "lake"),
+                   "--registry", str(tmp_path / "reg")])
+    assert status == EXIT_STORAGE
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_unknown_model_exits_2(uploads, tmp_path, capsys):
+    source, _ = uploads
+    status = main(["score", "--source", str(source), "--output", str(tmp_path / "lake"),
+                   "--registry", str(tmp_path / "reg"), "--model", "gender-classifier@9"])
+    assert status == EXIT_USAGE
+    assert "no model gender-classifier@9" in capsys.readouterr().err
