@@ -1,0 +1,122 @@
+"""End-to-end scoring speed and accuracy against a naive per-photo loop, same folder, same run.
+
+The naive loop is what a first script does: open each photo, detect on the full image,
+align, classify one face at a time with the same model. The pipeline is the
+`nightly-scoring` flow (Prefect, expectations, Parquet) as `gender-pipeline score` runs it.
+
+    python benchmarks/make_uploads.py --data PATH/utkface-dev --out /tmp/bench --count 1000
+    python benchmarks/bench_scoring.py --uploads /tmp/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
+
+
+def load_truth(folder: str) -> dict[str, str]:
+    with open(os.path.join(folder, "truth.csv"), newline="") as handle:
+        return {row["photo_key"]: row["expected"] for row in csv.DictReader(handle)}
+
+
+def naive_loop(root: str, keys: list[str], predictor) -> dict[str, str | None]:
+    """One photo at a time, full-resolution detection, batch of one."""
+    import pillow_heif
+
+    from tasks.faces import FaceFrontEnd
+
+    pillow_heif.register_heif_opener()
+    frontend = FaceFrontEnd(detect_side=10**6)  # no downscaling
+    answers: dict[str, str | None] = {}
+    for key in keys:
+        try:
+            image = ImageOps.exif_transpose(Image.open(os.path.join(root, key))).convert("RGB")
+            rgb = np.ascontiguousarray(np.asarray(image))
+            boxes = frontend.detect(rgb)
+            if not boxes:
+                answers[key] = None
+                continue
+            chip = frontend.align(rgb, boxes[0], predictor.framing)
+            p_male = float(predictor.predict(chip[None]).p_male[0])
+            answers[key] = "male" if p_male >= 0.5 else "female"
+        except Exception:
+            answers[key] = None
+    return answers
+
+
+def accuracy(answers: dict[str, str | None], truth: dict[str, str]) -> tuple[float, int, int]:
+    faces = [k for k, v in truth.items() if v in ("male", "female") and k in answers]
+    answered = [k for k in faces if answers[k] in ("male", "female")]
+    correct = sum(answers[k] == truth[k] for k in answered)
+    return (correct / len(answered) if answered else float("nan")), len(answered), len(faces)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--uploads", required=True, help="folder made by make_uploads.py")
+    parser.add_argument("--limit", type=int, default=None, help="use the first N uploads only")
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+
+    from flows.scoring import nightly_scoring
+    from models.registry import Registry
+
+    truth = load_truth(args.uploads)
+    keys = sorted(truth)[: args.limit] if args.limit else sorted(truth)
+    work = tempfile.mkdtemp(prefix="bench-scoring-")
+    source = os.path.join(work, "uploads")
+    for key in keys:  # the same subset for both contenders
+        os.makedirs(os.path.dirname(os.path.join(source, key)), exist_ok=True)
+        os.link(os.path.join(args.uploads, "uploads", key), os.path.join(source, key))
+    registry = os.path.join(work, "registry")
+    predictor = Registry(registry).load_predictor("gender-classifier", "cpu")
+
+    started = time.perf_counter()
+    naive = naive_loop(source, keys, predictor)
+    naive_seconds = time.perf_counter() - started
+
+    # Start Prefect's temporary server before timing, as a deployment's worker has one.
+    os.makedirs(os.path.join(work, "empty"))
+    nightly_scoring(source=os.path.join(work, "empty"), output=os.path.join(work, "warm"), registry=registry)
+    started = time.perf_counter()
+    summary = nightly_scoring(source=source, output=os.path.join(work, "lake"), registry=registry,
+                              workers=args.workers, batch_size=args.batch_size)
+    flow_seconds = time.perf_counter() - started
+
+    import pandas as pd
+
+    frame = pd.read_parquet(os.path.join(work, "lake", "predictions"))
+    ours = {k: (g if s == "scored" else None) for k, g, s in zip(frame.photo_key, frame.gender, frame.status)}
+    rows_ok = sorted(frame.photo_key) == keys and frame.photo_key.is_unique
+    wrong_rejects = sum(1 for k, r in zip(frame.photo_key, frame.reject_reason)
+                        if truth[k] not in ("male", "female") and r != truth[k])
+    acc_ours, n_ours, n_faces = accuracy(ours, truth)
+    acc_naive, n_naive, _ = accuracy(naive, truth)
+
+    print(f"uploads: {len(keys)} ({n_faces} with a face, {len(keys) - n_faces} broken)")
+    print(f"every upload exactly one row: {rows_ok}; broken files with the wrong reason: {wrong_rejects}")
+    print(f"reject reasons: {summary['reject_reasons']}")
+    print(f"{'':24}{'photos/s':>10}{'seconds':>10}{'accuracy':>10}{'answered':>10}")
+    print(f"{'naive loop':24}{len(keys) / naive_seconds:10.2f}{naive_seconds:10.1f}{acc_naive:10.4f}{n_naive:10d}")
+    print(f"{'nightly-scoring flow':24}{len(keys) / flow_seconds:10.2f}{flow_seconds:10.1f}{acc_ours:10.4f}{n_ours:10d}")
+    print(f"speed-up (flow / naive): {naive_seconds / flow_seconds:.2f}x; "
+          f"inside the flow, score-photos ran at {summary['photos_per_second']} photos/s")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
