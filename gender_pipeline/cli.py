@@ -1,4 +1,4 @@
-"""`gender-pipeline`: score photos, serve the nightly deployment."""
+"""`gender-pipeline`: score photos, serve the nightly deployment, retrain, evaluate, promote."""
 
 from __future__ import annotations
 
@@ -87,7 +87,84 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scoring(serve, required=True)
     serve.add_argument("--cron", default="0 2 * * *", help="schedule (default 02:00 every day)")
     serve.add_argument("--timezone", default="UTC")
+    retrain = commands.add_parser("retrain", help="run the retrain flow: the study, selection, promotion")
+    retrain.add_argument("--config", default="configs/celeba_experiment.yaml")
+    retrain.add_argument("--data", required=True, help="dataset URL or path")
+    retrain.add_argument("--format", choices=("celeba", "manifest"), default=None,
+                         help="dataset format (default: the config's)")
+    retrain.add_argument("--registry", default=None)
+    retrain.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    retrain.add_argument("--epochs", type=_positive, default=None)
+    retrain.add_argument("--image-size", type=_positive, default=None)
+    retrain.add_argument("--archs", default=None, help="comma-separated subset: vgg16,googlenet,resnet18")
+    retrain.add_argument("--sample-size", type=_positive, default=None)
+    retrain.add_argument("--batch-size", type=_positive, default=None)
+    retrain.add_argument("--pretrained", default=None, help="imagenet, none, or a PATH/URL of weights")
+    retrain.add_argument("--workers", type=int, default=None, help="DataLoader workers")
+    retrain.add_argument("--no-promote", action="store_true", help="register the winner but never promote")
+    _add_storage(retrain)
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a model on a labelled dataset; prints JSON")
+    evaluate.add_argument("--model", type=_model_ref, default="gender-classifier")
+    evaluate.add_argument("--data", required=True)
+    evaluate.add_argument("--format", choices=("celeba", "manifest"), required=True)
+    evaluate.add_argument("--registry", default=None)
+    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    evaluate.add_argument("--limit", type=_positive, default=None, help="a stratified sample of N images")
+    evaluate.add_argument("--workers", type=int, default=None, help="face alignment processes")
+    _add_storage(evaluate)
+
+    promote = commands.add_parser("promote", help="point production at a version (promotion or rollback)")
+    promote.add_argument("model", type=_model_ref, help="NAME@VERSION")
+    promote.add_argument("--reason", required=True)
+    promote.add_argument("--registry", default=None)
+    _add_storage(promote)
     return parser
+
+
+def _retrain(args: argparse.Namespace) -> int:
+    from flows.retrain import retrain
+
+    if not os.path.exists(args.config):
+        print(f"gender-pipeline: config {args.config} not found", file=sys.stderr)
+        return EXIT_USAGE
+    archs = [a.strip() for a in args.archs.split(",") if a.strip()] if args.archs else None
+    summary = retrain(config=args.config, data=args.data, data_format=args.format, registry=args.registry,
+                      device=args.device, endpoint_url=args.endpoint_url, epochs=args.epochs,
+                      image_size=args.image_size, archs=archs, sample_size=args.sample_size,
+                      batch_size=args.batch_size, pretrained=args.pretrained, workers=args.workers,
+                      promote=not args.no_promote)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from models.datasets import load_dataset, stratified_sample
+    from models.experiment import evaluate_predictor
+    from models.registry import Registry
+    from tasks.storage import storage_options
+
+    options = storage_options(args.endpoint_url)
+    data = load_dataset(args.data, args.format, options)
+    if args.limit:
+        data = data.subset(stratified_sample(data.labels, args.limit, seed=0))
+    predictor = Registry(args.registry, options).load_predictor(args.model, device=args.device)
+    report = evaluate_predictor(predictor, data, workers=args.workers, options=options)
+    print(json.dumps(report, indent=2, default=float))
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from models.registry import ModelRef, Registry
+    from tasks.storage import storage_options
+
+    ref = ModelRef.parse(args.model)
+    if not ref.version:
+        print("gender-pipeline: promote needs NAME@VERSION", file=sys.stderr)
+        return EXIT_USAGE
+    record = Registry(args.registry, storage_options(args.endpoint_url)).set_alias(ref.name, ref.version, args.reason)
+    print(json.dumps(record, indent=2))
+    return 0
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -128,7 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.expectations import ExpectationsFailed
     from tasks.storage import StorageError
 
-    handlers = {"score": _score, "serve": _serve}
+    from models.datasets import DatasetError
+    from models.networks import PretrainedWeightsUnavailable
+
+    handlers = {"score": _score, "serve": _serve, "retrain": _retrain, "evaluate": _evaluate,
+                "promote": _promote}
     try:
         return handlers[args.command](args)
     except ExpectationsFailed as error:
@@ -137,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     except (StorageError, FileNotFoundError, PermissionError) as error:
         print(f"gender-pipeline: storage problem: {error}", file=sys.stderr)
         return EXIT_STORAGE
+    except PretrainedWeightsUnavailable as error:
+        print(f"gender-pipeline: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except DatasetError as error:
+        print(f"gender-pipeline: dataset problem: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except (RegistryError, ValueError) as error:
         print(f"gender-pipeline: {error}", file=sys.stderr)
         return EXIT_USAGE

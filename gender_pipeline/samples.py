@@ -171,3 +171,61 @@ def write_tree(root: str, files: dict[str, bytes]) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as handle:
             handle.write(data)
+
+
+def face_dataset_images(count: int, seed: int = 0, side: int = 240) -> list[tuple[bytes, str]]:
+    """`count` varied JPEGs of the two sample portraits (cropped, scaled, flipped,
+    brightened), alternating between two classes. For tests of the training machinery:
+    the labels are a stand-in, not a statement about the people pictured."""
+    rng = np.random.default_rng(seed)
+    sources = [grace_hopper(), astronaut() if astronaut() is not None else grace_hopper()[:, ::-1]]
+    out = []
+    for index in range(count):
+        source = sources[index % 2]
+        h, w = source.shape[:2]
+        margin = int(rng.integers(0, 40))
+        crop = source[margin:h - margin // 2, margin // 2:w - margin]
+        image = Image.fromarray(np.ascontiguousarray(crop)).resize((side, int(side * crop.shape[0] / crop.shape[1])))
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        pixels = np.clip(np.asarray(image, dtype=np.float32) * rng.uniform(0.8, 1.2), 0, 255).astype(np.uint8)
+        out.append((encode(pixels, "JPEG", quality=90), ("female", "male")[index % 2]))
+    return out
+
+
+def write_manifest_dataset(root: str, count: int, seed: int = 0, extra: bool = True) -> None:
+    """A `manifest` dataset: labels.csv (image, gender, age_band) and images/."""
+    rows = ["image,gender,age_band" if extra else "image,gender"]
+    files = {}
+    for index, (data, gender) in enumerate(face_dataset_images(count, seed)):
+        name = f"img_{index:04d}.jpg"
+        files[f"images/{name}"] = data
+        rows.append(f"{name},{gender},{('20-39', '40-59')[(index // 2) % 2]}" if extra else f"{name},{gender}")
+    files["labels.csv"] = ("\n".join(rows) + "\n").encode()
+    write_tree(root, files)
+
+
+CELEBA_ATTRIBUTES = ("5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips "
+                     "Big_Nose Black_Hair Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin "
+                     "Eyeglasses Goatee Gray_Hair Heavy_Makeup High_Cheekbones Male Mouth_Slightly_Open "
+                     "Mustache Narrow_Eyes No_Beard Oval_Face Pale_Skin Pointy_Nose Receding_Hairline "
+                     "Rosy_Cheeks Sideburns Smiling Straight_Hair Wavy_Hair Wearing_Earrings Wearing_Hat "
+                     "Wearing_Lipstick Wearing_Necklace Wearing_Necktie Young").split()
+
+
+def write_celeba_dataset(root: str, count: int, seed: int = 0) -> None:
+    """The official CelebA layout in miniature: img_align_celeba/, the attribute list
+    (label = Male) and the evaluation partition."""
+    male = CELEBA_ATTRIBUTES.index("Male")
+    attributes = [str(count), " ".join(CELEBA_ATTRIBUTES)]
+    partition, files = [], {}
+    for index, (data, gender) in enumerate(face_dataset_images(count, seed)):
+        name = f"{index + 1:06d}.jpg"
+        files[f"img_align_celeba/{name}"] = data
+        values = ["-1"] * len(CELEBA_ATTRIBUTES)
+        values[male] = "1" if gender == "male" else "-1"
+        attributes.append(f"{name} " + " ".join(f"{v:>2}" for v in values))
+        partition.append(f"{name} {(0, 0, 0, 1, 2)[(index // 2) % 5]}")  # 0 train, 1 val, 2 test
+    files["list_attr_celeba.txt"] = ("\n".join(attributes) + "\n").encode()
+    files["list_eval_partition.txt"] = ("\n".join(partition) + "\n").encode()
+    write_tree(root, files)

@@ -93,6 +93,21 @@ def _frontend_for(detect_side: int) -> FaceFrontEnd:
     return _frontend
 
 
+def face_chip(data: bytes, framing: Framing, limits: DecodeLimits, detect_side: int = 640
+              ) -> tuple[np.ndarray | None, list[int] | None, int, str | None, str, str | None]:
+    """Bytes to an aligned chip: (chip, box in original pixels, face count, reject reason,
+    detail, format). The one path from a photo to a model input."""
+    decoded = decode_photo(data, limits)
+    if isinstance(decoded, Rejection):
+        return None, None, 0, decoded.reason, decoded.detail, decoded.format
+    face = _frontend_for(detect_side).largest_face(decoded.rgb, framing)
+    if face is None:
+        return None, None, 0, NO_FACE, "no face detected", decoded.format
+    box = [min(int(round(v / decoded.scale)), limit - 1) for v, limit in
+           zip(face.box, (decoded.width, decoded.height, decoded.width, decoded.height))]
+    return face.chip, box, face.count, None, "", decoded.format
+
+
 def prepare_photo(key: str, data: bytes, sha256: str, framing: Framing, limits: DecodeLimits,
                   detect_side: int = 640) -> Prepared:
     """Decode, validate and align one photo. Plain function: no storage, no model."""
@@ -100,18 +115,9 @@ def prepare_photo(key: str, data: bytes, sha256: str, framing: Framing, limits: 
     if user_id is None:
         return Prepared(key, None, sha256, reject_reason=BAD_KEY,
                         detail="key is not {user_id}/{file name}")
-    decoded = decode_photo(data, limits)
-    if isinstance(decoded, Rejection):
-        return Prepared(key, user_id, sha256, reject_reason=decoded.reason, detail=decoded.detail,
-                        format=decoded.format)
-    face = _frontend_for(detect_side).largest_face(decoded.rgb, framing)
-    if face is None:
-        return Prepared(key, user_id, sha256, reject_reason=NO_FACE, detail="no face detected",
-                        format=decoded.format)
-    box = [min(int(round(v / decoded.scale)), limit - 1) for v, limit in
-           zip(face.box, (decoded.width, decoded.height, decoded.width, decoded.height))]
-    return Prepared(key, user_id, sha256, chip=face.chip, box=box, face_count=face.count,
-                    format=decoded.format)
+    chip, box, count, reason, detail, fmt = face_chip(data, framing, limits, detect_side)
+    return Prepared(key, user_id, sha256, chip=chip, box=box, face_count=count, reject_reason=reason,
+                    detail=detail, format=fmt)
 
 
 def _prepare_in_worker(key: str, data: bytes, sha256: str) -> Prepared:
@@ -129,7 +135,6 @@ class ScoringStats:
     rejected: int = 0
     reasons: Counter = field(default_factory=Counter)
     seconds: float = 0.0
-    decode_seconds: float = 0.0
     model_seconds: float = 0.0
 
     @property
@@ -311,9 +316,7 @@ def score_objects(store: Store, objects: list[ObjectInfo], known_hashes: dict[st
                 if sha in known_hashes.get(key, ()):
                     stats.skipped_same_hash += 1
                     continue
-                t0 = time.perf_counter()
                 prepared = preparer.submit((key, data, sha))
-                stats.decode_seconds += time.perf_counter() - t0
                 if prepared is not None:
                     accept(prepared)
                 while preparer.full():

@@ -53,3 +53,25 @@ def test_unknown_model_exits_2(uploads, tmp_path, capsys):
                    "--registry", str(tmp_path / "reg"), "--model", "gender-classifier@9"])
     assert status == EXIT_USAGE
     assert "no model gender-classifier@9" in capsys.readouterr().err
+
+
+def test_serve_passes_schedule_and_parameters(monkeypatch):
+    from flows.scoring import nightly_scoring
+
+    seen = {}
+    monkeypatch.setattr(type(nightly_scoring), "serve", lambda self, **kwargs: seen.update(kwargs))
+    status = main(["serve", "--source", "s3://b/uploads", "--output", "s3://b/lake", "--cron", "30 1 * * *",
+                   "--batch-size", "32"])
+    assert status == 0
+    assert seen["name"] == "nightly-scoring" and seen["cron"] == "30 1 * * *"
+    assert seen["parameters"]["source"] == "s3://b/uploads" and seen["parameters"]["batch_size"] == 32
+
+
+def test_demo_tree_has_faces_and_every_broken_kind(tmp_path):
+    from gender_pipeline import samples
+    from gender_pipeline.demo import build_uploads
+
+    count = build_uploads(str(tmp_path))
+    assert count == len(samples.face_variants()) + len(samples.broken_files())
+    users = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert len(users) == count and all(len(list(u.iterdir())) == 1 for u in users)

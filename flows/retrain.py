@@ -1,0 +1,53 @@
+"""retrain: repeat the study (VGG16, GoogLeNet, ResNet18, tuned ResNet18), select the
+model that does not overfit, calibrate it, register it, promote it if it beats production."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from models.experiment import load_experiment, select_winner
+from models.predictor import resolve_device
+from tasks.training_tasks import (align_faces, check_pretrained_weights, load_labelled_dataset,
+                                  promotion_gate, publish_results, register_winner, train_run)
+
+
+@flow(name="retrain", description="Repeat the CelebA experiment, register and maybe promote the winner.")
+def retrain(config: str, data: str, data_format: str | None = None, registry: str | None = None,
+            device: str = "auto", endpoint_url: str | None = None, epochs: int | None = None,
+            image_size: int | None = None, archs: list[str] | None = None, sample_size: int | None = None,
+            batch_size: int | None = None, pretrained: str | None = None, workers: int | None = None,
+            promote: bool = True) -> dict:
+    logger = get_run_logger()
+    experiment = load_experiment(config, dict(
+        format=data_format, epochs=epochs, image_size=image_size, archs=archs, sample_size=sample_size,
+        batch_size=batch_size, pretrained=pretrained, workers=workers))
+    device = resolve_device(device)
+    with open(config) as handle:
+        config_text = handle.read()
+    logger.info("experiment %s on %s: runs %s, framing %s", experiment.name, device,
+                [r.name for r in experiment.runs], experiment.framing.to_dict())
+
+    check_pretrained_weights(experiment)
+    dataset = load_labelled_dataset(data, experiment, endpoint_url)
+    chips = align_faces(dataset, experiment, endpoint_url)
+    results, states = [], {}
+    for spec in experiment.runs:
+        parent = experiment.init_from.get(spec.name)
+        result = train_run(spec, dataset, chips, experiment, registry, endpoint_url, device,
+                           init_state=states.get(parent))
+        states[spec.name] = result.state_dict
+        results.append(result)
+    publish_results(results, experiment)
+    winner, why = select_winner(results, experiment.max_train_val_gap)
+    logger.info(why)
+    summary = {"table": [r.row() for r in results], "selection": why, "winner": None, "promotion": None}
+    if winner is None:
+        logger.warning("nothing registered: %s", why)
+        return summary
+    version = register_winner(winner, why, results, experiment, dataset, chips, registry, endpoint_url,
+                              config_text)
+    summary["winner"] = f"{experiment.model_name}@{version}"
+    if promote:
+        decision = promotion_gate(experiment, version, dataset, registry, endpoint_url, device)
+        summary["promotion"] = decision["reason"]
+    return summary

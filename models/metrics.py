@@ -1,0 +1,139 @@
+"""Classification metrics, calibration and abstention, with numpy only.
+
+Labels are 1 for male, 0 for female; scores are calibrated p_male.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+CLASSES = ("female", "male")
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U, ties counted half)."""
+    labels = np.asarray(labels).astype(bool)
+    positives, negatives = labels.sum(), (~labels).sum()
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = np.asarray(scores)[order]
+    i = 0
+    while i < len(sorted_scores):  # average ranks over ties
+        j = i
+        while j + 1 < len(sorted_scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def expected_calibration_error(labels: np.ndarray, p_male: np.ndarray, bins: int = 15) -> float:
+    """Weighted gap between confidence and accuracy over equal-width confidence bins."""
+    labels, p_male = np.asarray(labels), np.asarray(p_male, dtype=np.float64)
+    if len(labels) == 0:
+        return float("nan")
+    predicted = (p_male >= 0.5).astype(int)
+    confidence = np.maximum(p_male, 1 - p_male)
+    correct = predicted == labels
+    edges = np.linspace(0.5, 1.0, bins + 1)
+    total = 0.0
+    for k in range(bins):
+        upper = confidence <= edges[k + 1] if k == bins - 1 else confidence < edges[k + 1]
+        inside = (confidence >= edges[k]) & upper
+        if inside.any():
+            total += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+    return float(total)
+
+
+def confusion(labels: np.ndarray, predicted: np.ndarray) -> list[list[int]]:
+    """Rows are the true class, columns the predicted class, in CLASSES order."""
+    matrix = np.zeros((2, 2), dtype=int)
+    for t, p in zip(np.asarray(labels, dtype=int), np.asarray(predicted, dtype=int)):
+        matrix[t, p] += 1
+    return matrix.tolist()
+
+
+def classification_report(labels: np.ndarray, p_male: np.ndarray, abstain_threshold: float = 0.5) -> dict:
+    labels = np.asarray(labels, dtype=int)
+    p_male = np.asarray(p_male, dtype=np.float64)
+    predicted = (p_male >= 0.5).astype(int)
+    report: dict = {"count": int(len(labels)),
+                    "accuracy": float((predicted == labels).mean()) if len(labels) else float("nan")}
+    per_class = {}
+    for index, name in enumerate(CLASSES):
+        tp = int(((predicted == index) & (labels == index)).sum())
+        fp = int(((predicted == index) & (labels != index)).sum())
+        fn = int(((predicted != index) & (labels == index)).sum())
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": int((labels == index).sum())}
+    report["per_class"] = per_class
+    report["macro_f1"] = float(np.mean([c["f1"] for c in per_class.values()]))
+    report["roc_auc"] = roc_auc(labels, p_male)
+    report["ece"] = expected_calibration_error(labels, p_male)
+    report["confusion_matrix"] = confusion(labels, predicted)
+    confident = np.maximum(p_male, 1 - p_male) >= abstain_threshold
+    report["abstain_threshold"] = abstain_threshold
+    report["coverage"] = float(confident.mean()) if len(labels) else float("nan")
+    report["accuracy_when_answering"] = (float((predicted[confident] == labels[confident]).mean())
+                                         if confident.any() else float("nan"))
+    return report
+
+
+def group_report(labels: np.ndarray, p_male: np.ndarray, groups: dict[str, list]) -> dict:
+    """Accuracy for every value of every group column, and the largest gap per column."""
+    labels = np.asarray(labels, dtype=int)
+    correct = (np.asarray(p_male) >= 0.5).astype(int) == labels
+    out = {}
+    for column, values in groups.items():
+        values = np.asarray([str(v) for v in values])
+        table = {}
+        for value in sorted(set(values)):
+            inside = values == value
+            table[value] = {"accuracy": float(correct[inside].mean()), "count": int(inside.sum())}
+        accuracies = [v["accuracy"] for v in table.values() if v["count"] > 0]
+        out[column] = {"groups": table, "max_gap": float(max(accuracies) - min(accuracies)) if accuracies else 0.0}
+    return out
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature minimizing the negative log likelihood of sigmoid(logit / T),
+    by golden-section search on log T (deterministic, no optimizer state)."""
+    logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+    if len(logits) == 0:
+        return 1.0
+
+    def nll(log_t: float) -> float:
+        z = logits / math.exp(log_t)
+        return float(np.mean(np.logaddexp(0, z) - labels * z))
+
+    low, high = math.log(0.05), math.log(20.0)
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    fa, fb = nll(a), nll(b)
+    for _ in range(80):
+        if fa < fb:
+            high, b, fb = b, a, fa
+            a = high - ratio * (high - low)
+            fa = nll(a)
+        else:
+            low, a, fa = a, b, fb
+            b = low + ratio * (high - low)
+            fb = nll(b)
+    return float(math.exp((low + high) / 2))
+
+
+def threshold_for_coverage(p_male: np.ndarray, coverage: float) -> float:
+    """The confidence threshold that keeps at least `coverage` of the answers."""
+    if not 0 < coverage <= 1:
+        raise ValueError(f"target coverage must be in (0, 1], got {coverage}")
+    confidence = np.sort(np.maximum(np.asarray(p_male), 1 - np.asarray(p_male)))
+    if len(confidence) == 0 or coverage == 1:
+        return 0.5
+    index = int(math.floor((1 - coverage) * len(confidence)))
+    return float(max(0.5, confidence[index]))

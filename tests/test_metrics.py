@@ -1,0 +1,62 @@
+import math
+
+import numpy as np
+import pytest
+
+from models.metrics import (classification_report, expected_calibration_error, fit_temperature,
+                            group_report, roc_auc, threshold_for_coverage)
+
+
+def test_hand_checked_example():
+    # 6 faces: labels (1 = male) and calibrated p_male.
+    labels = np.array([1, 1, 1, 0, 0, 0])
+    p_male = np.array([0.9, 0.8, 0.4, 0.3, 0.6, 0.1])
+    report = classification_report(labels, p_male, abstain_threshold=0.7)
+    # predicted: 1 1 0 0 1 0 -> correct: T T F T F T
+    assert report["accuracy"] == pytest.approx(4 / 6)
+    male = report["per_class"]["male"]  # tp=2 fp=1 fn=1
+    assert male["precision"] == pytest.approx(2 / 3) and male["recall"] == pytest.approx(2 / 3)
+    female = report["per_class"]["female"]  # tp=2 fp=1 fn=1
+    assert female["f1"] == pytest.approx(2 / 3)
+    assert report["confusion_matrix"] == [[2, 1], [1, 2]]
+    # ROC-AUC: pairs (male, female) ranked right: 0.9>all(3), 0.8>all(3), 0.4>0.3,0.1 (2) -> 8/9
+    assert report["roc_auc"] == pytest.approx(8 / 9)
+    # confidence: .9 .8 .6 .7 .6 .9 -> at >= 0.7: faces 0, 1, 3, 5 answered, all correct
+    assert report["coverage"] == pytest.approx(4 / 6)
+    assert report["accuracy_when_answering"] == 1.0
+
+
+def test_roc_auc_ties_and_degenerate():
+    assert roc_auc(np.array([1, 0]), np.array([0.5, 0.5])) == 0.5
+    assert math.isnan(roc_auc(np.array([1, 1]), np.array([0.2, 0.3])))
+
+
+def test_ece_of_a_perfectly_calibrated_bin():
+    labels = np.array([1] * 8 + [0] * 2)
+    p_male = np.full(10, 0.8)
+    assert expected_calibration_error(labels, p_male) == pytest.approx(0.0)
+    assert expected_calibration_error(np.ones(10, int), p_male) == pytest.approx(0.2)
+
+
+def test_temperature_recovers_an_overconfident_scale():
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(0, 2, 20_000)
+    labels = (rng.random(20_000) < 1 / (1 + np.exp(-true_logits))).astype(int)
+    assert fit_temperature(true_logits * 3, labels) == pytest.approx(3, rel=0.08)
+
+
+def test_threshold_for_coverage():
+    p_male = np.array([0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.05, 0.15, 0.25, 0.45])
+    threshold = threshold_for_coverage(p_male, 0.8)
+    confidence = np.maximum(p_male, 1 - p_male)
+    assert (confidence >= threshold).mean() >= 0.8
+    with pytest.raises(ValueError):
+        threshold_for_coverage(p_male, 0)
+
+
+def test_group_gaps():
+    out = group_report(np.array([1, 0, 1, 0]), np.array([0.9, 0.1, 0.1, 0.1]),
+                       {"age": ["young", "young", "old", "old"]})
+    assert out["age"]["groups"]["young"]["accuracy"] == 1.0
+    assert out["age"]["groups"]["old"]["accuracy"] == 0.5
+    assert out["age"]["max_gap"] == 0.5
