@@ -1,0 +1,110 @@
+"""The retrain flow end to end on a tiny generated dataset, and evaluate/promote from the CLI."""
+
+import json
+
+import pytest
+
+from gender_pipeline import samples
+from gender_pipeline.cli import main
+from tasks.training_tasks import decide_promotion
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+TINY = """
+experiment: tiny
+model_name: gender-classifier
+data: {format: manifest, split: [0.6, 0.2, 0.2], seed: 1}
+framing: {kind: dlib_chip, padding: 0.25}
+training: {image_size: 32, batch_size: 8, optimizer: adam, seed: 1, workers: 0}
+runs:
+  - {name: resnet18, arch: resnet18, lr: 1.0e-3, epochs: 2, pretrained: none}
+  - {name: resnet18-tuned, arch: resnet18, lr: 1.0e-4, epochs: 1, pretrained: none,
+     init_from: resnet18, freeze: [layer1, layer2], dropout: 0.5}
+selection: {max_train_val_gap: 1.0}
+calibration: {target_coverage: 0.9}
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    samples.write_manifest_dataset(str(root / "data"), 30, seed=2)
+    (root / "tiny.yaml").write_text(TINY)
+    return root
+
+
+def test_retrain_registers_reports_and_gates_promotion(tiny, capsys):
+    registry = tiny / "registry"
+    status = main(["retrain", "--config", str(tiny / "tiny.yaml"), "--data", str(tiny / "data"),
+                   "--registry", str(registry), "--device", "cpu"])
+    assert status == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("{"):])
+    assert [row["model"] for row in summary["table"]] == ["resnet18", "resnet18-tuned"]
+    assert summary["winner"] == "gender-classifier@1"
+    version = registry / "gender-classifier" / "1"
+    card = json.loads((version / "card.json").read_text())
+    assert card["framing"] == {"kind": "dlib_chip", "size": 32, "padding": 0.25}
+    assert card["initial_weights"] == "none" and card["calibration"]["temperature"] > 0
+    assert 0.5 <= card["abstain_threshold"] <= 1 and len(card["data"]["fingerprint"]) == 64
+    for name in ("model.pt", "config.yaml", "report/results.json", "report/confusion_matrix.png",
+                 "report/learning_curves.png", "report/faces.png", "promotion.json"):
+        assert (version / name).stat().st_size > 0, name
+    decision = json.loads((version / "promotion.json").read_text())
+    assert decision["production"]["model"] == "dlib-gender-v1@1"
+    promoted = decision["candidate"]["accuracy"] > decision["production"]["accuracy"]
+    assert decision["promote"] == promoted
+    alias = registry / "gender-classifier" / "aliases" / "production.json"
+    assert alias.exists() == promoted
+
+    # Scoring uses what the registry says, through the same interface.
+    from models.registry import Registry
+
+    predictor = Registry(str(registry)).load_predictor("gender-classifier@1", "cpu")
+    assert predictor.framing.size == 32 and predictor.temperature == card["calibration"]["temperature"]
+
+    # A rerun with the same inputs resumes from the checkpoints instead of training again.
+    status = main(["retrain", "--config", str(tiny / "tiny.yaml"), "--data", str(tiny / "data"),
+                   "--registry", str(registry), "--device", "cpu", "--no-promote"])
+    assert status == 0
+    again = json.loads((out := capsys.readouterr().out)[out.index("{"):])
+    assert again["table"] == summary["table"] and again["winner"] == "gender-classifier@2"
+
+
+def test_evaluate_prints_the_report(tiny, capsys):
+    status = main(["evaluate", "--model", "dlib-gender-v1", "--data", str(tiny / "data"), "--format",
+                   "manifest", "--registry", str(tiny / "eval-registry"), "--workers", "0"])
+    assert status == 0
+    report = json.loads(capsys.readouterr().out)
+    for key in ("accuracy", "per_class", "roc_auc", "ece", "coverage", "accuracy_when_answering",
+                "groups", "images_per_second", "abstain_threshold"):
+        assert key in report, key
+    assert report["evaluated"] == 30 and "age_band" in report["groups"]
+    assert "max_gap" in report["groups"]["age_band"]
+
+
+def test_promote_and_rollback_from_the_cli(tiny, capsys):
+    registry = str(tiny / "registry")
+    assert main(["promote", "gender-classifier@1", "--reason", "manual", "--registry", registry]) == 0
+    assert main(["promote", "gender-classifier@2", "--reason", "newer", "--registry", registry]) == 0
+    assert main(["promote", "gender-classifier@1", "--reason", "rollback", "--registry", registry]) == 0
+    record = json.loads(capsys.readouterr().out.split("\n}\n")[-2] + "\n}")
+    assert record["version"] == "1" and [h["version"] for h in record["history"]][-2:] == ["1", "2"]
+    assert main(["promote", "gender-classifier", "--reason", "x", "--registry", registry]) == 2
+
+
+def test_gate_refuses_a_worse_or_equal_model():
+    worse = decide_promotion({"model": "new@2", "accuracy": 0.91, "images": 100},
+                             {"model": "dlib-gender-v1@1", "accuracy": 0.95})
+    assert not worse["promote"] and "not promoted" in worse["reason"]
+    tie = decide_promotion({"model": "new@2", "accuracy": 0.95, "images": 100},
+                           {"model": "dlib-gender-v1@1", "accuracy": 0.95})
+    assert not tie["promote"]
+    assert decide_promotion({"model": "n", "accuracy": 0.96, "images": 1}, {"model": "p", "accuracy": 0.95})["promote"]
+
+
+def test_bad_dataset_is_a_clear_cli_error(tmp_path, capsys):
+    status = main(["retrain", "--config", "configs/cpu_dev.yaml", "--data", str(tmp_path), "--device", "cpu",
+                   "--registry", str(tmp_path / "reg")])
+    assert status == 2
+    assert "labels.csv is missing" in capsys.readouterr().err
