@@ -85,13 +85,24 @@ def classification_report(labels: np.ndarray, p_male: np.ndarray, abstain_thresh
     return report
 
 
+def banded(values: list) -> list[str]:
+    """Numeric columns with many distinct values (ages) become ten-wide bands: '20-29'."""
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError):
+        return [str(v) for v in values]
+    if len(set(numbers)) <= 12:
+        return [str(v) for v in values]
+    return [f"{int(n // 10 * 10)}-{int(n // 10 * 10) + 9}" for n in numbers]
+
+
 def group_report(labels: np.ndarray, p_male: np.ndarray, groups: dict[str, list]) -> dict:
     """Accuracy for every value of every group column, and the largest gap per column."""
     labels = np.asarray(labels, dtype=int)
     correct = (np.asarray(p_male) >= 0.5).astype(int) == labels
     out = {}
     for column, values in groups.items():
-        values = np.asarray([str(v) for v in values])
+        values = np.asarray(banded(list(values)))
         table = {}
         for value in sorted(set(values)):
             inside = values == value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import time
@@ -81,8 +82,6 @@ def train_run(spec, data: LabelledSet, chips: ChipSet, experiment: Experiment, r
                     record.val_loss, record.val_acc, record.seconds, record.images_per_second)
         update_progress_artifact(progress, 100.0 * record.epoch / spec.epochs)
 
-    if init_state is not None:
-        torch.manual_seed(spec.seed)
     result = fit(spec, train, val, store, key, device=device, workers=experiment.workers, on_epoch=on_epoch,
                  init_state=init_state)
     create_table_artifact([r.__dict__ for r in result.history], key=f"epochs-{spec.name}".lower(),
@@ -97,7 +96,7 @@ def train_run(spec, data: LabelledSet, chips: ChipSet, experiment: Experiment, r
     final = result.history[-1]
     # The study's acc_train is the accuracy during the training epoch (augmented images).
     test_report = classification_report(measured["test"][2], calibrate(measured["test"][1], 1.0))
-    epochs_run = [h for h in result.history[result.resumed_from:]] or result.history
+    epochs_run = result.history[result.resumed_from:] or result.history
     return RunResult(
         name=spec.name, arch=spec.arch, acc_train=final.train_acc, acc_val=measured["val"][0],
         acc_test=measured["test"][0], gap=final.train_acc - measured["val"][0], test=test_report,
@@ -133,8 +132,6 @@ def register_winner(winner: RunResult, why: str, results: list[RunResult], exper
     buffer = io.BytesIO()
     torch.save(winner.state_dict, buffer)
     weights = buffer.getvalue()
-    import hashlib
-
     test_x, test_y = _split(data, chips, "test")
     p_test = calibrate(winner.test_logits, temperature)
     calibrated = classification_report(winner.test_labels, p_test, threshold)

@@ -60,3 +60,10 @@ def test_group_gaps():
     assert out["age"]["groups"]["young"]["accuracy"] == 1.0
     assert out["age"]["groups"]["old"]["accuracy"] == 0.5
     assert out["age"]["max_gap"] == 0.5
+
+
+def test_numeric_columns_become_bands():
+    ages = [str(a) for a in range(15, 45)]
+    out = group_report(np.ones(30, int), np.full(30, 0.9), {"age": ages, "race": ["a", "b"] * 15})
+    assert sorted(out["age"]["groups"]) == ["10-19", "20-29", "30-39", "40-49"]
+    assert sorted(out["race"]["groups"]) == ["a", "b"]
