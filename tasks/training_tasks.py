@@ -10,7 +10,7 @@ import time
 import numpy as np
 import torch
 from prefect import get_run_logger, task
-from prefect.artifacts import (create_markdown_artifact, create_progress_artifact,
+from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
                                create_table_artifact, update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
 
@@ -159,6 +159,10 @@ def register_winner(winner: RunResult, why: str, results: list[RunResult], exper
              "report/learning_curves.png": plot_curves(results),
              "report/faces.png": plot_face_grid(test_x[:12], test_y[:12], p_test[:12])}
     reg.register(experiment.model_name, version, card, files)
+    for name in files:
+        if name.startswith("report/"):
+            create_link_artifact(reg.store.full_url(f"{experiment.model_name}/{version}/{name}"),
+                                 link_text=name, key=name.replace("report/", "report-").replace(".", "-").replace("_", "-"))
     get_run_logger().info("registered %s@%s (temperature %.3f, abstain below %.3f)", experiment.model_name,
                           version, temperature, threshold)
     create_markdown_artifact(
