@@ -68,7 +68,7 @@ def main() -> int:
     parser.add_argument("--uploads", required=True, help="folder made by make_uploads.py")
     parser.add_argument("--limit", type=int, default=None, help="use the first N uploads only")
     parser.add_argument("--workers", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=None)
     args = parser.parse_args()
 
     from flows.scoring import nightly_scoring

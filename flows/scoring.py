@@ -17,10 +17,10 @@ from tasks.scoring_tasks import (check_photo_metadata_task, check_predictions_ta
 
 @flow(name="nightly-scoring", description="Score new signup photos and publish predictions to Parquet.")
 def nightly_scoring(source: str, output: str, registry: str | None = None, model: str = DEFAULT_MODEL,
-                    scoring_date: str | None = None, batch_size: int = 64, device: str = "auto",
+                    scoring_date: str | None = None, batch_size: int | None = None, device: str = "auto",
                     workers: int | None = None, endpoint_url: str | None = None,
                     abstain_threshold: float | None = None, max_bytes: int | None = None,
-                    max_pixels: int | None = None) -> dict:
+                    max_pixels: int | None = None, compile: bool = False) -> dict:
     logger = get_run_logger()
     run_id = str(flow_run.id or "local")
     listed_at = datetime.now(timezone.utc)
@@ -32,7 +32,8 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
 
     listing = list_new_photos(source, output, endpoint_url, listed_at)
     check_photo_metadata_task(listing)
-    rows, stats = score_photos(source, endpoint_url, listing, registry, model, device, options, run_id)
+    rows, stats = score_photos(source, endpoint_url, listing, registry, model, device, options, run_id,
+                               compile)
     written = None
     if rows:
         check_predictions_task(rows)

@@ -65,8 +65,10 @@ def _add_scoring(parser: argparse.ArgumentParser, required: bool) -> None:
                         help="model registry URL (default $GENDER_PIPELINE_REGISTRY or ~/.gender-pipeline/registry)")
     parser.add_argument("--model", type=_model_ref, default="gender-classifier",
                         help="NAME[@VERSION]; default: the production model, else the dlib baseline")
-    parser.add_argument("--batch-size", type=_positive, default=64)
+    parser.add_argument("--batch-size", type=_positive, default=None,
+                        help="faces per model call (default: 64 on CPU, sized from free memory on CUDA)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (trained models)")
     parser.add_argument("--workers", type=int, default=None,
                         help="decoding processes (default: one per core; 0 decodes in-process)")
     parser.add_argument("--abstain-below", type=_probability, default=None,
@@ -177,7 +179,8 @@ def _score(args: argparse.Namespace) -> int:
     summary = nightly_scoring(
         source=args.source, output=args.output, registry=args.registry, model=args.model,
         scoring_date=args.date, batch_size=args.batch_size, device=args.device,
-        workers=args.workers, endpoint_url=args.endpoint_url, abstain_threshold=args.abstain_below)
+        workers=args.workers, endpoint_url=args.endpoint_url, abstain_threshold=args.abstain_below,
+        compile=args.compile)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
@@ -194,7 +197,7 @@ def _serve(args: argparse.Namespace) -> int:
         parameters={"source": args.source, "output": args.output, "registry": args.registry,
                     "model": args.model, "batch_size": args.batch_size, "device": args.device,
                     "workers": args.workers, "endpoint_url": args.endpoint_url,
-                    "abstain_threshold": args.abstain_below},
+                    "abstain_threshold": args.abstain_below, "compile": args.compile},
         tags=["scoring"])
     return 0
 

@@ -96,8 +96,9 @@ def banded(values: list) -> list[str]:
     return [f"{int(n // 10 * 10)}-{int(n // 10 * 10) + 9}" for n in numbers]
 
 
-def group_report(labels: np.ndarray, p_male: np.ndarray, groups: dict[str, list]) -> dict:
-    """Accuracy for every value of every group column, and the largest gap per column."""
+def group_report(labels: np.ndarray, p_male: np.ndarray, groups: dict[str, list], min_count: int = 20) -> dict:
+    """Accuracy for every value of every group column, and the largest gap per column
+    between groups of at least `min_count` faces (tiny groups would make the gap noise)."""
     labels = np.asarray(labels, dtype=int)
     correct = (np.asarray(p_male) >= 0.5).astype(int) == labels
     out = {}
@@ -107,8 +108,9 @@ def group_report(labels: np.ndarray, p_male: np.ndarray, groups: dict[str, list]
         for value in sorted(set(values)):
             inside = values == value
             table[value] = {"accuracy": float(correct[inside].mean()), "count": int(inside.sum())}
-        accuracies = [v["accuracy"] for v in table.values() if v["count"] > 0]
-        out[column] = {"groups": table, "max_gap": float(max(accuracies) - min(accuracies)) if accuracies else 0.0}
+        accuracies = [v["accuracy"] for v in table.values() if v["count"] >= min_count]
+        out[column] = {"groups": table, "max_gap": float(max(accuracies) - min(accuracies)) if accuracies else 0.0,
+                       "max_gap_over_groups_of_at_least": min_count}
     return out
 
 

@@ -58,6 +58,10 @@ class Predictor:
     def male_logits(self, chips: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def auto_batch_size(self) -> int:
+        """Batch size for this device: 64 on CPU; on CUDA, sized from free memory."""
+        return 64
+
     def predict(self, chips: np.ndarray) -> Prediction:
         if chips.ndim != 4 or chips.shape[1:] != (self.framing.size, self.framing.size, 3):
             raise ValueError(f"{self.name}: chips must be N x {self.framing.size} x "
@@ -130,7 +134,7 @@ class TorchPredictor(Predictor):
     non-blocking copies, channels_last and autocast; on CPU: one thread per core."""
 
     def __init__(self, module, *, class_order: list[str], mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 amp_dtype: str = "bfloat16", **kwargs) -> None:
+                 amp_dtype: str = "bfloat16", compile: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         import torch
 
@@ -140,11 +144,16 @@ class TorchPredictor(Predictor):
         self._module = module.eval().to(self.device)
         if self.device.startswith("cuda"):
             self._module = self._module.to(memory_format=torch.channels_last)
+        if compile:
+            self._module = torch.compile(self._module, dynamic=True)
         self._mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255.0
         self._male = class_order.index("male")
         self._female = class_order.index("female")
         self._amp_dtype = getattr(torch, amp_dtype)
+
+    def auto_batch_size(self) -> int:
+        return cuda_batch_size(self) if self.device.startswith("cuda") else 64
 
     def male_logits(self, chips: np.ndarray) -> np.ndarray:
         torch = self._torch
@@ -162,3 +171,24 @@ class TorchPredictor(Predictor):
                 logits = self._module(batch)
             logits = logits.float()
             return (logits[:, self._male] - logits[:, self._female]).cpu().numpy()
+
+
+def cuda_batch_size(predictor: Predictor, free_fraction: float = 0.5, low: int = 16, high: int = 1024) -> int:
+    """The largest power of two whose activations fit in `free_fraction` of free GPU memory,
+    measured from one probe batch."""
+    import torch
+
+    probe = low
+    size = predictor.framing.size
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    predictor.predict(np.zeros((probe, size, size, 3), dtype=np.uint8))
+    torch.cuda.synchronize()
+    per_image = max(1, (torch.cuda.max_memory_allocated() - before) / probe)
+    free, _ = torch.cuda.mem_get_info()
+    fits = int(free * free_fraction / per_image)
+    batch = low
+    while batch * 2 <= min(fits, high):
+        batch *= 2
+    return batch

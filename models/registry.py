@@ -147,7 +147,7 @@ class Registry:
             self.set_alias(BASELINE_NAME, BASELINE_VERSION, "baseline registered")
 
     def load_predictor(self, ref: ModelRef | str, device: str = "auto",
-                       abstain_threshold: float | None = None) -> Predictor:
+                       abstain_threshold: float | None = None, compile: bool = False) -> Predictor:
         if isinstance(ref, str):
             ref = ModelRef.parse(ref)
         name, version = self.resolve(ref)
@@ -173,7 +173,7 @@ class Registry:
             net = build_network(card["arch"], num_classes=len(card["class_order"]),
                                 dropout=float(card.get("dropout", 0.0)))
             net.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))
-            return TorchPredictor(net, class_order=card["class_order"], **common)
+            return TorchPredictor(net, class_order=card["class_order"], compile=compile, **common)
         raise RegistryError(f"{name}@{version}: unknown model format {card['format']!r}")
 
 

@@ -98,16 +98,28 @@ def make_loader(chips, labels, transform, batch_size: int, shuffle: bool, worker
                       persistent_workers=False, drop_last=False)
 
 
-def train_one_epoch(model, loader, criterion, optimizer, device: str, scaler=None) -> tuple[float, float, int]:
-    model.train()
+def _batches(loader, device: str):
+    """Batches on the device: non-blocking copies from pinned memory, channels_last on CUDA."""
     cuda = device.startswith("cuda")
-    total_loss, correct, seen = 0.0, 0, 0
     for images, targets in loader:
         images = images.to(device, non_blocking=cuda)
         targets = targets.to(device, non_blocking=cuda)
         if cuda:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
+        yield images, targets
+
+
+def _autocast(device: str):
+    """bf16 autocast on CUDA (no loss scaling needed); plain fp32 on CPU."""
+    cuda = device.startswith("cuda")
+    return torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda)
+
+
+def train_one_epoch(model, loader, criterion, optimizer, device: str) -> tuple[float, float, int]:
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    for images, targets in _batches(loader, device):
+        with _autocast(device):
             outputs = model(images)
             loss = criterion(outputs.float(), targets)
         optimizer.zero_grad(set_to_none=True)
@@ -123,15 +135,10 @@ def train_one_epoch(model, loader, criterion, optimizer, device: str, scaler=Non
 def evaluate(model, loader, criterion, device: str) -> tuple[float, float, np.ndarray, np.ndarray]:
     """Loss, accuracy, male logit (male minus female) and labels over a loader."""
     model.eval()
-    cuda = device.startswith("cuda")
     total_loss, correct, seen = 0.0, 0, 0
     logits, labels = [], []
-    for images, targets in loader:
-        images = images.to(device, non_blocking=cuda)
-        targets = targets.to(device, non_blocking=cuda)
-        if cuda:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
+    for images, targets in _batches(loader, device):
+        with _autocast(device):
             outputs = model(images).float()
         total_loss += criterion(outputs, targets).item() * len(targets)
         correct += (outputs.argmax(1) == targets).sum().item()

@@ -37,7 +37,7 @@ DECODER_CRASH = "decoder_crash"
 
 @dataclass(frozen=True)
 class ScoringOptions:
-    batch_size: int = 64
+    batch_size: int | None = None  # None: 64 on CPU, sized from free memory on CUDA
     workers: int | None = None  # None: one per core, none at all for small runs
     limits: DecodeLimits = DecodeLimits()
     detect_side: int = 640
@@ -45,7 +45,7 @@ class ScoringOptions:
     abstain_threshold: float | None = None  # None: the model card's value
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"workers must be 0 or more, got {self.workers}")
@@ -168,11 +168,12 @@ def _read_ahead(store: Store, objects: list[ObjectInfo], chunk: int, out: queue.
 class _Preparer:
     """Runs prepare_photo inline or on a process pool that survives crashing decoders."""
 
-    def __init__(self, options: ScoringOptions, framing: Framing, workers: int) -> None:
+    def __init__(self, options: ScoringOptions, framing: Framing, workers: int,
+                 job: Callable[[str, bytes, str], Prepared] | None = None) -> None:
         self.options, self.framing, self.workers = options, framing, workers
+        self.job = job or _prepare_in_worker  # an importable function: workers are spawned
         self.pool: ProcessPoolExecutor | None = None
         self.inflight: deque[tuple[tuple, Future]] = deque()
-        self.crash_suspects: deque[tuple] = deque()
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
@@ -198,7 +199,7 @@ class _Preparer:
             key, data, sha = item
             return prepare_photo(key, data, sha, self.framing, self.options.limits,
                                  self.options.detect_side)
-        self.inflight.append((item, self.pool.submit(_prepare_in_worker, *item)))
+        self.inflight.append((item, self.pool.submit(self.job, *item)))
         return None
 
     def full(self) -> bool:
@@ -228,7 +229,7 @@ class _Preparer:
     def _isolated(self, item: tuple) -> Prepared:
         key, _, sha = item
         try:
-            return self.pool.submit(_prepare_in_worker, *item).result()
+            return self.pool.submit(self.job, *item).result()
         except BrokenProcessPool:
             log.error("photo %s crashes the decoder; rejected", key)
             self._restart()
@@ -238,13 +239,16 @@ class _Preparer:
 
 def score_objects(store: Store, objects: list[ObjectInfo], known_hashes: dict[str, set[str]],
                   predictor: Predictor, options: ScoringOptions, run_id: str, scored_at: datetime,
-                  progress: Callable[[int, int], None] | None = None) -> tuple[list[PhotoResult], ScoringStats]:
+                  progress: Callable[[int, int], None] | None = None,
+                  worker_job: Callable[[str, bytes, str], Prepared] | None = None
+                  ) -> tuple[list[PhotoResult], ScoringStats]:
     """Answer every object in `objects` with one row (unless its content is already known)."""
     stats = ScoringStats(listed=len(objects))
     started = time.perf_counter()
     workers = options.workers
     if workers is None:
         workers = cpu_count() if len(objects) >= 64 else 0
+    batch_size = options.batch_size or predictor.auto_batch_size()
     threshold = (options.abstain_threshold if options.abstain_threshold is not None
                  else predictor.abstain_threshold)
     results: list[PhotoResult] = []
@@ -282,7 +286,7 @@ def score_objects(store: Store, objects: list[ObjectInfo], known_hashes: dict[st
             log.debug("rejected %s: %s (%s)", prepared.key, prepared.reject_reason, prepared.detail)
         else:
             batch.append(prepared)
-            if len(batch) >= options.batch_size:
+            if len(batch) >= batch_size:
                 flush()
         done = stats.scored + stats.rejected + len(batch)
         if progress:
@@ -301,7 +305,7 @@ def score_objects(store: Store, objects: list[ObjectInfo], known_hashes: dict[st
                               args=(store, to_read, options.read_chunk, incoming, stop))
     reader.start()
     try:
-        with _Preparer(options, predictor.framing, workers) as preparer:
+        with _Preparer(options, predictor.framing, workers, worker_job) as preparer:
             while True:
                 item = incoming.get()
                 if item is _DONE:

@@ -64,13 +64,13 @@ def check_photo_metadata_task(listing: Listing) -> None:
 
 @task(name="score-photos", cache_policy=NO_CACHE)
 def score_photos(source: str, endpoint_url: str | None, listing: Listing, registry: str | None,
-                 model: str, device: str, options: ScoringOptions, run_id: str
+                 model: str, device: str, options: ScoringOptions, run_id: str, compile: bool = False
                  ) -> tuple[list[PhotoResult], ScoringStats]:
     logger = get_run_logger()
     predictor = Registry(registry, storage_options(endpoint_url)).load_predictor(
-        ModelRef.parse(model), device=device, abstain_threshold=options.abstain_threshold)
-    logger.info("model %s@%s on %s, batch size %d, framing %s", predictor.name, predictor.version,
-                predictor.device, options.batch_size, predictor.framing.to_dict())
+        ModelRef.parse(model), device=device, abstain_threshold=options.abstain_threshold, compile=compile)
+    logger.info("model %s@%s on %s, batch size %s, framing %s", predictor.name, predictor.version,
+                predictor.device, options.batch_size or "auto", predictor.framing.to_dict())
     total = len(listing.objects)
     artifact = create_progress_artifact(0.0, key="scoring-progress",
                                         description=f"photos answered out of {total}") if total else None

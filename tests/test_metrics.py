@@ -56,7 +56,7 @@ def test_threshold_for_coverage():
 
 def test_group_gaps():
     out = group_report(np.array([1, 0, 1, 0]), np.array([0.9, 0.1, 0.1, 0.1]),
-                       {"age": ["young", "young", "old", "old"]})
+                       {"age": ["young", "young", "old", "old"]}, min_count=2)
     assert out["age"]["groups"]["young"]["accuracy"] == 1.0
     assert out["age"]["groups"]["old"]["accuracy"] == 0.5
     assert out["age"]["max_gap"] == 0.5
@@ -67,3 +67,10 @@ def test_numeric_columns_become_bands():
     out = group_report(np.ones(30, int), np.full(30, 0.9), {"age": ages, "race": ["a", "b"] * 15})
     assert sorted(out["age"]["groups"]) == ["10-19", "20-29", "30-39", "40-49"]
     assert sorted(out["race"]["groups"]) == ["a", "b"]
+
+
+def test_tiny_groups_do_not_make_the_gap():
+    labels = np.ones(25, int)
+    p_male = np.array([0.9] * 21 + [0.1] * 4)
+    out = group_report(labels, p_male, {"race": ["a"] * 21 + ["b"] * 4})
+    assert out["race"]["groups"]["b"]["accuracy"] == 0.0 and out["race"]["max_gap"] == 0.0

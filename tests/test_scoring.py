@@ -117,3 +117,36 @@ def test_prepare_photo_is_a_plain_function(face_files):
 def test_bad_options(bad):
     with pytest.raises(ValueError):
         ScoringOptions(**bad)
+
+
+def test_worker_pool_survives_a_photo_that_kills_its_decoder(predictor, face_files):
+    from tests.crashing_decoder import crash_on_poison
+
+    files = {f"u{i}/p.jpg": face_files["baseline.jpg"] for i in range(6)}
+    files["evil/poison.jpg"] = face_files["baseline.jpg"]
+    store = memory_store("crash", files)
+    rows, stats = score_objects(store, store.list_objects(), {}, predictor, ScoringOptions(workers=2),
+                                "r", AT, worker_job=crash_on_poison)
+    assert sorted(r.photo_key for r in rows) == sorted(files)
+    by_key = {r.photo_key: r for r in rows}
+    assert by_key["evil/poison.jpg"].reject_reason == "decoder_crash"
+    assert all(by_key[f"u{i}/p.jpg"].status == "scored" for i in range(6))
+
+
+def test_fast_path_equals_one_photo_at_a_time(predictor, face_files, broken_files):
+    """Concurrent reads, worker processes and batches change nothing but speed."""
+    from tasks.decoding import DecodeLimits
+    from tasks.faces import Framing  # noqa: F401
+
+    files = {f"u{i}/{name}": data for i, (name, data) in enumerate(face_files.items())}
+    files.update({f"b{i}/{name}": data for i, (name, (data, _)) in enumerate(broken_files.items())})
+    store = memory_store("fastplain", files)
+    fast, _ = score_objects(store, store.list_objects(), {}, predictor,
+                            ScoringOptions(workers=2, batch_size=5, read_chunk=7), "r", AT)
+    for row in fast:
+        plain = prepare_photo(row.photo_key, files[row.photo_key], "sha", predictor.framing, DecodeLimits())
+        assert plain.reject_reason == row.reject_reason, row.photo_key
+        if plain.chip is not None:
+            alone = float(predictor.predict(plain.chip[None]).p_male[0])
+            assert abs(alone - row.p_male) < 1e-5, row.photo_key
+            assert plain.box == row.face_box

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One short GPU check: the CUDA tests, then ResNet18 at 224 px with autocast, model-only and
+# end to end, with GPU memory. Usage: bash benchmarks/gpu_check.sh [UPLOADS_FOLDER]
+# UPLOADS_FOLDER is a folder made by benchmarks/make_uploads.py (end-to-end part skipped without it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+export PREFECT_SERVER_ANALYTICS_ENABLED=false GX_ANALYTICS_ENABLED=False
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -m pytest -q -m gpu tests/test_gpu.py
+$PY - "${1:-}" <<'PYEOF'
+import io, json, os, sys, tempfile, time
+import numpy as np, torch
+from models.networks import build_network
+from models.registry import Registry
+from tasks.faces import Framing
+
+registry = Registry(tempfile.mkdtemp())
+net = build_network("resnet18", pretrained="none")
+buffer = io.BytesIO(); torch.save(net.state_dict(), buffer)
+registry.register("gpu-check", "1", {"arch": "resnet18", "format": "torch", "weights": "model.pt",
+    "framing": Framing(size=224, padding=0.25).to_dict(), "class_order": ["female", "male"]},
+    {"model.pt": buffer.getvalue()})
+predictor = registry.load_predictor("gpu-check@1", "cuda")
+batch = predictor.auto_batch_size()
+chips = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
+for _ in range(3):
+    predictor.predict(chips)
+torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+done, start = 0, time.perf_counter()
+while time.perf_counter() - start < 10:
+    predictor.predict(chips); done += batch
+torch.cuda.synchronize()
+rate = done / (time.perf_counter() - start)
+print(json.dumps({"model_only_images_per_s": round(rate, 1), "batch_size": batch,
+                  "peak_gpu_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20),
+                  "gpu": torch.cuda.get_device_name()}))
+uploads = sys.argv[1]
+if uploads:
+    from datetime import datetime, timezone
+    from tasks.scoring import ScoringOptions, score_objects
+    from tasks.storage import Store
+    store = Store(os.path.join(uploads, "uploads"))
+    objects = store.list_objects()
+    start = time.perf_counter()
+    rows, stats = score_objects(store, objects, {}, predictor, ScoringOptions(batch_size=batch), "gpu", datetime.now(timezone.utc))
+    seconds = time.perf_counter() - start
+    print(json.dumps({"end_to_end_photos_per_s": round(len(rows) / seconds, 1), "photos": len(rows),
+                      "fraction_of_model_only": round(len(rows) / seconds / rate, 4),
+                      "peak_gpu_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20)}))
+PYEOF

@@ -1,0 +1,12 @@
+"""A worker job that dies like a segfaulting decoder on one photo (importable by spawned
+worker processes), and behaves normally on every other photo."""
+
+import os
+
+from tasks.scoring import _prepare_in_worker
+
+
+def crash_on_poison(key, data, sha256):
+    if "poison" in key:
+        os._exit(139)  # the process vanishes, as with SIGSEGV inside a C decoder
+    return _prepare_in_worker(key, data, sha256)

@@ -1,0 +1,50 @@
+"""CUDA paths. Skipped without a GPU; benchmarks/gpu_check.sh runs them on a GPU machine."""
+
+import numpy as np
+import pytest
+import torch
+
+from models.networks import build_network
+from models.predictor import TorchPredictor, cuda_batch_size
+from tasks.faces import Framing
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def _predictor(device, **kwargs):
+    torch.manual_seed(0)
+    net = build_network("resnet18", pretrained="none")
+    return TorchPredictor(net, class_order=["female", "male"], name="t", version="1",
+                          framing=Framing(size=224, padding=0.25), device=device, **kwargs)
+
+
+def test_cuda_autocast_matches_cpu():
+    chips = np.random.default_rng(0).integers(0, 256, (8, 224, 224, 3), dtype=np.uint8)
+    cpu = _predictor("cpu").predict(chips).p_male
+    gpu = _predictor("cuda").predict(chips).p_male
+    assert np.allclose(cpu, gpu, atol=0.03)
+
+
+def test_batch_size_from_free_memory():
+    batch = cuda_batch_size(_predictor("cuda"))
+    assert batch >= 16 and batch & (batch - 1) == 0
+
+
+def test_compiled_predictor_matches_eager():
+    chips = np.random.default_rng(1).integers(0, 256, (4, 224, 224, 3), dtype=np.uint8)
+    eager = _predictor("cuda").predict(chips).p_male
+    compiled = _predictor("cuda", compile=True).predict(chips).p_male
+    assert np.allclose(eager, compiled, atol=0.03)
+
+
+def test_one_training_epoch_with_amp(tmp_path):
+    from models.train import RunSpec, fit
+    from tasks.storage import Store
+
+    rng = np.random.default_rng(0)
+    chips = rng.integers(0, 256, (64, 64, 64, 3), dtype=np.uint8)
+    labels = rng.integers(0, 2, 64)
+    spec = RunSpec(name="g", arch="resnet18", lr=1e-3, epochs=1, image_size=64, batch_size=16)
+    result = fit(spec, (chips, labels), (chips[:16], labels[:16]), Store(str(tmp_path)), "ck.pt", device="cuda")
+    assert np.isfinite(result.history[0].train_loss)
