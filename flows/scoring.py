@@ -7,6 +7,7 @@ from datetime import date, datetime, timezone
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from models.predictor import resolve_device
 from models.registry import DEFAULT_MODEL
 from tasks.decoding import DecodeLimits
 from tasks.scoring import ScoringOptions
@@ -20,7 +21,7 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
                     scoring_date: str | None = None, batch_size: int | None = None, device: str = "auto",
                     workers: int | None = None, endpoint_url: str | None = None,
                     abstain_threshold: float | None = None, max_bytes: int | None = None,
-                    max_pixels: int | None = None, compile: bool = False) -> dict:
+                    max_pixels: int | None = None, compile: bool = False, gpu_decode: bool = False) -> dict:
     logger = get_run_logger()
     run_id = str(flow_run.id or "local")
     listed_at = datetime.now(timezone.utc)
@@ -28,7 +29,8 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
     limits = DecodeLimits(**{k: v for k, v in (("max_bytes", max_bytes), ("max_pixels", max_pixels))
                              if v is not None})
     options = ScoringOptions(batch_size=batch_size, workers=workers, limits=limits,
-                             abstain_threshold=abstain_threshold)
+                             abstain_threshold=abstain_threshold,
+                             jpeg_device="cuda" if gpu_decode and resolve_device(device) == "cuda" else None)
 
     listing = list_new_photos(source, output, endpoint_url, listed_at)
     check_photo_metadata_task(listing)

@@ -69,6 +69,7 @@ def _add_scoring(parser: argparse.ArgumentParser, required: bool) -> None:
                         help="faces per model call (default: 64 on CPU, sized from free memory on CUDA)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (trained models)")
+    parser.add_argument("--gpu-decode", action="store_true", help="decode plain JPEGs on the GPU (nvJPEG)")
     parser.add_argument("--workers", type=int, default=None,
                         help="decoding processes (default: one per core; 0 decodes in-process)")
     parser.add_argument("--abstain-below", type=_probability, default=None,
@@ -180,7 +181,7 @@ def _score(args: argparse.Namespace) -> int:
         source=args.source, output=args.output, registry=args.registry, model=args.model,
         scoring_date=args.date, batch_size=args.batch_size, device=args.device,
         workers=args.workers, endpoint_url=args.endpoint_url, abstain_threshold=args.abstain_below,
-        compile=args.compile)
+        compile=args.compile, gpu_decode=args.gpu_decode)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
@@ -197,7 +198,8 @@ def _serve(args: argparse.Namespace) -> int:
         parameters={"source": args.source, "output": args.output, "registry": args.registry,
                     "model": args.model, "batch_size": args.batch_size, "device": args.device,
                     "workers": args.workers, "endpoint_url": args.endpoint_url,
-                    "abstain_threshold": args.abstain_below, "compile": args.compile},
+                    "abstain_threshold": args.abstain_below, "compile": args.compile,
+                    "gpu_decode": args.gpu_decode},
         tags=["scoring"])
     return 0
 

@@ -7,6 +7,7 @@ stop a batch. The format is read from the bytes, never from the key's extension.
 from __future__ import annotations
 
 import io
+import logging
 import struct
 import warnings
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ try:  # phones upload HEIC/HEIF; the opener is optional at import time only
     HEIF_AVAILABLE = True
 except ImportError:  # pragma: no cover - pillow-heif is a declared dependency
     HEIF_AVAILABLE = False
+
+log = logging.getLogger(__name__)
 
 # Truncated files must fail loudly, not decode as grey padding.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -117,8 +120,13 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def decode_photo(data: bytes, limits: DecodeLimits = DecodeLimits()) -> DecodedPhoto | Rejection:
-    """Decode upload bytes into an RGB working image, or say why not."""
+def decode_photo(data: bytes, limits: DecodeLimits = DecodeLimits(),
+                 jpeg_device: str | None = None) -> DecodedPhoto | Rejection:
+    """Decode upload bytes into an RGB working image, or say why not.
+
+    With `jpeg_device` ("cuda"), plain RGB/grayscale JPEGs are decoded by
+    torchvision.io.decode_jpeg on that device (nvJPEG) and downscaled there; anything it
+    cannot take falls back to Pillow."""
     if len(data) == 0:
         return Rejection(EMPTY, "the object has no bytes")
     if len(data) > limits.max_bytes:
@@ -135,7 +143,7 @@ def decode_photo(data: bytes, limits: DecodeLimits = DecodeLimits()) -> DecodedP
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            return _decode(data, fmt, limits)
+            return _decode(data, fmt, limits, jpeg_device)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             return Rejection(DECOMPRESSION_BOMB, str(error), format=fmt)
         except UnidentifiedImageError as error:
@@ -155,7 +163,7 @@ def _classify_decode_error(error: BaseException, fmt: str) -> Rejection:
     return Rejection(CORRUPT, f"{fmt}: {message}", format=fmt)
 
 
-def _decode(data: bytes, fmt: str, limits: DecodeLimits) -> DecodedPhoto | Rejection:
+def _decode(data: bytes, fmt: str, limits: DecodeLimits, jpeg_device: str | None) -> DecodedPhoto | Rejection:
     image = Image.open(io.BytesIO(data), formats=None)
     width, height = image.size
     pixels = width * height
@@ -169,7 +177,16 @@ def _decode(data: bytes, fmt: str, limits: DecodeLimits) -> DecodedPhoto | Rejec
         return Rejection(TOO_SMALL, f"{width}x{height} is under {limits.min_side} pixels a side",
                          format=fmt, width=width, height=height)
 
-    scale = 1.0
+    # Only complete files (ending in EOI) go to the device decoder, which may pad a
+    # truncated JPEG silently; Pillow rejects those as `truncated`.
+    complete = data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
+    if jpeg_device and fmt == "JPEG" and image.mode in ("RGB", "L") and complete:
+        try:
+            rgb, width, height = _decode_jpeg_torch(data, jpeg_device, limits.working_side)
+            return DecodedPhoto(rgb=rgb, format=fmt, width=width, height=height, scale=rgb.shape[1] / width)
+        except RuntimeError as error:  # nvJPEG refuses some files (e.g. unusual sampling)
+            log.debug("device JPEG decode failed (%s); using Pillow", error)
+
     if fmt == "JPEG" and max(width, height) > 2 * limits.working_side:
         # Draft mode decodes at 1/2, 1/4 or 1/8 scale straight from the DCT.
         target = (width * limits.working_side // max(width, height),
@@ -193,6 +210,23 @@ def _decode(data: bytes, fmt: str, limits: DecodeLimits) -> DecodedPhoto | Rejec
         scale = rgb.shape[1] / width
     return DecodedPhoto(rgb=np.ascontiguousarray(rgb), format=fmt, width=width, height=height,
                         scale=scale)
+
+
+def _decode_jpeg_torch(data: bytes, device: str, working_side: int) -> tuple[np.ndarray, int, int]:
+    """JPEG -> RGB on `device` with EXIF orientation, downscaled there (antialiased) to the
+    working size; only the small working copy comes back to host memory."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import functional as F
+
+    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    tensor = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+    height, width = tensor.shape[-2:]
+    if max(height, width) > working_side:
+        factor = working_side / max(height, width)
+        tensor = F.resize(tensor, [max(1, round(height * factor)), max(1, round(width * factor))],
+                          antialias=True)
+    return np.ascontiguousarray(tensor.permute(1, 2, 0).cpu().numpy()), int(width), int(height)
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:

@@ -43,6 +43,7 @@ class ScoringOptions:
     detect_side: int = 640
     read_chunk: int = 32
     abstain_threshold: float | None = None  # None: the model card's value
+    jpeg_device: str | None = None  # "cuda": decode plain JPEGs with nvJPEG
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and self.batch_size < 1:
@@ -77,12 +78,12 @@ class Prepared:
 
 
 _frontend: FaceFrontEnd | None = None
-_worker_setup: tuple[Framing, DecodeLimits, int] | None = None
+_worker_setup: tuple[Framing, DecodeLimits, int, str | None] | None = None
 
 
-def _init_worker(framing: Framing, limits: DecodeLimits, detect_side: int) -> None:
+def _init_worker(framing: Framing, limits: DecodeLimits, detect_side: int, jpeg_device: str | None) -> None:
     global _worker_setup, _frontend
-    _worker_setup = (framing, limits, detect_side)
+    _worker_setup = (framing, limits, detect_side, jpeg_device)
     _frontend = None
 
 
@@ -93,11 +94,12 @@ def _frontend_for(detect_side: int) -> FaceFrontEnd:
     return _frontend
 
 
-def face_chip(data: bytes, framing: Framing, limits: DecodeLimits, detect_side: int = 640
+def face_chip(data: bytes, framing: Framing, limits: DecodeLimits, detect_side: int = 640,
+              jpeg_device: str | None = None
               ) -> tuple[np.ndarray | None, list[int] | None, int, str | None, str, str | None]:
     """Bytes to an aligned chip: (chip, box in original pixels, face count, reject reason,
     detail, format). The one path from a photo to a model input."""
-    decoded = decode_photo(data, limits)
+    decoded = decode_photo(data, limits, jpeg_device)
     if isinstance(decoded, Rejection):
         return None, None, 0, decoded.reason, decoded.detail, decoded.format
     face = _frontend_for(detect_side).largest_face(decoded.rgb, framing)
@@ -109,21 +111,20 @@ def face_chip(data: bytes, framing: Framing, limits: DecodeLimits, detect_side: 
 
 
 def prepare_photo(key: str, data: bytes, sha256: str, framing: Framing, limits: DecodeLimits,
-                  detect_side: int = 640) -> Prepared:
+                  detect_side: int = 640, jpeg_device: str | None = None) -> Prepared:
     """Decode, validate and align one photo. Plain function: no storage, no model."""
     user_id = user_of(key)
     if user_id is None:
         return Prepared(key, None, sha256, reject_reason=BAD_KEY,
                         detail="key is not {user_id}/{file name}")
-    chip, box, count, reason, detail, fmt = face_chip(data, framing, limits, detect_side)
+    chip, box, count, reason, detail, fmt = face_chip(data, framing, limits, detect_side, jpeg_device)
     return Prepared(key, user_id, sha256, chip=chip, box=box, face_count=count, reject_reason=reason,
                     detail=detail, format=fmt)
 
 
 def _prepare_in_worker(key: str, data: bytes, sha256: str) -> Prepared:
     assert _worker_setup is not None
-    framing, limits, detect_side = _worker_setup
-    return prepare_photo(key, data, sha256, framing, limits, detect_side)
+    return prepare_photo(key, data, sha256, *_worker_setup)
 
 
 @dataclass
@@ -179,7 +180,8 @@ class _Preparer:
         return ProcessPoolExecutor(
             max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(self.framing, self.options.limits, self.options.detect_side))
+            initargs=(self.framing, self.options.limits, self.options.detect_side,
+                      self.options.jpeg_device))
 
     def __enter__(self) -> "_Preparer":
         if self.workers > 0:
@@ -198,7 +200,7 @@ class _Preparer:
         if self.pool is None:
             key, data, sha = item
             return prepare_photo(key, data, sha, self.framing, self.options.limits,
-                                 self.options.detect_side)
+                                 self.options.detect_side, self.options.jpeg_device)
         self.inflight.append((item, self.pool.submit(self.job, *item)))
         return None
 

@@ -112,3 +112,23 @@ _JPEG = samples.encode(samples.grace_hopper()[:128, :128].copy(), "JPEG")
 def test_mutated_jpeg_never_crashes(offset, patch):
     data = _JPEG[:offset] + patch + _JPEG[offset + len(patch):]
     assert isinstance(decode_photo(data), (DecodedPhoto, Rejection))
+
+
+@pytest.mark.parametrize("name", ["baseline.jpg", "progressive.jpg", "rotated-exif6.jpg", "grayscale.jpg"])
+def test_device_jpeg_decoder_matches_pillow(face_files, name):
+    """The nvJPEG path (exercised here with torchvision's CPU decoder) gives the same picture."""
+    pillow = decode_photo(face_files[name])
+    device = decode_photo(face_files[name], jpeg_device="cpu")
+    assert device.rgb.shape == pillow.rgb.shape and (device.width, device.height) == (pillow.width, pillow.height)
+    assert np.abs(device.rgb.astype(int) - pillow.rgb.astype(int)).mean() < 3
+
+
+def test_device_jpeg_decoder_downscales_large_photos():
+    big = samples.pasted_into(samples.grace_hopper(), (4000, 3000), (1500, 1000))
+    result = decode_photo(samples.encode(big, "JPEG", quality=85), DecodeLimits(working_side=1000), jpeg_device="cpu")
+    assert max(result.rgb.shape[:2]) == 1000 and (result.width, result.height) == (4000, 3000)
+
+
+def test_device_jpeg_decoder_leaves_cmyk_and_broken_files_to_pillow(face_files, broken_files):
+    assert decode_photo(face_files["cmyk.jpg"], jpeg_device="cpu").rgb.shape == (600, 512, 3)
+    assert decode_photo(broken_files["truncated.jpg"][0], jpeg_device="cpu").reason == "truncated"

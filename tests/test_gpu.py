@@ -48,3 +48,13 @@ def test_one_training_epoch_with_amp(tmp_path):
     spec = RunSpec(name="g", arch="resnet18", lr=1e-3, epochs=1, image_size=64, batch_size=16)
     result = fit(spec, (chips, labels), (chips[:16], labels[:16]), Store(str(tmp_path)), "ck.pt", device="cuda")
     assert np.isfinite(result.history[0].train_loss)
+
+
+def test_nvjpeg_decode_matches_pillow():
+    from gender_pipeline import samples
+    from tasks.decoding import decode_photo
+
+    data = samples.encode(samples.grace_hopper(), "JPEG", quality=90)
+    gpu = decode_photo(data, jpeg_device="cuda")
+    cpu = decode_photo(data)
+    assert gpu.rgb.shape == cpu.rgb.shape and np.abs(gpu.rgb.astype(int) - cpu.rgb.astype(int)).mean() < 3
