@@ -1,4 +1,5 @@
-"""`gender-pipeline`: score photos, serve the nightly deployment, retrain, evaluate, promote."""
+"""`gender-pipeline`: score photos, serve the nightly deployment, retrain, evaluate, promote,
+forget a user, summarise the dataset."""
 
 from __future__ import annotations
 
@@ -122,7 +123,34 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--reason", required=True)
     promote.add_argument("--registry", default=None)
     _add_storage(promote)
+    forget = commands.add_parser("forget", help="erase a user's rows from every partition")
+    forget.add_argument("--user-id", required=True)
+    forget.add_argument("--output", required=True, help="the dataset's URL or path (as given to score)")
+    _add_storage(forget)
+
+    status = commands.add_parser("status", help="summarise the predictions dataset")
+    status.add_argument("--output", required=True)
+    _add_storage(status)
     return parser
+
+
+def _forget(args: argparse.Namespace) -> int:
+    from tasks.predictions import forget_user
+    from tasks.storage import Store, storage_options
+
+    store = Store(args.output, storage_options(args.endpoint_url))
+    removed = forget_user(store, args.user_id)
+    print(json.dumps({"user_id": args.user_id, "rows_removed": sum(r["rows_removed"] for r in removed),
+                      "files": removed}, indent=2))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from tasks.predictions import dataset_status
+    from tasks.storage import Store, storage_options
+
+    print(json.dumps(dataset_status(Store(args.output, storage_options(args.endpoint_url))), indent=2))
+    return 0
 
 
 def _retrain(args: argparse.Namespace) -> int:
@@ -214,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.networks import PretrainedWeightsUnavailable
 
     handlers = {"score": _score, "serve": _serve, "retrain": _retrain, "evaluate": _evaluate,
-                "promote": _promote}
+                "promote": _promote, "forget": _forget, "status": _status}
     try:
         return handlers[args.command](args)
     except ExpectationsFailed as error:

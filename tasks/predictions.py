@@ -9,6 +9,7 @@ from datetime import date, datetime, timezone
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -152,3 +153,60 @@ def diff_against_dataset(objects: list[ObjectInfo], existing: pd.DataFrame) -> D
 
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def published_files(store: Store) -> list[str]:
+    """Keys of the published Parquet files (temporaries and hidden files excluded)."""
+    root = store.path(DATASET)
+    store.fs.invalidate_cache()
+    if not store.fs.exists(root):
+        return []
+    keys = [store.key_of(p) for p in store.fs.find(root)]
+    return sorted(k for k in keys if k.endswith(".parquet")
+                  and not any(part.startswith(("_", ".")) for part in k.split("/")))
+
+
+def forget_user(store: Store, user_id: str) -> list[dict]:
+    """Remove every row of `user_id` from every partition. Each affected file is rewritten
+    under a temporary name and moved over the original, or deleted when nothing is left.
+    Returns what was removed, file by file."""
+    if not user_id:
+        raise ValueError("a user id is needed")
+    removed = []
+    for key in published_files(store):
+        table = pq.read_table(io.BytesIO(store.read(key)))
+        keep = pa.compute.not_equal(table["user_id"], pa.scalar(user_id))
+        keep = pa.compute.fill_null(keep, True)
+        remaining = table.filter(keep)
+        gone = table.num_rows - remaining.num_rows
+        if gone == 0:
+            continue
+        if remaining.num_rows:
+            buffer = io.BytesIO()
+            pq.write_table(remaining.cast(PREDICTIONS_SCHEMA), buffer, compression="zstd")
+            store.write_atomic(key, buffer.getvalue())
+        else:
+            with_retries(lambda k=key: store.fs.rm_file(store.path(k)), f"removing {key}")
+        removed.append({"file": store.full_url(key), "rows_removed": gone, "rows_left": remaining.num_rows})
+    return removed
+
+
+def dataset_status(store: Store) -> dict:
+    """Partitions, rows, reject rates and models of the published dataset."""
+    frame = read_predictions(store, columns=["status", "reject_reason", "model_name", "model_version",
+                                             "gender", "dt"])
+    partitions = []
+    for dt, part in sorted(frame.groupby("dt", observed=True), key=lambda kv: str(kv[0])):
+        partitions.append({"dt": str(dt), "rows": len(part),
+                           "reject_rate": round(float((part["status"] == "rejected").mean()), 4),
+                           "unknown_rate": round(float((part["gender"] == "unknown").mean()), 4)})
+    models = (frame.dropna(subset=["model_name"]).groupby(["model_name", "model_version"]).size()
+              if len(frame) else [])
+    return {
+        "files": len(published_files(store)),
+        "rows": int(len(frame)),
+        "partitions": partitions,
+        "reject_reasons": {str(k): int(v) for k, v in frame["reject_reason"].value_counts().items()},
+        "models": [{"model": f"{name}@{version}", "rows": int(n)} for (name, version), n in
+                   (models.items() if len(frame) else [])],
+    }

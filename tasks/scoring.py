@@ -122,6 +122,10 @@ def prepare_photo(key: str, data: bytes, sha256: str, framing: Framing, limits: 
                     detail=detail, format=fmt)
 
 
+def _ping() -> bool:
+    return True
+
+
 def _prepare_in_worker(key: str, data: bytes, sha256: str) -> Prepared:
     assert _worker_setup is not None
     return prepare_photo(key, data, sha256, *_worker_setup)
@@ -233,10 +237,19 @@ class _Preparer:
         try:
             return self.pool.submit(self.job, *item).result()
         except BrokenProcessPool:
-            log.error("photo %s crashes the decoder; rejected", key)
             self._restart()
+            self._check_pool()
+            log.error("photo %s crashes the decoder; rejected", key)
             return Prepared(key, user_of(key), sha, reject_reason=DECODER_CRASH,
                             detail="the decoder process died on this photo")
+
+    def _check_pool(self) -> None:
+        """A fresh pool that cannot run an empty job is broken by itself, not by a photo:
+        stop the run rather than reject every photo as a decoder crash."""
+        try:
+            self.pool.submit(_ping).result(timeout=300)
+        except BrokenProcessPool as error:
+            raise RuntimeError("decoder worker processes cannot start; see the worker's error above") from error
 
 
 def score_objects(store: Store, objects: list[ObjectInfo], known_hashes: dict[str, set[str]],

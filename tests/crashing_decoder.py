@@ -10,3 +10,7 @@ def crash_on_poison(key, data, sha256):
     if "poison" in key:
         os._exit(139)  # the process vanishes, as with SIGSEGV inside a C decoder
     return _prepare_in_worker(key, data, sha256)
+
+
+def broken_initializer(*args):
+    raise ImportError("a worker that cannot start (e.g. a missing native library)")

@@ -150,3 +150,13 @@ def test_fast_path_equals_one_photo_at_a_time(predictor, face_files, broken_file
             alone = float(predictor.predict(plain.chip[None]).p_male[0])
             assert abs(alone - row.p_male) < 1e-5, row.photo_key
             assert plain.box == row.face_box
+
+
+def test_a_pool_that_cannot_start_fails_the_run_instead_of_rejecting_photos(predictor, face_files, monkeypatch):
+    import tasks.scoring as scoring
+    from tests.crashing_decoder import broken_initializer
+
+    monkeypatch.setattr(scoring, "_init_worker", broken_initializer)
+    store = memory_store("nopool", {f"u{i}/p.jpg": face_files["baseline.jpg"] for i in range(3)})
+    with pytest.raises(RuntimeError, match="cannot start"):
+        score_objects(store, store.list_objects(), {}, predictor, ScoringOptions(workers=2), "r", AT)
