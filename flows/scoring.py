@@ -21,7 +21,8 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
                     scoring_date: str | None = None, batch_size: int | None = None, device: str = "auto",
                     workers: int | None = None, endpoint_url: str | None = None,
                     abstain_threshold: float | None = None, max_bytes: int | None = None,
-                    max_pixels: int | None = None, compile: bool = False, gpu_decode: bool = False) -> dict:
+                    max_pixels: int | None = None, max_photos: int | None = None, compile: bool = False,
+                    gpu_decode: bool = False) -> dict:
     logger = get_run_logger()
     run_id = str(flow_run.id or "local")
     listed_at = datetime.now(timezone.utc)
@@ -32,7 +33,7 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
                              abstain_threshold=abstain_threshold,
                              jpeg_device="cuda" if gpu_decode and resolve_device(device) == "cuda" else None)
 
-    listing = list_new_photos(source, output, endpoint_url, listed_at)
+    listing = list_new_photos(source, output, endpoint_url, listed_at, max_photos)
     check_photo_metadata_task(listing)
     rows, stats = score_photos(source, endpoint_url, listing, registry, model, device, options, run_id,
                                compile)

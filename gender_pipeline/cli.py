@@ -71,6 +71,10 @@ def _add_scoring(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (trained models)")
     parser.add_argument("--gpu-decode", action="store_true", help="decode plain JPEGs on the GPU (nvJPEG)")
+    parser.add_argument("--max-bytes", type=_positive, default=None, help="largest upload accepted (default 25 MiB)")
+    parser.add_argument("--max-pixels", type=_positive, default=None, help="most pixels accepted (default 50 million)")
+    parser.add_argument("--max-photos", type=_positive, default=None,
+                        help="photos per run; the rest (newest) wait for the next run (default: no limit)")
     parser.add_argument("--workers", type=int, default=None,
                         help="decoding processes (default: one per core; 0 decodes in-process)")
     parser.add_argument("--abstain-below", type=_probability, default=None,
@@ -209,7 +213,8 @@ def _score(args: argparse.Namespace) -> int:
         source=args.source, output=args.output, registry=args.registry, model=args.model,
         scoring_date=args.date, batch_size=args.batch_size, device=args.device,
         workers=args.workers, endpoint_url=args.endpoint_url, abstain_threshold=args.abstain_below,
-        compile=args.compile, gpu_decode=args.gpu_decode)
+        compile=args.compile, gpu_decode=args.gpu_decode, max_bytes=args.max_bytes,
+        max_pixels=args.max_pixels, max_photos=args.max_photos)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
@@ -227,7 +232,8 @@ def _serve(args: argparse.Namespace) -> int:
                     "model": args.model, "batch_size": args.batch_size, "device": args.device,
                     "workers": args.workers, "endpoint_url": args.endpoint_url,
                     "abstain_threshold": args.abstain_below, "compile": args.compile,
-                    "gpu_decode": args.gpu_decode},
+                    "gpu_decode": args.gpu_decode, "max_bytes": args.max_bytes,
+                    "max_pixels": args.max_pixels, "max_photos": args.max_photos},
         tags=["scoring"])
     return 0
 

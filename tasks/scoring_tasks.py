@@ -35,7 +35,8 @@ class Listing:
 
 @task(name="list-new-photos", retries=2, retry_delay_seconds=[5, 30],
       retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
-def list_new_photos(source: str, output: str, endpoint_url: str | None, listed_at: datetime) -> Listing:
+def list_new_photos(source: str, output: str, endpoint_url: str | None, listed_at: datetime,
+                    max_photos: int | None = None) -> Listing:
     logger = get_run_logger()
     options = storage_options(endpoint_url)
     source_store = Store(source, options)
@@ -47,7 +48,14 @@ def list_new_photos(source: str, output: str, endpoint_url: str | None, listed_a
     diff = diff_against_dataset(objects, existing)
     logger.info("listed %d objects under %s; %d unchanged since answered; %d to read",
                 len(objects), source, diff.skipped_unchanged, len(diff.to_read))
-    return Listing(diff.to_read, diff.known_hashes, diff.skipped_unchanged, listed_at)
+    to_read = diff.to_read
+    if max_photos is not None and len(to_read) > max_photos:
+        # Oldest uploads first; the rest are new again for the next run.
+        oldest = datetime.min.replace(tzinfo=listed_at.tzinfo)
+        to_read = sorted(to_read, key=lambda o: (o.modified or oldest, o.key))[:max_photos]
+        logger.warning("limit of %d photos per run: %d left for the next run", max_photos,
+                       len(diff.to_read) - max_photos)
+    return Listing(to_read, diff.known_hashes, diff.skipped_unchanged, listed_at)
 
 
 @task(name="check-photo-metadata", cache_policy=NO_CACHE)

@@ -128,3 +128,24 @@ def test_empty_source_writes_nothing(tmp_path):
     (tmp_path / "uploads").mkdir()
     summary = run(tmp_path / "uploads", tmp_path / "lake", tmp_path / "registry")
     assert summary["rows"] == 0 and parquet_files(tmp_path / "lake") == []
+
+
+def test_photos_per_run_limit_leaves_the_rest_for_the_next_run(uploads, tmp_path):
+    source, files = uploads
+    output, registry = tmp_path / "lake", tmp_path / "registry"
+    first = run(source, output, registry, max_photos=5)
+    assert first["rows"] == 5
+    second = run(source, output, registry)
+    assert second["rows"] == len(files) - 5
+    frame = pd.read_parquet(str(output / "predictions"))
+    assert sorted(frame["photo_key"]) == sorted(files)
+
+
+def test_byte_and_pixel_limits_are_parameters(uploads, tmp_path):
+    source, files = uploads
+    summary = run(source, tmp_path / "lake", tmp_path / "registry", max_bytes=100_000, max_pixels=200_000)
+    frame = pd.read_parquet(str(tmp_path / "lake" / "predictions"))
+    too_large = set(frame.loc[frame.reject_reason == "too_large", "photo_key"])
+    assert "bea/photo.heic" in too_large and "cy/astronaut.png" in too_large  # > 100 kB
+    assert "ada/baseline.jpg" in too_large  # 512 x 600 = 307,200 pixels > 200,000
+    assert summary["reject_reasons"]["too_large"] == len(too_large)
