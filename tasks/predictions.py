@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 
 import pandas as pd
 import pyarrow as pa
@@ -13,7 +13,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from tasks.storage import ObjectInfo, Store, with_retries
+from tasks.storage import ObjectInfo, Store, modified_time, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,26 @@ def write_predictions(store: Store, table: pa.Table, scoring_date: date, part_na
     pq.write_table(table, buffer, compression="zstd")
     key = f"{partition_dir(scoring_date)}/{part_name}.parquet"
     store.write_atomic(key, buffer.getvalue())
+    remove_stale_temporaries(store, partition_dir(scoring_date))
     return store.full_url(key)
+
+
+def remove_stale_temporaries(store: Store, folder: str, older_than: timedelta = timedelta(hours=6)) -> int:
+    """Delete `_tmp-` files a killed run left behind. Readers never saw them; a run in
+    progress writes and moves its own within seconds, so only old ones are touched."""
+    cutoff = datetime.now(timezone.utc) - older_than
+    removed = 0
+    try:
+        entries = store.fs.ls(store.path(folder), detail=True)
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        modified = modified_time(entry)
+        if name.startswith("_tmp-") and modified is not None and modified < cutoff:
+            store.fs.rm_file(entry["name"])
+            removed += 1
+    return removed
 
 
 def read_predictions(store: Store, columns: list[str] | None = None) -> pd.DataFrame:

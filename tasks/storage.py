@@ -87,7 +87,8 @@ class ObjectInfo:
     modified: datetime | None
 
 
-def _modified(info: dict) -> datetime | None:
+def modified_time(info: dict) -> datetime | None:
+    """Modification time of an fsspec info dict, whatever the backend calls it."""
     for field in ("LastModified", "mtime", "last_modified", "created", "updated"):
         value = info.get(field)
         if value is None:
@@ -139,7 +140,7 @@ class Store:
         for path, info in found.items():
             if info.get("type") == "directory":
                 continue
-            objects.append(ObjectInfo(self.key_of(path), int(info.get("size") or 0), _modified(info)))
+            objects.append(ObjectInfo(self.key_of(path), int(info.get("size") or 0), modified_time(info)))
         objects.sort(key=lambda o: o.key)
         return objects
 

@@ -108,3 +108,18 @@ def test_missing_objects_are_not_retried(monkeypatch):
     with pytest.raises(FileNotFoundError):
         with_retries(missing, "reading")
     assert len(calls) == 1
+
+
+def test_stale_temporaries_of_killed_runs_are_removed_on_the_next_publish(tmp_path):
+    import os
+    import time
+
+    store = Store(str(tmp_path))
+    folder = tmp_path / "predictions" / "dt=2026-01-02"
+    folder.mkdir(parents=True)
+    (folder / "_tmp-part-old.parquet").write_bytes(b"half")
+    (folder / "_tmp-part-fresh.parquet").write_bytes(b"in progress")
+    old = time.time() - 7 * 3600
+    os.utime(folder / "_tmp-part-old.parquet", (old, old))
+    write_predictions(store, to_table([row("a/1.jpg", "h1")]), date(2026, 1, 2), "part-1")
+    assert sorted(p.name for p in folder.iterdir()) == ["_tmp-part-fresh.parquet", "part-1.parquet"]
