@@ -1,0 +1,83 @@
+"""A real Prefect server on 127.0.0.1: serve the nightly-scoring deployment with the CLI,
+trigger it with run_deployment, and see it complete with its artifacts."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pandas as pd
+import pytest
+
+from tests.conftest import free_port
+
+
+def wait_for(url, seconds=120):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    env.pop("PREFECT_API_KEY", None)
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/api/health")
+        yield env
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+def test_served_deployment_runs_on_a_real_server(prefect_server, uploads, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    source, files = uploads
+    output = tmp_path / "lake"
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "gender_pipeline.cli", "serve", "--source", str(source), "--output", str(output),
+         "--registry", str(tmp_path / "registry"), "--workers", "0", "--cron", "0 3 * * *"],
+        env=prefect_server, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
+            deadline = time.time() + 120
+            while True:  # the deployment exists once `serve` has registered it
+                try:
+                    run = run_deployment("nightly-scoring/nightly-scoring", timeout=300)
+                    break
+                except Exception:
+                    if time.time() > deadline:
+                        raise
+                    time.sleep(1)
+            assert run.state.is_completed(), run.state
+            with get_client(sync_client=True) as client:
+                deployment = client.read_deployment_by_name("nightly-scoring/nightly-scoring")
+                artifacts = client.read_artifacts(
+                    artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+        assert deployment.schedules and deployment.schedules[0].schedule.cron == "0 3 * * *"
+        keys = {a.key for a in artifacts}
+        assert {"scoring-counts", "reject-reasons", "p-male-histogram", "scoring-summary",
+                "predictions-file"} <= keys
+        frame = pd.read_parquet(str(output / "predictions"))
+        assert sorted(frame["photo_key"]) == sorted(files)
+        assert set(frame["run_id"]) == {str(run.id)}
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        serve.wait(timeout=60)
