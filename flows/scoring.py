@@ -4,25 +4,28 @@ from __future__ import annotations
 
 from datetime import date, datetime, timezone
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, unmapped
 from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from models.predictor import resolve_device
 from models.registry import DEFAULT_MODEL
 from tasks.decoding import DecodeLimits
 from tasks.scoring import ScoringOptions
-from tasks.scoring_tasks import (check_photo_metadata_task, check_predictions_task,
-                                 list_new_photos, publish_run_summary, score_photos,
-                                 write_predictions_task)
+from tasks.scoring_tasks import (check_photo_metadata_task, list_new_photos, publish_run_summary,
+                                 score_shard, split_listing)
 
 
-@flow(name="nightly-scoring", description="Score new signup photos and publish predictions to Parquet.")
+# One shard at a time in this process by default; `--task-runner dask` maps shards over a
+# Dask cluster instead (see gender_pipeline.cli).
+@flow(name="nightly-scoring", description="Score new signup photos and publish predictions to Parquet.",
+      task_runner=ThreadPoolTaskRunner(max_workers=1))
 def nightly_scoring(source: str, output: str, registry: str | None = None, model: str = DEFAULT_MODEL,
                     scoring_date: str | None = None, batch_size: int | None = None, device: str = "auto",
                     workers: int | None = None, endpoint_url: str | None = None,
                     abstain_threshold: float | None = None, max_bytes: int | None = None,
                     max_pixels: int | None = None, max_photos: int | None = None, compile: bool = False,
-                    gpu_decode: bool = False) -> dict:
+                    gpu_decode: bool = False, shard_size: int = 2000) -> dict:
     logger = get_run_logger()
     run_id = str(flow_run.id or "local")
     listed_at = datetime.now(timezone.utc)
@@ -35,15 +38,14 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
 
     listing = list_new_photos(source, output, endpoint_url, listed_at, max_photos)
     check_photo_metadata_task(listing)
-    rows, stats = score_photos(source, endpoint_url, listing, registry, model, device, options, run_id,
-                               compile)
-    written = None
-    if rows:
-        check_predictions_task(rows)
-        written = write_predictions_task(rows, output, endpoint_url, day, f"part-{run_id}")
-    else:
+    shards = split_listing(listing, shard_size)
+    results = score_shard.map(shards, unmapped(source), unmapped(output), unmapped(endpoint_url),
+                              unmapped(registry), unmapped(model), unmapped(device), unmapped(options),
+                              unmapped(run_id), unmapped(day), unmapped(compile)).result()
+    if not any(r.rows for r in results):
         logger.info("nothing new to score under %s: no file written", source)
-    used = f"{rows[0].model_name}@{rows[0].model_version}" if rows else model
-    summary = publish_run_summary(rows, stats, listing, used, written)
+    answered = next((row for r in results for row in r.rows if row.model_name), None)
+    used = f"{answered.model_name}@{answered.model_version}" if answered else model
+    summary = publish_run_summary(results, listing, used)
     summary.update(run_id=run_id, scoring_date=day.isoformat())
     return summary

@@ -73,6 +73,13 @@ def _add_scoring(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--gpu-decode", action="store_true", help="decode plain JPEGs on the GPU (nvJPEG)")
     parser.add_argument("--max-bytes", type=_positive, default=None, help="largest upload accepted (default 25 MiB)")
     parser.add_argument("--max-pixels", type=_positive, default=None, help="most pixels accepted (default 50 million)")
+    parser.add_argument("--shard-size", type=_positive, default=2000,
+                        help="photos per shard: scored, checked and published as one file (default 2000)")
+    parser.add_argument("--task-runner", choices=("process", "dask"), default="process",
+                        help="where shards run: one at a time in this process, or on a Dask cluster")
+    parser.add_argument("--dask-address", default=None,
+                        help="scheduler of an existing Dask cluster (tcp://host:8786); default: a local one")
+    parser.add_argument("--dask-workers", type=_positive, default=2, help="workers of the local Dask cluster")
     parser.add_argument("--max-photos", type=_positive, default=None,
                         help="photos per run; the rest (newest) wait for the next run (default: no limit)")
     parser.add_argument("--workers", type=int, default=None,
@@ -209,18 +216,40 @@ def _score(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 0:
         print("gender-pipeline: --workers must be 0 or more", file=sys.stderr)
         return EXIT_USAGE
-    summary = nightly_scoring(
+    summary = with_task_runner(nightly_scoring, args)(
         source=args.source, output=args.output, registry=args.registry, model=args.model,
         scoring_date=args.date, batch_size=args.batch_size, device=args.device,
         workers=args.workers, endpoint_url=args.endpoint_url, abstain_threshold=args.abstain_below,
         compile=args.compile, gpu_decode=args.gpu_decode, max_bytes=args.max_bytes,
-        max_pixels=args.max_pixels, max_photos=args.max_photos)
+        max_pixels=args.max_pixels, max_photos=args.max_photos, shard_size=args.shard_size)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
         print()
         print(render_text(summary))
     return 0
+
+
+def with_task_runner(flow, args: argparse.Namespace):
+    """The flow as asked: shards in this process, or mapped over a Dask cluster with
+    prefect-dask (each Dask worker loads its own model on its own device)."""
+    if args.task_runner != "dask":
+        return flow
+    from prefect_dask import DaskTaskRunner
+
+    if not os.environ.get("PREFECT_API_URL"):
+        # Dask worker processes report to the same Prefect API as this process; without a
+        # configured server each would start a temporary one of its own.
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()
+        server.start()
+        os.environ["PREFECT_API_URL"] = server.api_url
+    if args.dask_address:
+        return flow.with_options(task_runner=DaskTaskRunner(address=args.dask_address))
+    return flow.with_options(task_runner=DaskTaskRunner(
+        cluster_kwargs={"n_workers": args.dask_workers, "threads_per_worker": 1, "processes": True,
+                        "host": "127.0.0.1", "dashboard_address": None}))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -233,7 +262,8 @@ def _serve(args: argparse.Namespace) -> int:
                     "workers": args.workers, "endpoint_url": args.endpoint_url,
                     "abstain_threshold": args.abstain_below, "compile": args.compile,
                     "gpu_decode": args.gpu_decode, "max_bytes": args.max_bytes,
-                    "max_pixels": args.max_pixels, "max_photos": args.max_photos},
+                    "max_pixels": args.max_pixels, "max_photos": args.max_photos,
+                    "shard_size": args.shard_size},
         tags=["scoring"])
     return 0
 

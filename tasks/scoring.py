@@ -147,6 +147,17 @@ class ScoringStats:
         return (self.scored + self.rejected) / self.seconds if self.seconds > 0 else 0.0
 
 
+def merge_stats(parts: list[ScoringStats]) -> ScoringStats:
+    """Shards' statistics added up; seconds is the longest shard (they may run in parallel)."""
+    total = ScoringStats()
+    for part in parts:
+        for name in ("listed", "read", "skipped_same_hash", "scored", "rejected", "model_seconds"):
+            setattr(total, name, getattr(total, name) + getattr(part, name))
+        total.reasons.update(part.reasons)
+    total.seconds = max((p.seconds for p in parts), default=0.0)
+    return total
+
+
 _DONE = object()
 
 

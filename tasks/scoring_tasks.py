@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import date, datetime
+from functools import lru_cache
 
 import pandas as pd
 from prefect import get_run_logger, task
@@ -18,7 +19,7 @@ from models.registry import ModelRef, Registry
 from tasks.expectations import ExpectationsFailed, check_photo_metadata, check_predictions
 from tasks.predictions import (PhotoResult, diff_against_dataset, read_predictions, to_table,
                                write_predictions)
-from tasks.scoring import ScoringOptions, ScoringStats, score_objects, user_of
+from tasks.scoring import ScoringOptions, ScoringStats, merge_stats, score_objects, user_of
 from tasks.storage import ObjectInfo, StorageError, Store, retry_if_transient, storage_options
 from tasks.summary import render_markdown, summarize
 
@@ -70,18 +71,55 @@ def check_photo_metadata_task(listing: Listing) -> None:
         raise ExpectationsFailed(report)
 
 
-@task(name="score-photos", cache_policy=NO_CACHE)
-def score_photos(source: str, endpoint_url: str | None, listing: Listing, registry: str | None,
-                 model: str, device: str, options: ScoringOptions, run_id: str, compile: bool = False
-                 ) -> tuple[list[PhotoResult], ScoringStats]:
+@dataclass
+class Shard:
+    """A slice of the listing, scored and published as one unit (one Parquet file)."""
+
+    index: int
+    objects: list[ObjectInfo]
+    known_hashes: dict[str, set[str]]
+    listed_at: datetime
+
+
+@dataclass
+class ShardResult:
+    rows: list[PhotoResult]
+    stats: ScoringStats
+    written: str | None
+
+
+def split_listing(listing: Listing, shard_size: int) -> list[Shard]:
+    if shard_size < 1:
+        raise ValueError(f"shard size must be at least 1, got {shard_size}")
+    objects = listing.objects
+    return [Shard(i // shard_size, objects[i:i + shard_size],
+                  {o.key: listing.known_hashes[o.key] for o in objects[i:i + shard_size]
+                   if o.key in listing.known_hashes}, listing.listed_at)
+            for i in range(0, len(objects), shard_size)]
+
+
+@lru_cache(maxsize=4)
+def _predictor(registry: str | None, endpoint_url: str | None, model: str, device: str,
+               abstain_threshold: float | None, compile: bool):
+    """One model per process (a Dask worker keeps it between shards)."""
+    return Registry(registry, storage_options(endpoint_url)).load_predictor(
+        ModelRef.parse(model), device=device, abstain_threshold=abstain_threshold, compile=compile)
+
+
+@task(name="score-shard", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def score_shard(shard: Shard, source: str, output: str, endpoint_url: str | None, registry: str | None,
+                model: str, device: str, options: ScoringOptions, run_id: str, scoring_date: date,
+                compile: bool = False) -> ShardResult:
+    """Score one shard, check its rows, publish them as one file. A retry redoes this shard
+    only; the photos of shards already published are not in a rerun's listing."""
     logger = get_run_logger()
-    predictor = Registry(registry, storage_options(endpoint_url)).load_predictor(
-        ModelRef.parse(model), device=device, abstain_threshold=options.abstain_threshold, compile=compile)
-    logger.info("model %s@%s on %s, batch size %s, framing %s", predictor.name, predictor.version,
-                predictor.device, options.batch_size or "auto", predictor.framing.to_dict())
-    total = len(listing.objects)
-    artifact = create_progress_artifact(0.0, key="scoring-progress",
-                                        description=f"photos answered out of {total}") if total else None
+    predictor = _predictor(registry, endpoint_url, model, device, options.abstain_threshold, compile)
+    total = len(shard.objects)
+    logger.info("shard %d: %d photos; model %s@%s on %s, batch size %s, framing %s", shard.index, total,
+                predictor.name, predictor.version, predictor.device, options.batch_size or "auto",
+                predictor.framing.to_dict())
+    artifact = create_progress_artifact(0.0, key=f"scoring-progress-{shard.index}",
+                                        description=f"shard {shard.index}: photos answered out of {total}")
     last = {"t": time.monotonic(), "pct": 0.0}
 
     def progress(done: int, of: int) -> None:
@@ -89,20 +127,23 @@ def score_photos(source: str, endpoint_url: str | None, listing: Listing, regist
         now = time.monotonic()
         if done == of or now - last["t"] >= 5 or pct - last["pct"] >= 10:
             logger.info("progress: %d/%d photos (%.0f%%)", done, of, pct)
-            if artifact is not None:
-                update_progress_artifact(artifact, pct)
+            update_progress_artifact(artifact, pct)
             last.update(t=now, pct=pct)
 
-    rows, stats = score_objects(Store(source, storage_options(endpoint_url)), listing.objects,
-                                listing.known_hashes, predictor, options, run_id,
-                                listing.listed_at, progress)
+    rows, stats = score_objects(Store(source, storage_options(endpoint_url)), shard.objects,
+                                shard.known_hashes, predictor, options, run_id, shard.listed_at, progress)
     logger.info("scored %d, rejected %d, same content skipped %d, %.1f photos/s",
                 stats.scored, stats.rejected, stats.skipped_same_hash, stats.photos_per_second)
-    return rows, stats
+    written = None
+    if rows:
+        check_rows(rows)
+        written = write_predictions(Store(output, storage_options(endpoint_url)), to_table(rows),
+                                    scoring_date, f"part-{run_id}-{shard.index:05d}")
+        logger.info("published %d rows to %s", len(rows), written)
+    return ShardResult(rows, stats, written)
 
 
-@task(name="check-predictions", cache_policy=NO_CACHE)
-def check_predictions_task(rows: list[PhotoResult]) -> None:
+def check_rows(rows: list[PhotoResult]) -> None:
     """Before publishing: keys present, one row per photo, probabilities valid."""
     report = check_predictions(to_table(rows).to_pandas())
     logger = get_run_logger()
@@ -114,21 +155,12 @@ def check_predictions_task(rows: list[PhotoResult]) -> None:
     logger.info(report.text())
 
 
-@task(name="write-predictions", retries=2, retry_delay_seconds=[5, 30],
-      retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
-def write_predictions_task(rows: list[PhotoResult], output: str, endpoint_url: str | None,
-                          scoring_date: date, part_name: str) -> str:
-    url = write_predictions(Store(output, storage_options(endpoint_url)), to_table(rows),
-                            scoring_date, part_name)
-    get_run_logger().info("published %d rows to %s", len(rows), url)
-    return url
-
-
 @task(name="publish-run-summary", cache_policy=NO_CACHE)
-def publish_run_summary(rows: list[PhotoResult], stats: ScoringStats, listing: Listing,
-                        model: str, written: str | None) -> dict:
-    summary = summarize(rows, stats, listing.skipped_unchanged)
-    summary.update(model=model, written=written)
+def publish_run_summary(results: list[ShardResult], listing: Listing, model: str) -> dict:
+    rows = [row for result in results for row in result.rows]
+    written = [result.written for result in results if result.written]
+    summary = summarize(rows, merge_stats([r.stats for r in results]), listing.skipped_unchanged)
+    summary.update(model=model, written=written, shards=len(results))
     create_table_artifact([{"status": "scored", "photos": summary["scored"]},
                            {"status": "rejected", "photos": summary["rejected"]},
                            {"status": "unchanged (skipped)", "photos": summary["skipped_unchanged"]}],
@@ -140,7 +172,6 @@ def publish_run_summary(rows: list[PhotoResult], stats: ScoringStats, listing: L
                           description="calibrated p_male of scored photos")
     create_markdown_artifact(render_markdown(summary), key="scoring-summary",
                              description="nightly scoring summary")
-    if written:
-        create_link_artifact(written, link_text="predictions Parquet written by this run",
-                             key="predictions-file")
+    for url in written:
+        create_link_artifact(url, link_text="predictions Parquet written by this run", key="predictions-file")
     return summary

@@ -49,7 +49,8 @@ def render_text(summary: dict) -> str:
         for b in summary["p_male_histogram"]:
             lines.append(f"  {b['bin']}  {'#' * round(30 * b['photos'] / peak):<30} {b['photos']}")
     lines.append(f"throughput   {summary['photos_per_second']} photos/s over {summary['seconds']} s")
-    lines.append(f"output       {summary.get('written') or 'nothing new: no file written'}")
+    written = summary.get("written") or []
+    lines.append(f"output       {', '.join(written) if written else 'nothing new: no file written'}")
     return "\n".join(lines)
 
 
@@ -71,6 +72,6 @@ def render_markdown(summary: dict) -> str:
         *(f"| {b['bin']} | {b['photos']} |" for b in summary["p_male_histogram"]),
         "",
         f"Throughput: {summary['photos_per_second']} photos/s ({summary['seconds']} s).",
-        f"Output: {summary.get('written') or 'nothing new, no file written'}",
+        f"Output: {', '.join(summary.get('written') or []) or 'nothing new, no file written'}",
     ]
     return "\n".join(parts)

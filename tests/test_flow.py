@@ -43,7 +43,7 @@ def test_scores_once_and_rerun_writes_nothing(uploads, tmp_path):
     assert '"photos": 4' in str(counts.data) or "4" in str(counts.data)
 
     again = run(source, output, registry, scoring_date="2026-03-04")
-    assert again["rows"] == 0 and again["written"] is None
+    assert again["rows"] == 0 and again["written"] == []
     assert again["skipped_unchanged"] == len(files)
     assert len(parquet_files(output)) == 1
 

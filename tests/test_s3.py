@@ -26,7 +26,7 @@ def test_flow_reads_and_writes_s3(bucket, s3_endpoint):
     summary = nightly_scoring(source=f"s3://{name}/uploads", output=f"s3://{name}/lake",
                               registry=f"s3://{name}/registry", endpoint_url=s3_endpoint, workers=0,
                               scoring_date="2026-05-06")
-    assert summary["written"].startswith(f"s3://{name}/lake/predictions/dt=2026-05-06/")
+    assert summary["written"][0].startswith(f"s3://{name}/lake/predictions/dt=2026-05-06/")
     frame = pd.read_parquet(f"s3://{name}/lake/predictions",
                             storage_options={"client_kwargs": {"endpoint_url": s3_endpoint}})
     assert sorted(frame["photo_key"]) == sorted(files)

@@ -1,0 +1,62 @@
+"""Shards mapped over a local Dask cluster of two workers give the same rows as one process."""
+
+import pandas as pd
+import pytest
+
+from flows.scoring import nightly_scoring
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+SAME = ["user_id", "photo_key", "photo_sha256", "status", "reject_reason", "gender", "p_male",
+        "p_female", "confidence", "face_count", "face_box", "model_name", "model_version"]
+
+
+def rows(output):
+    frame = pd.read_parquet(str(output / "predictions"))
+    frame["face_box"] = frame["face_box"].map(lambda b: None if b is None else list(b))
+    return frame[SAME].sort_values("photo_key").reset_index(drop=True)
+
+
+def test_shards_on_dask_equal_one_process(uploads, tmp_path, monkeypatch):
+    from prefect.settings import PREFECT_API_URL
+    from prefect_dask import DaskTaskRunner
+
+    source, files = uploads
+    registry = tmp_path / "registry"
+    single = nightly_scoring(source=str(source), output=str(tmp_path / "one"), registry=str(registry), workers=0)
+    assert len(single["written"]) == 1
+
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())  # the Dask workers report here
+    runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True,
+                                            "host": "127.0.0.1", "dashboard_address": None})
+    sharded = nightly_scoring.with_options(task_runner=runner)(
+        source=str(source), output=str(tmp_path / "dask"), registry=str(registry), workers=0, shard_size=4)
+    assert len(sharded["written"]) == -(-len(files) // 4) == sharded["shards"]
+    pd.testing.assert_frame_equal(rows(tmp_path / "one"), rows(tmp_path / "dask"), check_exact=False, atol=1e-6)
+
+
+def test_a_rerun_after_some_shards_were_published_redoes_only_the_rest(uploads, tmp_path, monkeypatch):
+    import tasks.scoring_tasks as scoring_tasks
+
+    source, files = uploads
+    output, registry = tmp_path / "lake", tmp_path / "registry"
+    original = scoring_tasks.write_predictions
+    calls = []
+
+    def fail_third_shard(store, table, day, part):
+        calls.append(part)
+        if part.endswith("-00002"):
+            raise RuntimeError("shard lost")
+        return original(store, table, day, part)
+
+    monkeypatch.setattr(scoring_tasks, "write_predictions", fail_third_shard)
+    monkeypatch.setattr(scoring_tasks.score_shard, "retry_delay_seconds", 0)
+    with pytest.raises(RuntimeError, match="shard lost"):
+        nightly_scoring(source=str(source), output=str(output), registry=str(registry), workers=0, shard_size=4)
+    assert sum(c.endswith("-00002") for c in calls) == 2  # tried, then retried once
+    published = pd.read_parquet(str(output / "predictions"))
+    assert len(published) == len(files) - 4  # the other shards are published
+    monkeypatch.undo()
+    summary = nightly_scoring(source=str(source), output=str(output), registry=str(registry), workers=0)
+    assert summary["rows"] == 4
+    assert sorted(pd.read_parquet(str(output / "predictions"))["photo_key"]) == sorted(files)
