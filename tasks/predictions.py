@@ -154,9 +154,8 @@ def diff_against_dataset(objects: list[ObjectInfo], existing: pd.DataFrame) -> D
     last_answer: dict[str, datetime] = {}
     for key, sha, at in zip(answered.get("photo_key", []), answered.get("photo_sha256", []),
                             answered.get("scored_at", [])):
-        if sha is None or (isinstance(sha, float) and pd.isna(sha)):
-            continue
-        known.setdefault(key, set()).add(sha)
+        if not (sha is None or (isinstance(sha, float) and pd.isna(sha))):
+            known.setdefault(key, set()).add(sha)
         at = pd.Timestamp(at).to_pydatetime()
         if key not in last_answer or at > last_answer[key]:
             last_answer[key] = at

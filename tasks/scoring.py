@@ -318,12 +318,17 @@ def score_objects(store: Store, objects: list[ObjectInfo], known_hashes: dict[st
         if progress:
             progress(done + stats.skipped_same_hash, stats.listed)
 
-    # Objects over the byte limit are answered from the listing, without a download.
-    to_read = [o for o in objects if o.size <= options.limits.max_bytes]
+    # Keys without a user id (or that try to climb out of the source) and objects over the
+    # byte limit are answered from the listing, without a download.
+    to_read = []
     for obj in objects:
-        if obj.size > options.limits.max_bytes:
+        if user_of(obj.key) is None:
+            accept(Prepared(obj.key, None, None, reject_reason=BAD_KEY, detail="key is not {user_id}/{file name}"))
+        elif obj.size > options.limits.max_bytes:
             accept(Prepared(obj.key, user_of(obj.key), None, reject_reason=TOO_LARGE,
                             detail=f"{obj.size} bytes > limit {options.limits.max_bytes}"))
+        else:
+            to_read.append(obj)
 
     incoming: queue.Queue = queue.Queue(maxsize=max(options.read_chunk * 2, workers * 8))
     stop = threading.Event()

@@ -68,3 +68,30 @@ def test_missing_credentials_are_a_clear_error(monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
     with pytest.raises(StorageError, match="credentials"):
         Store("s3://private/uploads", {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}).exists()
+
+
+def test_hostile_keys_cannot_escape_the_source_or_output(s3_endpoint, face_files, tmp_path):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client.create_bucket(Bucket="hostile")
+    photo = face_files["baseline.jpg"]
+    keys = ["uploads/ok/me.jpg", "uploads/evil/../../secret/x.jpg", "uploads/../outside.jpg",
+            "uploads//rooted.jpg", "uploads/odd/..jpg", "uploads/sp ace/ü ñ 😀.jpg"]
+    for key in keys:
+        client.put_object(Bucket="hostile", Key=key, Body=photo)
+    client.put_object(Bucket="hostile", Key="secret/x.jpg", Body=b"must never be read")
+    summary = nightly_scoring(source="s3://hostile/uploads", output="s3://hostile/lake",
+                              registry=str(tmp_path / "registry"), endpoint_url=s3_endpoint, workers=0)
+    frame = pd.read_parquet("s3://hostile/lake/predictions",
+                            storage_options={"client_kwargs": {"endpoint_url": s3_endpoint}})
+    by_key = {k: (None if pd.isna(r) else r) for k, r in zip(frame["photo_key"], frame["reject_reason"])}
+    assert sorted(by_key) == sorted(k[len("uploads/"):] for k in keys)  # nothing from outside the source
+    assert by_key["ok/me.jpg"] is None and by_key["odd/..jpg"] is None and by_key["sp ace/ü ñ 😀.jpg"] is None
+    escaping = [k for k in by_key if ".." in k.split("/") or k.startswith("/") or "//" in k]
+    assert len(escaping) == 3 and all(by_key[k] == "bad_key" for k in escaping)
+    hashes = dict(zip(frame["photo_key"], frame["photo_sha256"]))
+    assert all(pd.isna(hashes[k]) for k in escaping)  # never even read
+    written = client.list_objects_v2(Bucket="hostile", Prefix="lake/")["Contents"]
+    assert all(o["Key"].startswith("lake/predictions/dt=") for o in written)
+    assert summary["rows"] == len(frame)

@@ -160,3 +160,17 @@ def test_a_pool_that_cannot_start_fails_the_run_instead_of_rejecting_photos(pred
     store = memory_store("nopool", {f"u{i}/p.jpg": face_files["baseline.jpg"] for i in range(3)})
     with pytest.raises(RuntimeError, match="cannot start"):
         score_objects(store, store.list_objects(), {}, predictor, ScoringOptions(workers=2), "r", AT)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["..", ".", "", "a", "ü", " ", "x.jpg", "/", "\\\\", "%2e%2e"]), min_size=1, max_size=6))
+def test_user_ids_never_escape(parts):
+    key = "/".join(parts)
+    user = user_of(key)
+    if user is not None:
+        assert user not in ("", ".", "..") and "/" not in user
+        assert ".." not in key.split("/") and not key.startswith("/")

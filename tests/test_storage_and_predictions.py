@@ -59,14 +59,16 @@ def test_read_predictions_on_an_empty_output(tmp_path):
 
 def test_diff_skips_unchanged_and_rereads_modified_or_retryable():
     existing = to_table([row("a/1.jpg", "h1"), row("b/2.jpg", "h2"),
-                         row("c/3.jpg", None, "rejected", "read_error")]).to_pandas()
+                         row("c/3.jpg", None, "rejected", "read_error"),
+                         row("loose.jpg", None, "rejected", "bad_key")]).to_pandas()
     objects = [ObjectInfo("a/1.jpg", 10, T0 - timedelta(hours=1)),   # unchanged: skipped
+               ObjectInfo("loose.jpg", 10, T0 - timedelta(hours=1)),  # answered unread: skipped
                ObjectInfo("b/2.jpg", 10, T0 + timedelta(hours=1)),   # touched since: read, hash decides
                ObjectInfo("c/3.jpg", 10, T0 - timedelta(hours=1)),   # failed read last time: read
                ObjectInfo("d/4.jpg", 10, None)]                      # new
     diff = diff_against_dataset(objects, existing)
     assert [o.key for o in diff.to_read] == ["b/2.jpg", "c/3.jpg", "d/4.jpg"]
-    assert diff.skipped_unchanged == 1
+    assert diff.skipped_unchanged == 2
     assert diff.known_hashes["b/2.jpg"] == {"h2"} and "c/3.jpg" not in diff.known_hashes
 
 
