@@ -235,7 +235,10 @@ def with_task_runner(flow, args: argparse.Namespace):
     prefect-dask (each Dask worker loads its own model on its own device)."""
     if args.task_runner != "dask":
         return flow
+    import dask
     from prefect_dask import DaskTaskRunner
+
+    dask.config.set({"distributed.worker.daemon": False})  # workers start their own decoder processes
 
     if not os.environ.get("PREFECT_API_URL"):
         # Dask worker processes report to the same Prefect API as this process; without a

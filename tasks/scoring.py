@@ -274,6 +274,10 @@ def score_objects(store: Store, objects: list[ObjectInfo], known_hashes: dict[st
     workers = options.workers
     if workers is None:
         workers = cpu_count() if len(objects) >= 64 else 0
+    if workers and multiprocessing.current_process().daemon:
+        # e.g. a Dask worker started with distributed.worker.daemon=True: no child processes
+        log.warning("this process is daemonic and cannot start decoder processes; decoding in-process")
+        workers = 0
     batch_size = options.batch_size or predictor.auto_batch_size()
     threshold = (options.abstain_threshold if options.abstain_threshold is not None
                  else predictor.abstain_threshold)

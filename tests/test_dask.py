@@ -26,11 +26,15 @@ def test_shards_on_dask_equal_one_process(uploads, tmp_path, monkeypatch):
     single = nightly_scoring(source=str(source), output=str(tmp_path / "one"), registry=str(registry), workers=0)
     assert len(single["written"]) == 1
 
+    import dask
+
     monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())  # the Dask workers report here
+    monkeypatch.setattr(dask.config, "config", {**dask.config.config})
+    dask.config.set({"distributed.worker.daemon": False})  # as the CLI does: decoder processes per worker
     runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True,
                                             "host": "127.0.0.1", "dashboard_address": None})
     sharded = nightly_scoring.with_options(task_runner=runner)(
-        source=str(source), output=str(tmp_path / "dask"), registry=str(registry), workers=0, shard_size=4)
+        source=str(source), output=str(tmp_path / "dask"), registry=str(registry), workers=1, shard_size=4)
     assert len(sharded["written"]) == -(-len(files) // 4) == sharded["shards"]
     pd.testing.assert_frame_equal(rows(tmp_path / "one"), rows(tmp_path / "dask"), check_exact=False, atol=1e-6)
 
