@@ -11,7 +11,7 @@ import pytest
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 # Where the run is killed: as soon as each of these log lines appears.
-KILL_POINTS = ["Beginning flow run", "progress: 6/", "check-predictions", "published"]
+KILL_POINTS = ["Beginning flow run", "progress: 6/", "predictions: passed", "published"]
 
 
 def score_process(source, output, registry):
