@@ -12,8 +12,8 @@ from models.predictor import resolve_device
 from models.registry import DEFAULT_MODEL
 from tasks.decoding import DecodeLimits
 from tasks.scoring import ScoringOptions
-from tasks.scoring_tasks import (check_photo_metadata_task, list_new_photos, publish_run_summary,
-                                 score_shard, split_listing)
+from tasks.scoring_tasks import (check_photo_metadata_task, list_new_photos, lock_output,
+                                 publish_run_summary, score_shard, split_listing, unlock_output)
 
 
 # One shard at a time in this process by default; `--task-runner dask` maps shards over a
@@ -25,7 +25,8 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
                     workers: int | None = None, endpoint_url: str | None = None,
                     abstain_threshold: float | None = None, max_bytes: int | None = None,
                     max_pixels: int | None = None, max_photos: int | None = None, compile: bool = False,
-                    gpu_decode: bool = False, shard_size: int = 2000) -> dict:
+                    gpu_decode: bool = False, shard_size: int = 2000, lock_lease_seconds: float = 300,
+                    lock_wait_seconds: float = 0) -> dict:
     logger = get_run_logger()
     run_id = str(flow_run.id or "local")
     listed_at = datetime.now(timezone.utc)
@@ -36,12 +37,16 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
                              abstain_threshold=abstain_threshold,
                              jpeg_device="cuda" if gpu_decode and resolve_device(device) == "cuda" else None)
 
-    listing = list_new_photos(source, output, endpoint_url, listed_at, max_photos)
-    check_photo_metadata_task(listing)
-    shards = split_listing(listing, shard_size)
-    results = score_shard.map(shards, unmapped(source), unmapped(output), unmapped(endpoint_url),
-                              unmapped(registry), unmapped(model), unmapped(device), unmapped(options),
-                              unmapped(run_id), unmapped(day), unmapped(compile)).result()
+    lease = lock_output(output, endpoint_url, run_id, lock_lease_seconds, lock_wait_seconds)
+    try:
+        listing = list_new_photos(source, output, endpoint_url, listed_at, max_photos)
+        check_photo_metadata_task(listing)
+        shards = split_listing(listing, shard_size)
+        results = score_shard.map(shards, unmapped(source), unmapped(output), unmapped(endpoint_url),
+                                  unmapped(registry), unmapped(model), unmapped(device), unmapped(options),
+                                  unmapped(run_id), unmapped(day), unmapped(compile)).result()
+    finally:
+        unlock_output(lease)
     if not any(r.rows for r in results):
         logger.info("nothing new to score under %s: no file written", source)
     answered = next((row for r in results for row in r.rows if row.model_name), None)

@@ -19,6 +19,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_STORAGE = 3
 EXIT_EXPECTATIONS = 4
+EXIT_LOCKED = 5
 
 
 def _date(text: str) -> str:
@@ -80,6 +81,10 @@ def _add_scoring(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--dask-address", default=None,
                         help="scheduler of an existing Dask cluster (tcp://host:8786); default: a local one")
     parser.add_argument("--dask-workers", type=_positive, default=2, help="workers of the local Dask cluster")
+    parser.add_argument("--lock-wait", type=float, default=0,
+                        help="seconds to wait for another run on the same output to finish (default: fail at once)")
+    parser.add_argument("--lock-lease", type=float, default=300,
+                        help="seconds a dead run's lock outlives it (renewed while a run lives; default 300)")
     parser.add_argument("--max-photos", type=_positive, default=None,
                         help="photos per run; the rest (newest) wait for the next run (default: no limit)")
     parser.add_argument("--workers", type=int, default=None,
@@ -221,7 +226,8 @@ def _score(args: argparse.Namespace) -> int:
         scoring_date=args.date, batch_size=args.batch_size, device=args.device,
         workers=args.workers, endpoint_url=args.endpoint_url, abstain_threshold=args.abstain_below,
         compile=args.compile, gpu_decode=args.gpu_decode, max_bytes=args.max_bytes,
-        max_pixels=args.max_pixels, max_photos=args.max_photos, shard_size=args.shard_size)
+        max_pixels=args.max_pixels, max_photos=args.max_photos, shard_size=args.shard_size,
+        lock_lease_seconds=args.lock_lease, lock_wait_seconds=args.lock_wait)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
@@ -266,7 +272,8 @@ def _serve(args: argparse.Namespace) -> int:
                     "abstain_threshold": args.abstain_below, "compile": args.compile,
                     "gpu_decode": args.gpu_decode, "max_bytes": args.max_bytes,
                     "max_pixels": args.max_pixels, "max_photos": args.max_photos,
-                    "shard_size": args.shard_size},
+                    "shard_size": args.shard_size, "lock_lease_seconds": args.lock_lease,
+                    "lock_wait_seconds": args.lock_wait},
         tags=["scoring"])
     return 0
 
@@ -275,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from models.registry import RegistryError
     from tasks.expectations import ExpectationsFailed
+    from tasks.locking import OutputLocked
     from tasks.storage import StorageError
 
     from models.datasets import DatasetError
@@ -284,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
                 "promote": _promote, "forget": _forget, "status": _status}
     try:
         return handlers[args.command](args)
+    except OutputLocked as error:
+        print(f"gender-pipeline: {error}", file=sys.stderr)
+        return EXIT_LOCKED
     except ExpectationsFailed as error:
         print(f"gender-pipeline: a data check failed, nothing was published:\n{error}", file=sys.stderr)
         return EXIT_EXPECTATIONS

@@ -20,6 +20,7 @@ from tasks.expectations import ExpectationsFailed, check_photo_metadata, check_p
 from tasks.predictions import (PhotoResult, diff_against_dataset, read_predictions, to_table,
                                write_predictions)
 from tasks.scoring import ScoringOptions, ScoringStats, merge_stats, score_objects, user_of
+from tasks.locking import Lease, acquire
 from tasks.storage import ObjectInfo, StorageError, Store, retry_if_transient, storage_options
 from tasks.summary import render_markdown, summarize
 
@@ -32,6 +33,21 @@ class Listing:
     known_hashes: dict[str, set[str]]
     skipped_unchanged: int
     listed_at: datetime
+
+
+@task(name="lock-output", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_if_transient,
+      cache_policy=NO_CACHE)
+def lock_output(output: str, endpoint_url: str | None, run_id: str, lease_seconds: float,
+                wait_seconds: float) -> Lease:
+    """One run at a time per output, so two runs never answer the same photo."""
+    lease = acquire(Store(output, storage_options(endpoint_url)), run_id, lease_seconds, wait_seconds)
+    get_run_logger().info("holding %s/%s", output, lease.key)
+    return lease
+
+
+@task(name="unlock-output", cache_policy=NO_CACHE)
+def unlock_output(lease: Lease) -> None:
+    lease.release()
 
 
 @task(name="list-new-photos", retries=2, retry_delay_seconds=[5, 30],

@@ -17,7 +17,7 @@ T = TypeVar("T")
 
 # Errors worth a retry: connection trouble and throttling, not "no such key".
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, OSError)
-PERMANENT_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, PermissionError,
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, FileExistsError, PermissionError,
                                                      IsADirectoryError, NotADirectoryError)
 # botocore/aiohttp errors that are not OSError subclasses, by class name (no import needed).
 TRANSIENT_NAMES = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",

@@ -20,7 +20,8 @@ def score_process(source, output, registry):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PREFECT_API_URL": PREFECT_API_URL.value()}
     return subprocess.Popen(
         [sys.executable, "-m", "gender_pipeline.cli", "score", "--source", str(source), "--output", str(output),
-         "--registry", str(registry), "--workers", "0", "--batch-size", "2"],
+         "--registry", str(registry), "--workers", "0", "--batch-size", "2",
+         "--lock-lease", "3", "--lock-wait", "60"],  # a killed run's lock expires in 3 s
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
 
 
