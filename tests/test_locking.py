@@ -74,3 +74,15 @@ def test_a_second_run_on_a_locked_output_exits_5(uploads, tmp_path, capsys):
     assert status == EXIT_LOCKED
     assert "a-running-run" in capsys.readouterr().err
     assert not (tmp_path / "lake" / "predictions").exists()
+
+
+def test_lock_on_s3_uses_conditional_create(s3_endpoint):
+    import s3fs
+
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}).mkdir("locks")
+    store = Store("s3://locks/lake", {"client_kwargs": {"endpoint_url": s3_endpoint}})
+    first = acquire(store, "run-1")
+    with pytest.raises(OutputLocked, match="run-1"):
+        acquire(store, "run-2")
+    first.release()
+    acquire(store, "run-2").release()
