@@ -290,30 +290,25 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers = {"score": _score, "serve": _serve, "retrain": _retrain, "evaluate": _evaluate,
                 "promote": _promote, "forget": _forget, "status": _status}
+    # What a user can fix, the message prefix, and the exit status; subclasses first.
+    failures = [
+        (OutputLocked, "", EXIT_LOCKED),
+        (ExpectationsFailed, "a data check failed, nothing was published:\n", EXIT_EXPECTATIONS),
+        ((StorageError, FileNotFoundError, PermissionError), "storage problem: ", EXIT_STORAGE),
+        (DatasetError, "dataset problem: ", EXIT_USAGE),
+        ((PretrainedWeightsUnavailable, RegistryError, ValueError), "", EXIT_USAGE),
+    ]
     try:
         return handlers[args.command](args)
-    except OutputLocked as error:
-        print(f"gender-pipeline: {error}", file=sys.stderr)
-        return EXIT_LOCKED
-    except ExpectationsFailed as error:
-        print(f"gender-pipeline: a data check failed, nothing was published:\n{error}", file=sys.stderr)
-        return EXIT_EXPECTATIONS
-    except (StorageError, FileNotFoundError, PermissionError) as error:
-        print(f"gender-pipeline: storage problem: {error}", file=sys.stderr)
-        return EXIT_STORAGE
-    except PretrainedWeightsUnavailable as error:
-        print(f"gender-pipeline: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except DatasetError as error:
-        print(f"gender-pipeline: dataset problem: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except (RegistryError, ValueError) as error:
-        print(f"gender-pipeline: {error}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print("gender-pipeline: interrupted", file=sys.stderr)
         return 130
-
+    except Exception as error:
+        for kinds, prefix, status in failures:
+            if isinstance(error, kinds):
+                print(f"gender-pipeline: {prefix}{error}", file=sys.stderr)
+                return status
+        raise
 
 if __name__ == "__main__":
     sys.exit(main())
