@@ -83,8 +83,13 @@ def test_evaluate_prints_the_report(tiny, capsys):
     assert "max_gap" in report["groups"]["age_band"]
 
 
-def test_promote_and_rollback_from_the_cli(tiny, capsys):
-    registry = str(tiny / "registry")
+def test_promote_and_rollback_from_the_cli(tmp_path, capsys):
+    from models.registry import Registry
+    from tests.test_registry import _register_torch
+
+    registry = str(tmp_path / "registry")
+    for version in ("1", "2"):
+        _register_torch(Registry(registry), version)
     assert main(["promote", "gender-classifier@1", "--reason", "manual", "--registry", registry]) == 0
     assert main(["promote", "gender-classifier@2", "--reason", "newer", "--registry", registry]) == 0
     assert main(["promote", "gender-classifier@1", "--reason", "rollback", "--registry", registry]) == 0
