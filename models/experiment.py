@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import yaml
@@ -85,10 +85,6 @@ def load_experiment(path: str, overrides: dict | None = None) -> Experiment:
         target_coverage=float(raw.get("calibration", {}).get("target_coverage", 0.95)),
         workers=int(o.get("workers", training.get("workers", 0))),
         reference=raw.get("study_reference", {}), raw=raw)
-
-
-def with_overrides(experiment: Experiment, **changes) -> Experiment:
-    return replace(experiment, **changes)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from models.predictor import calibrate
 from models.registry import ModelRef, Registry
 from models.train import evaluate, fit, make_loader
 from models.presets import eval_preset
-from tasks.storage import Store, storage_options
+from tasks.storage import storage_options
 
 
 @task(name="check-pretrained-weights", cache_policy=NO_CACHE)

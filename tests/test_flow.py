@@ -66,16 +66,20 @@ def test_only_new_and_replaced_photos_are_scored_next_time(uploads, tmp_path, fa
     assert frame.groupby(["photo_key", "photo_sha256"]).size().max() == 1
 
 
+def crashing(message):
+    """A stand-in for a step that dies with `message`."""
+    def crash(*args, **kwargs):
+        raise RuntimeError(message)
+    return crash
+
+
 def test_crash_before_publish_then_rerun_gives_one_row_per_photo(uploads, tmp_path, monkeypatch):
     import tasks.scoring_tasks as scoring_tasks
 
     source, files = uploads
     output, registry = tmp_path / "lake", tmp_path / "registry"
 
-    def crash(*args, **kwargs):
-        raise RuntimeError("node lost")
-
-    monkeypatch.setattr(scoring_tasks, "write_predictions", crash)
+    monkeypatch.setattr(scoring_tasks, "write_predictions", crashing("node lost"))
     with pytest.raises(RuntimeError, match="node lost"):
         run(source, output, registry)
     assert parquet_files(output) == []
@@ -91,10 +95,7 @@ def test_crash_after_publish_then_rerun_adds_nothing(uploads, tmp_path, monkeypa
     source, files = uploads
     output, registry = tmp_path / "lake", tmp_path / "registry"
 
-    def crash(*args, **kwargs):
-        raise RuntimeError("killed after publish")
-
-    monkeypatch.setattr(scoring_tasks, "summarize", crash)
+    monkeypatch.setattr(scoring_tasks, "summarize", crashing("killed after publish"))
     with pytest.raises(RuntimeError, match="killed after publish"):
         run(source, output, registry)
     monkeypatch.undo()

@@ -136,7 +136,6 @@ def test_worker_pool_survives_a_photo_that_kills_its_decoder(predictor, face_fil
 def test_fast_path_equals_one_photo_at_a_time(predictor, face_files, broken_files):
     """Concurrent reads, worker processes and batches change nothing but speed."""
     from tasks.decoding import DecodeLimits
-    from tasks.faces import Framing  # noqa: F401
 
     files = {f"u{i}/{name}": data for i, (name, data) in enumerate(face_files.items())}
     files.update({f"b{i}/{name}": data for i, (name, (data, _)) in enumerate(broken_files.items())})
