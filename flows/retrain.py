@@ -7,6 +7,8 @@ from prefect import flow, get_run_logger
 
 from models.experiment import load_experiment, select_winner
 from models.predictor import resolve_device
+from tasks.run_control import stoppable_run, stopped
+from tasks.stopping import StopRequested
 from tasks.training_tasks import (align_faces, check_pretrained_weights, load_labelled_dataset,
                                   promotion_gate, publish_results, register_winner, train_run)
 
@@ -27,27 +29,39 @@ def retrain(config: str, data: str, data_format: str | None = None, registry: st
     logger.info("experiment %s on %s: runs %s, framing %s", experiment.name, device,
                 [r.name for r in experiment.runs], experiment.framing.to_dict())
 
-    check_pretrained_weights(experiment)
-    dataset = load_labelled_dataset(data, experiment, endpoint_url)
-    chips = align_faces(dataset, experiment, endpoint_url)
-    results, states = [], {}
-    for spec in experiment.runs:
-        parent = experiment.init_from.get(spec.name)
-        result = train_run(spec, dataset, chips, experiment, registry, endpoint_url, device,
-                           init_state=states.get(parent))
-        states[spec.name] = result.state_dict
-        results.append(result)
-    publish_results(results, experiment)
-    winner, why = select_winner(results, experiment.max_train_val_gap)
-    logger.info(why)
-    summary = {"table": [r.row() for r in results], "selection": why, "winner": None, "promotion": None}
-    if winner is None:
-        logger.warning("nothing registered: %s", why)
-        return summary
-    version = register_winner(winner, why, results, experiment, dataset, chips, registry, endpoint_url,
-                              config_text)
-    summary["winner"] = f"{experiment.model_name}@{version}"
-    if promote:
-        decision = promotion_gate(experiment, version, dataset, registry, endpoint_url, device)
-        summary["promotion"] = decision["reason"]
+    with stoppable_run() as stop:
+        try:
+            with stop.interruptible():
+                check_pretrained_weights(experiment)
+                dataset = load_labelled_dataset(data, experiment, endpoint_url)
+            chips = align_faces(dataset, experiment, endpoint_url)
+            results, states = [], {}
+            for spec in experiment.runs:
+                parent = experiment.init_from.get(spec.name)
+                result = train_run(spec, dataset, chips, experiment, registry, endpoint_url, device,
+                                   init_state=states.get(parent))
+                states[spec.name] = result.state_dict
+                results.append(result)
+            stop.check()
+        except StopRequested:
+            return stopped(stop, "every completed epoch is checkpointed in the registry; "
+                                 "the same command resumes from there")
+        # Registering writes the registry: a stop asked for meanwhile waits until it is done.
+        publish_results(results, experiment)
+        winner, why = select_winner(results, experiment.max_train_val_gap)
+        logger.info(why)
+        summary = {"table": [r.row() for r in results], "selection": why, "winner": None, "promotion": None}
+        if winner is None:
+            logger.warning("nothing registered: %s", why)
+            return summary
+        version = register_winner(winner, why, results, experiment, dataset, chips, registry, endpoint_url,
+                                  config_text)
+        summary["winner"] = f"{experiment.model_name}@{version}"
+        if promote:
+            try:
+                decision = promotion_gate(experiment, version, dataset, registry, endpoint_url, device)
+            except StopRequested:
+                return stopped(stop, f"{summary['winner']} is registered but its promotion was not decided; "
+                                     f"promote it with `gender-pipeline promote` if it should answer")
+            summary["promotion"] = decision["reason"]
     return summary

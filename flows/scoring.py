@@ -12,8 +12,10 @@ from models.predictor import resolve_device
 from models.registry import DEFAULT_MODEL
 from tasks.decoding import DecodeLimits
 from tasks.scoring import ScoringOptions
+from tasks.run_control import finish_all, stoppable_run, stopped
 from tasks.scoring_tasks import (check_photo_metadata_task, list_new_photos, lock_output,
                                  publish_run_summary, score_shard, split_listing, unlock_output)
+from tasks.stopping import StopRequested
 
 
 # One shard at a time in this process by default; `--task-runner dask` maps shards over a
@@ -37,16 +39,33 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
                              abstain_threshold=abstain_threshold,
                              jpeg_device="cuda" if gpu_decode and resolve_device(device) == "cuda" else None)
 
-    lease = lock_output(output, endpoint_url, run_id, lock_lease_seconds, lock_wait_seconds)
-    try:
-        listing = list_new_photos(source, output, endpoint_url, listed_at, max_photos)
-        check_photo_metadata_task(listing)
-        shards = split_listing(listing, shard_size)
-        results = score_shard.map(shards, unmapped(source), unmapped(output), unmapped(endpoint_url),
-                                  unmapped(registry), unmapped(model), unmapped(device), unmapped(options),
-                                  unmapped(run_id), unmapped(day), unmapped(compile)).result()
-    finally:
-        unlock_output(lease)
+    with stoppable_run() as stop:
+        try:
+            with stop.interruptible():
+                lease = lock_output(output, endpoint_url, run_id, lock_lease_seconds, lock_wait_seconds)
+        except StopRequested:
+            return stopped(stop, "before taking the output lock; nothing was written")
+        futures = []
+        try:
+            with stop.interruptible():
+                listing = list_new_photos(source, output, endpoint_url, listed_at, max_photos)
+                check_photo_metadata_task(listing)
+            shards = split_listing(listing, shard_size)
+            futures = score_shard.map(shards, unmapped(source), unmapped(output), unmapped(endpoint_url),
+                                      unmapped(registry), unmapped(model), unmapped(device), unmapped(options),
+                                      unmapped(run_id), unmapped(day), unmapped(compile), unmapped(lease.ref()))
+            finish_all(futures)
+            results = futures.result() if not stop.requested else []
+        except Exception:
+            if not stop.requested:
+                raise
+        finally:
+            finish_all(futures)  # stop, then let go: no shard of this run can write after this
+            unlock_output(lease)
+        if stop.requested:
+            files = [f.result().written for f in futures if f.state.is_completed() and f.result().written]
+            return stopped(stop, f"{len(files)} shard file(s) were published before the stop; "
+                                 "every other photo is new again for the next run")
     if not any(r.rows for r in results):
         logger.info("nothing new to score under %s: no file written", source)
     answered = next((row for r in results for row in r.rows if row.model_name), None)

@@ -20,6 +20,7 @@ EXIT_USAGE = 2
 EXIT_STORAGE = 3
 EXIT_EXPECTATIONS = 4
 EXIT_LOCKED = 5
+EXIT_STOPPED = 6  # cancelled from Prefect; a signal gives 128 + its number (130 Ctrl-C, 143 SIGTERM)
 
 
 def _date(text: str) -> str:
@@ -249,11 +250,7 @@ def with_task_runner(flow, args: argparse.Namespace):
     if not os.environ.get("PREFECT_API_URL"):
         # Dask worker processes report to the same Prefect API as this process; without a
         # configured server each would start a temporary one of its own.
-        from prefect.server.api.server import SubprocessASGIServer
-
-        server = SubprocessASGIServer()
-        server.start()
-        os.environ["PREFECT_API_URL"] = server.api_url
+        os.environ["PREFECT_API_URL"] = start_temporary_prefect_server()
     if args.dask_address:
         return flow.with_options(task_runner=DaskTaskRunner(address=args.dask_address))
     return flow.with_options(task_runner=DaskTaskRunner(
@@ -278,8 +275,45 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def start_temporary_prefect_server() -> str:
+    """Prefect's temporary server for this process, started so that it ends with it, however
+    it ends (the kernel's parent-death signal; Prefect's own would outlive a SIGKILL).
+    Prefect's client finds it as its ephemeral server. Returns its API URL."""
+    import subprocess
+    from unittest import mock
+
+    from prefect.server.api import server as server_module
+
+    from tasks.child_processes import tied_command
+
+    class TiedServer(server_module.SubprocessASGIServer):
+        def _run_uvicorn_command(self):
+            popen = subprocess.Popen
+
+            def tied_popen(args, **kwargs):
+                return popen(tied_command(list(args)), **kwargs)
+
+            # Only the one Popen of Prefect's method is wrapped, at start-up, in the main thread.
+            with mock.patch.object(server_module.subprocess, "Popen", tied_popen):
+                return super()._run_uvicorn_command()
+
+    server = TiedServer()
+    server.start()
+    return server.api_url
+
+
+def _needs_temporary_server(command: str) -> bool:
+    if command not in ("score", "serve", "retrain"):
+        return False
+    from prefect.settings import PREFECT_API_URL
+
+    return not PREFECT_API_URL.value()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from prefect.exceptions import CancelledRun
+
     from models.registry import RegistryError
     from tasks.expectations import ExpectationsFailed
     from tasks.locking import OutputLocked
@@ -299,7 +333,14 @@ def main(argv: list[str] | None = None) -> int:
         ((PretrainedWeightsUnavailable, RegistryError, ValueError), "", EXIT_USAGE),
     ]
     try:
+        if _needs_temporary_server(args.command):
+            start_temporary_prefect_server()
         return handlers[args.command](args)
+    except CancelledRun as error:
+        from tasks.stopping import STOP
+
+        print(f"gender-pipeline: run {error}", file=sys.stderr)
+        return 128 + STOP.signum if STOP.signum else EXIT_STOPPED
     except KeyboardInterrupt:
         print("gender-pipeline: interrupted", file=sys.stderr)
         return 130

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -19,7 +20,9 @@ from models.datasets import DatasetError, LabelledSet
 from models.predictor import cpu_count
 from tasks.decoding import DecodeLimits
 from tasks.faces import Framing
-from tasks.scoring import face_chip
+from tasks.child_processes import quiet_worker
+from tasks.scoring import face_chip, kill_pool
+from tasks.stopping import STOP, result_unless_stopped
 from tasks.storage import Store
 
 log = logging.getLogger(__name__)
@@ -37,10 +40,20 @@ class ChipSet:
         return f"{len(self.kept)}/{total} images gave a face chip (skipped: {reasons})"
 
 
-def _chip_job(args: tuple[bytes, Framing]) -> tuple[np.ndarray | None, str | None]:
-    data, framing = args
+def _chip_job(data: bytes, framing: Framing) -> tuple[np.ndarray | None, str | None]:
     chip, _, _, reason, _, _ = face_chip(data, framing, DecodeLimits())
     return chip, reason
+
+
+def _results(pool: ProcessPoolExecutor | None, jobs: list[tuple[bytes, Framing]]):
+    """Chip results in order; between waits, a run asked to stop stops."""
+    if pool is None:
+        for job in jobs:
+            STOP.check()
+            yield _chip_job(*job)
+        return
+    for future in [pool.submit(_chip_job, *job) for job in jobs]:
+        yield result_unless_stopped(future)
 
 
 def extract_chips(data: LabelledSet, framing: Framing, options: dict | None = None,
@@ -53,8 +66,10 @@ def extract_chips(data: LabelledSet, framing: Framing, options: dict | None = No
     chips = np.zeros((len(data.images), framing.size, framing.size, 3), dtype=np.uint8)
     ok = np.zeros(len(data.images), dtype=bool)
     skipped: Counter = Counter()
-    pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                initializer=quiet_worker, initargs=(os.getpid(),))
             if workers > 0 else None)
+    finished = False
     try:
         for start in range(0, len(data.images), chunk):
             names = data.images[start:start + chunk]
@@ -66,18 +81,19 @@ def extract_chips(data: LabelledSet, framing: Framing, options: dict | None = No
                     skipped["read_error"] += 1
                     continue
                 jobs.append((start + offset, (value, framing)))
-            results = (pool.map(_chip_job, [j for _, j in jobs]) if pool
-                       else map(_chip_job, [j for _, j in jobs]))
-            for (index, _), (chip, reason) in zip(jobs, results):
+            for (index, _), (chip, reason) in zip(jobs, _results(pool, [j for _, j in jobs])):
                 if chip is None:
                     skipped[reason] += 1
                 else:
                     chips[index], ok[index] = chip, True
             if progress:
                 progress(min(start + chunk, len(data.images)), len(data.images))
+        finished = True
     finally:
-        if pool:
+        if pool and finished:
             pool.shutdown()
+        elif pool:  # stopping or failing: do not wait for the images in flight
+            kill_pool(pool)
     total = len(data.images)
     if total and sum(skipped.values()) > max_skipped * total:
         raise DatasetError(f"{sum(skipped.values())} of {total} images gave no face chip "

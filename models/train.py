@@ -10,10 +10,12 @@ import hashlib
 import io
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -23,6 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from models.networks import build_network
 from models.presets import eval_preset, train_preset
+from tasks.child_processes import quiet_worker
+from tasks.stopping import STOP
 from tasks.storage import Store
 
 log = logging.getLogger(__name__)
@@ -90,18 +94,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _init_loader_worker(_worker_id: int, parent_pid: int) -> None:
+    quiet_worker(parent_pid)  # ends with the run, and leaves stopping to it
+
+
 def make_loader(chips, labels, transform, batch_size: int, shuffle: bool, workers: int, seed: int,
                 device: str) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(ChipDataset(chips, labels, transform), batch_size=batch_size, shuffle=shuffle,
                       num_workers=workers, generator=generator, pin_memory=device.startswith("cuda"),
-                      persistent_workers=False, drop_last=False)
+                      persistent_workers=False, drop_last=False,
+                      worker_init_fn=partial(_init_loader_worker, parent_pid=os.getpid()) if workers else None)
 
 
 def _batches(loader, device: str):
-    """Batches on the device: non-blocking copies from pinned memory, channels_last on CUDA."""
+    """Batches on the device: non-blocking copies from pinned memory, channels_last on CUDA.
+    Between batches, a run that was asked to stop stops (the epoch in progress is dropped;
+    the last complete epoch's checkpoint stays)."""
     cuda = device.startswith("cuda")
     for images, targets in loader:
+        STOP.check()
         images = images.to(device, non_blocking=cuda)
         targets = targets.to(device, non_blocking=cuda)
         if cuda:
@@ -195,7 +207,8 @@ def _load(store: Store, key: str) -> dict | None:
 def fit(spec: RunSpec, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
         checkpoints: Store, checkpoint_key: str, device: str = "cpu", workers: int = 0,
         on_epoch: Callable[[EpochRecord], None] | None = None,
-        stop_after: int | None = None, init_state: dict | None = None) -> FitResult:
+        stop_after: int | None = None, init_state: dict | None = None,
+        logger: logging.Logger | logging.LoggerAdapter = log) -> FitResult:
     """Train `spec` on chips; checkpoint each epoch under `checkpoint_key` in `checkpoints`.
 
     Every epoch's randomness (shuffle, augmentation, dropout) is seeded from the spec's
@@ -221,7 +234,7 @@ def fit(spec: RunSpec, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarr
         optimizer.load_state_dict(state["optimizer"])
         result.history = [EpochRecord(**r) for r in state["history"]]
         result.resumed_from = len(result.history)
-        log.info("%s: resuming after epoch %d from %s", spec.name, result.resumed_from, checkpoint_key)
+        logger.info("%s: resuming after epoch %d from %s", spec.name, result.resumed_from, checkpoint_key)
 
     val_loader = make_loader(*val, eval_preset(spec.image_size), spec.batch_size * 2, False, workers,
                              spec.seed, device)

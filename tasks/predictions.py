@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 
@@ -86,14 +87,16 @@ def partition_dir(scoring_date: date) -> str:
     return f"{DATASET}/dt={scoring_date.isoformat()}"
 
 
-def write_predictions(store: Store, table: pa.Table, scoring_date: date, part_name: str) -> str:
-    """Publish one Parquet file into the date partition, atomically. Returns its URL."""
+def write_predictions(store: Store, table: pa.Table, scoring_date: date, part_name: str,
+                      before_move: Callable[[], None] | None = None) -> str:
+    """Publish one Parquet file into the date partition, atomically. Returns its URL.
+    `before_move` (e.g. "this run still holds the output") runs just before the move."""
     if table.schema != PREDICTIONS_SCHEMA:
         table = table.cast(PREDICTIONS_SCHEMA)
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     key = f"{partition_dir(scoring_date)}/{part_name}.parquet"
-    store.write_atomic(key, buffer.getvalue())
+    store.write_atomic(key, buffer.getvalue(), before_move)
     remove_stale_temporaries(store, partition_dir(scoring_date))
     return store.full_url(key)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import multiprocessing
+import os
 import queue
 import threading
 import time
@@ -23,9 +24,11 @@ from datetime import datetime
 import numpy as np
 
 from models.predictor import Predictor, cpu_count, gender_of
+from tasks.child_processes import quiet_worker
 from tasks.decoding import TOO_LARGE, DecodeLimits, Rejection, decode_photo
 from tasks.faces import NO_FACE, FaceFrontEnd, Framing
 from tasks.predictions import PhotoResult
+from tasks.stopping import STOP, result_unless_stopped
 from tasks.storage import ObjectInfo, Store
 
 log = logging.getLogger(__name__)
@@ -81,8 +84,10 @@ _frontend: FaceFrontEnd | None = None
 _worker_setup: tuple[Framing, DecodeLimits, int, str | None] | None = None
 
 
-def _init_worker(framing: Framing, limits: DecodeLimits, detect_side: int, jpeg_device: str | None) -> None:
+def _init_worker(framing: Framing, limits: DecodeLimits, detect_side: int, jpeg_device: str | None,
+                 parent_pid: int | None = None) -> None:
     global _worker_setup, _frontend
+    quiet_worker(parent_pid)  # never outlives the run; the run ends it when asked to stop
     _worker_setup = (framing, limits, detect_side, jpeg_device)
     _frontend = None
 
@@ -164,30 +169,40 @@ _DONE = object()
 def _read_ahead(store: Store, objects: list[ObjectInfo], chunk: int, out: queue.Queue,
                 stop: threading.Event) -> None:
     """Reader thread: fetch chunks concurrently, hash, drop unchanged content."""
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.25)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     try:
         for start in range(0, len(objects), chunk):
             if stop.is_set():
                 return
             keys = [o.key for o in objects[start:start + chunk]]
             for key, data in store.read_many(keys).items():
-                if isinstance(data, BaseException):
-                    out.put((key, data, None))
-                    continue
-                sha = hashlib.sha256(data).hexdigest()
-                out.put((key, data, sha))
+                sha = None if isinstance(data, BaseException) else hashlib.sha256(data).hexdigest()
+                if not put((key, data, sha)):
+                    return
     except BaseException as error:  # pragma: no cover - surfaced by the consumer
-        out.put((None, error, None))
+        put((None, error, None))
     finally:
-        out.put(_DONE)
+        put(_DONE)
 
 
 class _Preparer:
     """Runs prepare_photo inline or on a process pool that survives crashing decoders."""
 
     def __init__(self, options: ScoringOptions, framing: Framing, workers: int,
-                 job: Callable[[str, bytes, str], Prepared] | None = None) -> None:
+                 job: Callable[[str, bytes, str], Prepared] | None = None,
+                 checkpoint: Callable[[], None] = STOP.check) -> None:
         self.options, self.framing, self.workers = options, framing, workers
         self.job = job or _prepare_in_worker  # an importable function: workers are spawned
+        self.checkpoint = checkpoint
         self.pool: ProcessPoolExecutor | None = None
         self.inflight: deque[tuple[tuple, Future]] = deque()
 
@@ -196,16 +211,20 @@ class _Preparer:
             max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
             initargs=(self.framing, self.options.limits, self.options.detect_side,
-                      self.options.jpeg_device))
+                      self.options.jpeg_device, os.getpid()))
 
     def __enter__(self) -> "_Preparer":
         if self.workers > 0:
             self.pool = self._new_pool()
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self.pool is not None:
+    def __exit__(self, exc_type, *_) -> None:
+        if self.pool is None:
+            return
+        if exc_type is None:
             self.pool.shutdown(wait=True, cancel_futures=True)
+        else:  # stopping or failing: the photos in flight are not wanted any more
+            kill_pool(self.pool)
 
     @property
     def capacity(self) -> int:
@@ -230,7 +249,7 @@ class _Preparer:
         in flight are retried one by one, and the one that crashes again is rejected."""
         item, future = self.inflight.popleft()
         try:
-            return [future.result()]
+            return [self._wait(future)]
         except BrokenProcessPool:
             suspects = [item] + [i for i, _ in self.inflight]
             self.inflight.clear()
@@ -246,13 +265,16 @@ class _Preparer:
     def _isolated(self, item: tuple) -> Prepared:
         key, _, sha = item
         try:
-            return self.pool.submit(self.job, *item).result()
+            return self._wait(self.pool.submit(self.job, *item))
         except BrokenProcessPool:
             self._restart()
             self._check_pool()
             log.error("photo %s crashes the decoder; rejected", key)
             return Prepared(key, user_of(key), sha, reject_reason=DECODER_CRASH,
                             detail="the decoder process died on this photo")
+
+    def _wait(self, future: Future) -> Prepared:
+        return result_unless_stopped(future, self.checkpoint)
 
     def _check_pool(self) -> None:
         """A fresh pool that cannot run an empty job is broken by itself, not by a photo:
@@ -263,12 +285,28 @@ class _Preparer:
             raise RuntimeError("decoder worker processes cannot start; see the worker's error above") from error
 
 
+def kill_pool(pool: ProcessPoolExecutor) -> None:
+    """End a process pool now: its workers are killed, not waited for (a photo being
+    decoded may take seconds). Python 3.11 has no public way to do this."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for process in processes:
+        process.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.join(timeout=5)
+
+
 def score_objects(store: Store, objects: list[ObjectInfo], known_hashes: dict[str, set[str]],
                   predictor: Predictor, options: ScoringOptions, run_id: str, scored_at: datetime,
                   progress: Callable[[int, int], None] | None = None,
-                  worker_job: Callable[[str, bytes, str], Prepared] | None = None
+                  worker_job: Callable[[str, bytes, str], Prepared] | None = None,
+                  checkpoint: Callable[[], None] = STOP.check
                   ) -> tuple[list[PhotoResult], ScoringStats]:
-    """Answer every object in `objects` with one row (unless its content is already known)."""
+    """Answer every object in `objects` with one row (unless its content is already known).
+
+    `checkpoint` is called between photos and while waiting; when it raises (the run was
+    asked to stop), reading stops, the decoder processes are killed and the error
+    propagates: nothing of this call is returned."""
     stats = ScoringStats(listed=len(objects))
     started = time.perf_counter()
     workers = options.workers
@@ -292,6 +330,7 @@ def score_objects(store: Store, objects: list[ObjectInfo], known_hashes: dict[st
     def flush() -> None:
         if not batch:
             return
+        checkpoint()
         t0 = time.perf_counter()
         prediction = predictor.predict(np.stack([p.chip for p in batch]))
         stats.model_seconds += time.perf_counter() - t0
@@ -340,9 +379,13 @@ def score_objects(store: Store, objects: list[ObjectInfo], known_hashes: dict[st
                               args=(store, to_read, options.read_chunk, incoming, stop))
     reader.start()
     try:
-        with _Preparer(options, predictor.framing, workers, worker_job) as preparer:
+        with _Preparer(options, predictor.framing, workers, worker_job, checkpoint) as preparer:
             while True:
-                item = incoming.get()
+                checkpoint()
+                try:
+                    item = incoming.get(timeout=0.25)
+                except queue.Empty:
+                    continue
                 if item is _DONE:
                     break
                 key, data, sha = item
@@ -365,13 +408,10 @@ def score_objects(store: Store, objects: list[ObjectInfo], known_hashes: dict[st
                 for result in preparer.next_result():
                     accept(result)
         flush()
+        checkpoint()
     finally:
-        stop.set()
-        while reader.is_alive():  # unblock a reader waiting on a full queue
-            try:
-                incoming.get_nowait()
-            except queue.Empty:
-                reader.join(timeout=0.1)
+        stop.set()  # the reader stops within a chunk read; it never writes anything
+        reader.join(timeout=1)
     stats.seconds = time.perf_counter() - started
     results.sort(key=lambda r: r.photo_key)
     return results, stats

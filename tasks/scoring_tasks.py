@@ -14,13 +14,16 @@ from prefect.artifacts import (create_link_artifact, create_markdown_artifact,
                                create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Cancelled
 
 from models.registry import ModelRef, Registry
 from tasks.expectations import ExpectationsFailed, check_photo_metadata, check_predictions
 from tasks.predictions import (PhotoResult, diff_against_dataset, read_predictions, to_table,
                                write_predictions)
 from tasks.scoring import ScoringOptions, ScoringStats, merge_stats, score_objects, user_of
-from tasks.locking import Lease, acquire
+from tasks.locking import Lease, LeaseRef, acquire
+from tasks.run_control import retry_unless_stopped
+from tasks.stopping import STOP, StopRequested
 from tasks.storage import ObjectInfo, StorageError, Store, retry_if_transient, storage_options
 from tasks.summary import render_markdown, summarize
 
@@ -47,7 +50,9 @@ def lock_output(output: str, endpoint_url: str | None, run_id: str, lease_second
 
 @task(name="unlock-output", cache_policy=NO_CACHE)
 def unlock_output(lease: Lease) -> None:
+    """Let go of the output; the flow calls this only once no shard can write any more."""
     lease.release()
+    get_run_logger().info("released %s/%s", lease.store.url, lease.key)
 
 
 @task(name="list-new-photos", retries=2, retry_delay_seconds=[5, 30],
@@ -122,41 +127,73 @@ def _predictor(registry: str | None, endpoint_url: str | None, model: str, devic
         ModelRef.parse(model), device=device, abstain_threshold=abstain_threshold, compile=compile)
 
 
-@task(name="score-shard", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def run_checkpoint(lease: LeaseRef | None, output: Store, every: float = 2.0):
+    """What a shard calls between photos: raise when this process was asked to stop, and,
+    every `every` seconds, when the run's lease says stop or is not ours any more (the
+    way a shard on another machine learns that its run is stopping)."""
+    last = [time.monotonic()]
+
+    def checkpoint() -> None:
+        STOP.check()
+        if lease is not None and time.monotonic() - last[0] >= every:
+            last[0] = time.monotonic()
+            lease.check(output)
+
+    return checkpoint
+
+
+@task(name="score-shard", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_stopped,
+      cache_policy=NO_CACHE)
 def score_shard(shard: Shard, source: str, output: str, endpoint_url: str | None, registry: str | None,
                 model: str, device: str, options: ScoringOptions, run_id: str, scoring_date: date,
-                compile: bool = False) -> ShardResult:
+                compile: bool = False, lease: LeaseRef | None = None) -> ShardResult | Cancelled:
     """Score one shard, check its rows, publish them as one file. A retry redoes this shard
-    only; the photos of shards already published are not in a rerun's listing."""
+    only; the photos of shards already published are not in a rerun's listing. The file
+    is moved into place only if the run was not asked to stop and still holds `lease`."""
     logger = get_run_logger()
-    predictor = _predictor(registry, endpoint_url, model, device, options.abstain_threshold, compile)
-    total = len(shard.objects)
-    logger.info("shard %d: %d photos; model %s@%s on %s, batch size %s, framing %s", shard.index, total,
-                predictor.name, predictor.version, predictor.device, options.batch_size or "auto",
-                predictor.framing.to_dict())
-    artifact = create_progress_artifact(0.0, key=f"scoring-progress-{shard.index}",
-                                        description=f"shard {shard.index}: photos answered out of {total}")
-    last = {"t": time.monotonic(), "pct": 0.0}
+    try:
+        output_store = Store(output, storage_options(endpoint_url))
+        checkpoint = run_checkpoint(lease, output_store)
+        checkpoint()
+        predictor = _predictor(registry, endpoint_url, model, device, options.abstain_threshold, compile)
+        total = len(shard.objects)
+        logger.info("shard %d: %d photos; model %s@%s on %s, batch size %s, framing %s", shard.index, total,
+                    predictor.name, predictor.version, predictor.device, options.batch_size or "auto",
+                    predictor.framing.to_dict())
+        artifact = create_progress_artifact(0.0, key=f"scoring-progress-{shard.index}",
+                                            description=f"shard {shard.index}: photos answered out of {total}")
+        last = {"t": time.monotonic(), "pct": 0.0}
 
-    def progress(done: int, of: int) -> None:
-        pct = 100.0 * done / max(of, 1)
-        now = time.monotonic()
-        if done == of or now - last["t"] >= 5 or pct - last["pct"] >= 10:
-            logger.info("progress: %d/%d photos (%.0f%%)", done, of, pct)
-            update_progress_artifact(artifact, pct)
-            last.update(t=now, pct=pct)
+        def progress(done: int, of: int) -> None:
+            pct = 100.0 * done / max(of, 1)
+            now = time.monotonic()
+            if done == of or now - last["t"] >= 5 or pct - last["pct"] >= 10:
+                logger.info("progress: %d/%d photos (%.0f%%)", done, of, pct)
+                update_progress_artifact(artifact, pct)
+                last.update(t=now, pct=pct)
 
-    rows, stats = score_objects(Store(source, storage_options(endpoint_url)), shard.objects,
-                                shard.known_hashes, predictor, options, run_id, shard.listed_at, progress)
-    logger.info("scored %d, rejected %d, same content skipped %d, %.1f photos/s",
-                stats.scored, stats.rejected, stats.skipped_same_hash, stats.photos_per_second)
-    written = None
-    if rows:
-        check_rows(rows)
-        written = write_predictions(Store(output, storage_options(endpoint_url)), to_table(rows),
-                                    scoring_date, f"part-{run_id}-{shard.index:05d}")
-        logger.info("published %d rows to %s", len(rows), written)
-    return ShardResult(rows, stats, written)
+        rows, stats = score_objects(Store(source, storage_options(endpoint_url)), shard.objects,
+                                    shard.known_hashes, predictor, options, run_id, shard.listed_at, progress,
+                                    checkpoint=checkpoint)
+        logger.info("scored %d, rejected %d, same content skipped %d, %.1f photos/s",
+                    stats.scored, stats.rejected, stats.skipped_same_hash, stats.photos_per_second)
+        written = None
+        if rows:
+            check_rows(rows)
+            logger.info("publishing %d rows", len(rows))
+
+            def still_ours() -> None:
+                STOP.check()
+                if lease is not None:
+                    lease.check(output_store)
+
+            written = write_predictions(output_store, to_table(rows), scoring_date,
+                                        f"part-{run_id}-{shard.index:05d}", before_move=still_ours)
+            logger.info("published %d rows to %s", len(rows), written)
+        return ShardResult(rows, stats, written)
+    except StopRequested as error:
+        logger.warning("shard %d stopped before publishing: %s", shard.index, error)
+        return Cancelled(message=f"stopped before publishing: {error}")
 
 
 def check_rows(rows: list[PhotoResult]) -> None:

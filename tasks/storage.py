@@ -171,19 +171,30 @@ class Store:
     def read(self, key: str) -> bytes:
         return with_retries(lambda: self.fs.cat_file(self.path(key)), f"reading {key}")
 
-    def write_atomic(self, key: str, data: bytes) -> str:
+    def write_atomic(self, key: str, data: bytes, before_move: Callable[[], None] | None = None) -> str:
         """Write under a hidden temporary name, then move into place.
 
         Readers (pyarrow, pandas, DuckDB, Spark) skip names starting with '_' or '.',
         so they never see a partial file; on S3 the final object appears whole.
+        `before_move` runs between the two: when it raises, the temporary is removed and
+        nothing is published.
         """
         final = self.path(key)
         directory, name = posixpath.split(final)
         temp = f"{directory}/_tmp-{name}"
         with_retries(lambda: self.fs.makedirs(directory, exist_ok=True), f"creating {directory}")
-        with_retries(lambda: self.fs.pipe_file(temp, data), f"writing {temp}")
+        self._write_temporary(temp, data)
+        if before_move is not None:
+            try:
+                before_move()
+            except BaseException:
+                with_retries(lambda: self.fs.rm_file(temp), f"removing {temp}")
+                raise
         with_retries(lambda: self.fs.mv(temp, final), f"publishing {final}")
         return final
+
+    def _write_temporary(self, temp: str, data: bytes) -> None:
+        with_retries(lambda: self.fs.pipe_file(temp, data), f"writing {temp}")
 
     def full_url(self, key: str) -> str:
         path = self.path(key)

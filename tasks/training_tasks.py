@@ -83,7 +83,7 @@ def train_run(spec, data: LabelledSet, chips: ChipSet, experiment: Experiment, r
         update_progress_artifact(progress, 100.0 * record.epoch / spec.epochs)
 
     result = fit(spec, train, val, store, key, device=device, workers=experiment.workers, on_epoch=on_epoch,
-                 init_state=init_state)
+                 init_state=init_state, logger=logger)
     create_table_artifact([r.__dict__ for r in result.history], key=f"epochs-{spec.name}".lower(),
                           description=f"{spec.name}: loss and accuracy per epoch")
     criterion = torch.nn.CrossEntropyLoss()

@@ -47,11 +47,11 @@ def test_a_rerun_after_some_shards_were_published_redoes_only_the_rest(uploads, 
     original = scoring_tasks.write_predictions
     calls = []
 
-    def fail_third_shard(store, table, day, part):
+    def fail_third_shard(store, table, day, part, before_move=None):
         calls.append(part)
         if part.endswith("-00002"):
             raise RuntimeError("shard lost")
-        return original(store, table, day, part)
+        return original(store, table, day, part, before_move)
 
     monkeypatch.setattr(scoring_tasks, "write_predictions", fail_third_shard)
     monkeypatch.setattr(scoring_tasks.score_shard, "retry_delay_seconds", 0)

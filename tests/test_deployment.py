@@ -5,10 +5,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
 import pandas as pd
+import psutil
 import pytest
 
 from tests.conftest import free_port
@@ -78,6 +80,64 @@ def test_served_deployment_runs_on_a_real_server(prefect_server, uploads, tmp_pa
         frame = pd.read_parquet(str(output / "predictions"))
         assert sorted(frame["photo_key"]) == sorted(files)
         assert set(frame["run_id"]) == {str(run.id)}
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        serve.wait(timeout=60)
+
+
+def test_cancelling_a_served_run_through_the_api_stops_it(prefect_server, uploads, tmp_path):
+    """Cancel from the UI/API while the decoders work: the run ends Cancelled within
+    seconds, its processes end, the lock is free and nothing is published."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Cancelling
+
+    from tests.test_stop import ROOT, alive, gone, is_tracker, published
+
+    hooks = tmp_path / "hooks"  # makes the decoding of the served flow runs slow
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "from tests.stopping_points import patch_from_environment\npatch_from_environment()\n")
+    env = {**prefect_server, "PYTHONPATH": f"{hooks}{os.pathsep}{ROOT}", "STOP_TEST_STAGE": "decoding",
+           "PYTHONUNBUFFERED": "1"}
+    source, _ = uploads
+    output = tmp_path / "lake"
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "gender_pipeline.cli", "serve", "--source", str(source), "--output", str(output),
+         "--registry", str(tmp_path / "registry"), "--workers", "2"],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    threading.Thread(target=lambda: lines.extend(serve.stdout), daemon=True).start()
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
+            deadline = time.time() + 120
+            while True:
+                try:
+                    run = run_deployment("nightly-scoring/nightly-scoring", timeout=0)
+                    break
+                except Exception:
+                    if time.time() > deadline:
+                        raise
+                    time.sleep(1)
+            while not any("stage-reached: decoding" in line for line in lines):
+                assert time.time() < deadline + 120, "".join(lines)
+                time.sleep(0.2)
+            # the flow run's process and its workers (the serve process's own resource tracker stays)
+            flow_processes = [p for p in psutil.Process(serve.pid).children(recursive=True) if not is_tracker(p)]
+            with get_client(sync_client=True) as client:
+                cancelled_at = time.monotonic()
+                client.set_flow_run_state(run.id, Cancelling(message="cancelled from the UI"), force=True)
+                while not (state := client.read_flow_run(run.id).state).is_final():
+                    assert time.monotonic() - cancelled_at < 60, "".join(lines)
+                    time.sleep(0.2)
+                seconds = time.monotonic() - cancelled_at
+        assert state.is_cancelled(), state
+        assert seconds < 15, seconds
+        assert gone(flow_processes, within=10), [p.cmdline() for p in alive(flow_processes)]
+        assert not (output / "_locks" / "nightly-scoring.json").exists()
+        assert published(output) == []
+        assert any("cancelled from Prefect" in line for line in lines), "".join(lines)
     finally:
         os.killpg(serve.pid, signal.SIGTERM)
         serve.wait(timeout=60)

@@ -1,0 +1,96 @@
+"""The Prefect side of stopping a run (see tasks.stopping for the plain side).
+
+A run stops on SIGTERM/SIGINT (a worker or runner cancelling it, Kubernetes, systemd,
+Ctrl-C) and on a cancel from the Prefect UI or API, which a watcher thread notices within
+seconds even when no runner is there to send a signal (a run started from the CLI). The
+flow then ends in the Cancelled state with the reason."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prefect import get_run_logger
+from prefect.futures import PrefectFuture, wait
+from prefect.runtime import flow_run
+from prefect.states import Cancelled, State
+
+from tasks.stopping import STOP, Stop, StopRequested, stop_on_signals
+
+
+CANCELLED_FROM_PREFECT = "cancelled from Prefect (UI or API)"
+
+
+@contextmanager
+def _watch_for_cancel(stop: Stop, every: float = 2.0) -> Iterator[None]:
+    run_id = flow_run.id
+    if not run_id:
+        yield
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            while not done.wait(every):
+                try:
+                    state = client.read_flow_run(run_id).state
+                except Exception:  # the API may be briefly unreachable; try again
+                    continue
+                if state is not None and (state.is_cancelling() or state.is_cancelled()):
+                    stop.request(CANCELLED_FROM_PREFECT)
+                    return
+
+    thread = threading.Thread(target=watch, name="cancel-watcher", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=every + 5)
+
+
+@contextmanager
+def stoppable_run() -> Iterator[Stop]:
+    """Inside a flow: signals and a cancel from Prefect ask the run to stop."""
+    with stop_on_signals(STOP) as stop, _watch_for_cancel(stop):
+        yield stop
+
+
+def retry_unless_stopped(task, task_run, state) -> bool:
+    """Prefect retry condition: a task that stopped because the run was asked to stop is
+    not retried."""
+    error = state.data if isinstance(state.data, BaseException) else None
+    return not isinstance(error, StopRequested) and not STOP.requested
+
+
+def finish_all(futures: list[PrefectFuture]) -> None:
+    """Wait until every submitted task has ended (they stop quickly once asked to)."""
+    if futures:
+        wait(futures)
+
+
+def _cancelled_in_prefect() -> bool:
+    if not flow_run.id:
+        return False
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run.id).state
+    except Exception:  # the API is unreachable: the signal is all we know
+        return False
+    return state is not None and (state.is_cancelling() or state.is_cancelled())
+
+
+def stopped(stop: Stop, what: str) -> State:
+    """The final state of a flow that stopped on request: Cancelled, with the reason (a
+    signal from a runner or worker that cancels the run is named as the cancel it is)."""
+    reason = stop.reason
+    if stop.signum is not None and _cancelled_in_prefect():
+        reason = f"{CANCELLED_FROM_PREFECT}, {reason}"
+    message = f"stopped ({reason}): {what}"
+    get_run_logger().warning(message)
+    return Cancelled(message=message)
