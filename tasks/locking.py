@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from tasks.stopping import STOP, Stop, StopRequested
-from tasks.storage import Store, with_retries
+from tasks.storage import StorageError, Store, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,11 @@ class Lease:
                 if self.stop is not None:
                     self.stop.request(f"lost the output lock {self.key}")
                 return
-            self.store.fs.pipe_file(self.store.path(self.key), self._record())
+            try:
+                with_retries(lambda: self.store.fs.pipe_file(self.store.path(self.key), self._record()),
+                             f"renewing {self.key}")
+            except StorageError as error:  # try again at the next beat; a publish checks the lease
+                log.error("%s", error)
             next_beat = time.monotonic() + self.seconds / 3
 
     def release(self) -> None:
@@ -122,7 +126,7 @@ class Lease:
         if self._thread:
             self._thread.join()
         if (read_holder(self.store, self.key) or {}).get("token") == self.token:
-            self.store.fs.rm_file(self.store.path(self.key))
+            _remove(self.store, self.key)
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,14 @@ def read_holder(store: Store, key: str) -> dict | None:
         return None
     except ValueError:  # being written this instant
         return {"owner": "?", "token": "?", "expires_at": datetime.now(timezone.utc).isoformat()}
+
+
+def _remove(store: Store, key: str) -> None:
+    """Delete the lock file; gone already (a retried delete that had worked) is fine."""
+    try:
+        with_retries(lambda: store.fs.rm_file(store.path(key)), f"removing {key}")
+    except FileNotFoundError:
+        pass
 
 
 def _create(store: Store, path: str, data: bytes) -> None:
@@ -188,7 +200,7 @@ def acquire(store: Store, owner: str, lease_seconds: float = 300, wait_seconds: 
             log.warning("taking over the lock of %s: %s", _describe(holder),
                         "its process is gone from this host" if dead else "its lease expired")
             if read_holder(store, lease.key) == holder:
-                store.fs.rm_file(path)
+                _remove(store, lease.key)
             continue
         if time.monotonic() >= deadline:
             elsewhere = holder.get("host") and holder.get("host") != this_process()["host"]
