@@ -69,6 +69,10 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=None, help="use the first N uploads only")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--registry", default=None, help="a registry to take the models from (default: a new one)")
+    parser.add_argument("--models", default="gender-classifier",
+                        help="comma-separated NAME[@VERSION]: the flow runs once with each (default: production)")
+    parser.add_argument("--skip-naive", action="store_true", help="time the flow only")
     args = parser.parse_args()
 
     from flows.scoring import nightly_scoring
@@ -81,39 +85,46 @@ def main() -> int:
     for key in keys:  # the same subset for both contenders
         os.makedirs(os.path.dirname(os.path.join(source, key)), exist_ok=True)
         os.link(os.path.join(args.uploads, "uploads", key), os.path.join(source, key))
-    registry = os.path.join(work, "registry")
-    predictor = Registry(registry).load_predictor("gender-classifier", "cpu")
+    registry = args.registry or os.path.join(work, "registry")
+    models = [m.strip() for m in args.models.split(",")]
+    n_faces = sum(truth[k] in ("male", "female") for k in keys)
+    rows = []
 
-    started = time.perf_counter()
-    naive = naive_loop(source, keys, predictor)
-    naive_seconds = time.perf_counter() - started
+    if not args.skip_naive:
+        predictor = Registry(registry).load_predictor(models[0], "cpu")
+        started = time.perf_counter()
+        naive = naive_loop(source, keys, predictor)
+        naive_seconds = time.perf_counter() - started
+        acc_naive, n_naive, _ = accuracy(naive, truth)
+        rows.append((f"naive loop ({models[0]})", naive_seconds, acc_naive, n_naive))
 
     # Start Prefect's temporary server before timing, as a deployment's worker has one.
     os.makedirs(os.path.join(work, "empty"))
     nightly_scoring(source=os.path.join(work, "empty"), output=os.path.join(work, "warm"), registry=registry)
-    started = time.perf_counter()
-    summary = nightly_scoring(source=source, output=os.path.join(work, "lake"), registry=registry,
-                              workers=args.workers, batch_size=args.batch_size)
-    flow_seconds = time.perf_counter() - started
-
     import pandas as pd
 
-    frame = pd.read_parquet(os.path.join(work, "lake", "predictions"))
-    ours = {k: (g if s == "scored" else None) for k, g, s in zip(frame.photo_key, frame.gender, frame.status)}
-    rows_ok = sorted(frame.photo_key) == keys and frame.photo_key.is_unique
-    wrong_rejects = sum(1 for k, r in zip(frame.photo_key, frame.reject_reason)
-                        if truth[k] not in ("male", "female") and r != truth[k])
-    acc_ours, n_ours, n_faces = accuracy(ours, truth)
-    acc_naive, n_naive, _ = accuracy(naive, truth)
-
     print(f"uploads: {len(keys)} ({n_faces} with a face, {len(keys) - n_faces} broken)")
-    print(f"every upload exactly one row: {rows_ok}; broken files with the wrong reason: {wrong_rejects}")
-    print(f"reject reasons: {summary['reject_reasons']}")
-    print(f"{'':24}{'photos/s':>10}{'seconds':>10}{'accuracy':>10}{'answered':>10}")
-    print(f"{'naive loop':24}{len(keys) / naive_seconds:10.2f}{naive_seconds:10.1f}{acc_naive:10.4f}{n_naive:10d}")
-    print(f"{'nightly-scoring flow':24}{len(keys) / flow_seconds:10.2f}{flow_seconds:10.1f}{acc_ours:10.4f}{n_ours:10d}")
-    print(f"speed-up (flow / naive): {naive_seconds / flow_seconds:.2f}x; "
-          f"inside the flow, score-photos ran at {summary['photos_per_second']} photos/s")
+    for index, model in enumerate(models):
+        lake = os.path.join(work, f"lake-{index}")
+        started = time.perf_counter()
+        summary = nightly_scoring(source=source, output=lake, registry=registry, model=model,
+                                  workers=args.workers, batch_size=args.batch_size)
+        seconds = time.perf_counter() - started
+        frame = pd.read_parquet(os.path.join(lake, "predictions"))
+        ours = {k: (g if s == "scored" else None) for k, g, s in zip(frame.photo_key, frame.gender, frame.status)}
+        rows_ok = sorted(frame.photo_key) == keys and frame.photo_key.is_unique
+        wrong_rejects = sum(1 for k, r in zip(frame.photo_key, frame.reject_reason)
+                            if truth[k] not in ("male", "female") and r != truth[k])
+        acc_ours, n_ours, _ = accuracy(ours, truth)
+        print(f"{summary['model']}: every upload exactly one row: {rows_ok}; broken files with the wrong reason: "
+              f"{wrong_rejects}; reject reasons: {summary['reject_reasons']}")
+        rows.append((f"flow, {summary['model']}", seconds, acc_ours, n_ours))
+
+    print(f"\n{'':40}{'photos/s':>10}{'seconds':>10}{'accuracy':>10}{'answered':>10}")
+    for name, seconds, acc, answered in rows:
+        print(f"{name:40}{len(keys) / seconds:10.2f}{seconds:10.1f}{acc:10.4f}{answered:10d}")
+    base = rows[0][1]
+    print("time relative to the first row: " + ", ".join(f"{name} {seconds / base:.2f}x" for name, seconds, *_ in rows))
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# One short GPU check: the CUDA tests, then ResNet18 at 224 px with autocast, model-only and
-# end to end, with GPU memory. Usage: bash benchmarks/gpu_check.sh [UPLOADS_FOLDER]
+# One short GPU check: the CUDA tests, then ResNet18 at 224 px and the face-embedding model
+# (dlib's face ResNet + head) at 150 px with bf16 autocast, model-only and end to end, with GPU
+# memory. Usage: bash benchmarks/gpu_check.sh [UPLOADS_FOLDER]
 # UPLOADS_FOLDER is a folder made by benchmarks/make_uploads.py (end-to-end part skipped without it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export PREFECT_SERVER_ANALYTICS_ENABLED=false GX_ANALYTICS_ENABLED=False
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-$PY -m pytest -q -m gpu tests/test_gpu.py
+$PY -m pytest -q -m gpu tests/test_gpu.py tests/test_dlib_resnet.py
 $PY - "${1:-}" <<'PYEOF'
 import io, json, os, sys, tempfile, time
 import numpy as np, torch
@@ -35,6 +36,24 @@ rate = done / (time.perf_counter() - start)
 print(json.dumps({"model_only_images_per_s": round(rate, 1), "batch_size": batch,
                   "peak_gpu_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20),
                   "gpu": torch.cuda.get_device_name()}))
+from models.dlib_resnet import load_dlib_face_resnet
+from models.face_embedding import Embedder, EmbeddingPredictor, EmbeddingSettings, GenderHead, HeadSpec
+framing = Framing(size=150, padding=0.25)
+embedding = EmbeddingPredictor(Embedder(load_dlib_face_resnet(), EmbeddingSettings(), framing, "cuda"),
+                               GenderHead(HeadSpec(name="h"), EmbeddingSettings()), name="e", version="1",
+                               framing=framing, device="cuda")
+batch = embedding.auto_batch_size()
+faces = np.random.default_rng(0).integers(0, 256, (batch, 150, 150, 3), dtype=np.uint8)
+for _ in range(3):
+    embedding.predict(faces)
+torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+done, start = 0, time.perf_counter()
+while time.perf_counter() - start < 10:
+    embedding.predict(faces); done += batch
+torch.cuda.synchronize()
+print(json.dumps({"face_embedding_faces_per_s": round(done / (time.perf_counter() - start), 1),
+                  "flip_average": True, "batch_size": batch,
+                  "peak_gpu_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20)}))
 uploads = sys.argv[1]
 if uploads:
     from datetime import datetime, timezone

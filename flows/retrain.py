@@ -1,5 +1,6 @@
-"""retrain: repeat the study (VGG16, GoogLeNet, ResNet18, tuned ResNet18), select the
-model that does not overfit, calibrate it, register it, promote it if it beats production."""
+"""retrain: repeat the study (VGG16, GoogLeNet, ResNet18, tuned ResNet18), or train heads on
+dlib's face embedding; select the model that does not overfit, calibrate it, register it,
+promote it if it beats production."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from models.experiment import load_experiment, select_winner
 from models.predictor import resolve_device
 from tasks.run_control import stoppable_run, stopped
 from tasks.stopping import StopRequested
-from tasks.training_tasks import (align_faces, check_pretrained_weights, load_labelled_dataset,
-                                  promotion_gate, publish_results, register_winner, train_run)
+from models.face_embedding import KIND as EMBEDDING_KIND
+from tasks.training_tasks import (align_faces, check_pretrained_weights, embed_faces, load_labelled_dataset,
+                                  promotion_gate, publish_results, register_winner, train_head, train_run)
 
 
 @flow(name="retrain", description="Repeat the CelebA experiment, register and maybe promote the winner.")
@@ -34,14 +36,20 @@ def retrain(config: str, data: str, data_format: str | None = None, registry: st
             with stop.interruptible():
                 check_pretrained_weights(experiment)
                 dataset = load_labelled_dataset(data, experiment, endpoint_url)
-            chips = align_faces(dataset, experiment, endpoint_url)
-            results, states = [], {}
-            for spec in experiment.runs:
-                parent = experiment.init_from.get(spec.name)
-                result = train_run(spec, dataset, chips, experiment, registry, endpoint_url, device,
-                                   init_state=states.get(parent))
-                states[spec.name] = result.state_dict
-                results.append(result)
+            if experiment.kind == EMBEDDING_KIND:  # heads on dlib's face embedding
+                embeddings = embed_faces(dataset, experiment, registry, endpoint_url, device)
+                results = [train_head(spec, dataset, embeddings, experiment, device) for spec in experiment.heads]
+                faces_used = len(embeddings.index)
+            else:  # the study: torchvision networks on aligned chips
+                chips = align_faces(dataset, experiment, endpoint_url)
+                results, states = [], {}
+                for spec in experiment.runs:
+                    parent = experiment.init_from.get(spec.name)
+                    result = train_run(spec, dataset, chips, experiment, registry, endpoint_url, device,
+                                       init_state=states.get(parent))
+                    states[spec.name] = result.state_dict
+                    results.append(result)
+                faces_used = len(chips.kept)
             stop.check()
         except StopRequested:
             return stopped(stop, "every completed epoch is checkpointed in the registry; "
@@ -54,8 +62,8 @@ def retrain(config: str, data: str, data_format: str | None = None, registry: st
         if winner is None:
             logger.warning("nothing registered: %s", why)
             return summary
-        version = register_winner(winner, why, results, experiment, dataset, chips, registry, endpoint_url,
-                                  config_text)
+        version = register_winner(winner, why, results, experiment, dataset, faces_used, registry,
+                                  endpoint_url, config_text)
         summary["winner"] = f"{experiment.model_name}@{version}"
         if promote:
             try:

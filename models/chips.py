@@ -1,4 +1,5 @@
-"""Run a labelled dataset through the face front end once: aligned chips in memory.
+"""Run a labelled dataset through the face front end: aligned chips, in memory or chunk
+by chunk.
 
 Training, evaluation and scoring share tasks.scoring.face_chip, so a model sees the same
 face framing in all three. Images without a usable face are skipped and counted.
@@ -10,7 +11,7 @@ import logging
 import multiprocessing
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -56,47 +57,66 @@ def _results(pool: ProcessPoolExecutor | None, jobs: list[tuple[bytes, Framing]]
         yield result_unless_stopped(future)
 
 
-def extract_chips(data: LabelledSet, framing: Framing, options: dict | None = None,
-                  workers: int | None = None, max_skipped: float = 0.1,
-                  progress: Callable[[int, int], None] | None = None, chunk: int = 64) -> ChipSet:
-    """Chips for every image of `data`. Fails when more than `max_skipped` of the images
-    are unreadable or faceless: that is a broken dataset, not noise."""
+def iter_chips(data: LabelledSet, framing: Framing, options: dict | None = None,
+               workers: int | None = None, chunk: int = 64, start: int = 0,
+               progress: Callable[[int, int], None] | None = None
+               ) -> Iterator[tuple[np.ndarray, np.ndarray, Counter]]:
+    """Chips chunk by chunk, from image `start` on: (dataset indices kept, their chips,
+    reasons for the images skipped). Memory holds one chunk, whatever the dataset's size."""
     store = Store(data.root, options)
     workers = cpu_count() if workers is None else workers
-    chips = np.zeros((len(data.images), framing.size, framing.size, 3), dtype=np.uint8)
-    ok = np.zeros(len(data.images), dtype=bool)
-    skipped: Counter = Counter()
     pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                 initializer=quiet_worker, initargs=(os.getpid(),))
             if workers > 0 else None)
     finished = False
     try:
-        for start in range(0, len(data.images), chunk):
-            names = data.images[start:start + chunk]
+        for first in range(start, len(data.images), chunk):
+            names = data.images[first:first + chunk]
             raw = store.read_many([f"{data.image_dir}/{n}" for n in names])
+            skipped: Counter = Counter()
             jobs = []
             for offset, name in enumerate(names):
                 value = raw[f"{data.image_dir}/{name}"]
                 if isinstance(value, BaseException):
                     skipped["read_error"] += 1
                     continue
-                jobs.append((start + offset, (value, framing)))
+                jobs.append((first + offset, (value, framing)))
+            kept, chips = [], []
             for (index, _), (chip, reason) in zip(jobs, _results(pool, [j for _, j in jobs])):
                 if chip is None:
                     skipped[reason] += 1
                 else:
-                    chips[index], ok[index] = chip, True
+                    kept.append(index)
+                    chips.append(chip)
+            yield (np.asarray(kept, dtype=np.int64),
+                   np.stack(chips) if chips else np.zeros((0, framing.size, framing.size, 3), np.uint8), skipped)
             if progress:
-                progress(min(start + chunk, len(data.images)), len(data.images))
+                progress(min(first + chunk, len(data.images)), len(data.images))
         finished = True
     finally:
         if pool and finished:
             pool.shutdown()
         elif pool:  # stopping or failing: do not wait for the images in flight
             kill_pool(pool)
-    total = len(data.images)
+
+
+def check_skipped(skipped: Counter, total: int, max_skipped: float) -> None:
+    """More than `max_skipped` of the images unreadable or faceless is a broken dataset."""
     if total and sum(skipped.values()) > max_skipped * total:
         raise DatasetError(f"{sum(skipped.values())} of {total} images gave no face chip "
                            f"({dict(skipped)}), over the limit of {max_skipped:.0%}")
-    kept = np.flatnonzero(ok)
-    return ChipSet(chips[kept], kept, skipped)
+
+
+def extract_chips(data: LabelledSet, framing: Framing, options: dict | None = None,
+                  workers: int | None = None, max_skipped: float = 0.1,
+                  progress: Callable[[int, int], None] | None = None, chunk: int = 64) -> ChipSet:
+    """Chips for every image of `data`, in memory. Fails when more than `max_skipped` of
+    the images are unreadable or faceless: that is a broken dataset, not noise."""
+    kept, chips, skipped = [], [], Counter()
+    for indices, part, reasons in iter_chips(data, framing, options, workers, chunk, progress=progress):
+        kept.append(indices)
+        chips.append(part)
+        skipped.update(reasons)
+    check_skipped(skipped, len(data.images), max_skipped)
+    return ChipSet(np.concatenate(chips) if chips else np.zeros((0, framing.size, framing.size, 3), np.uint8),
+                   np.concatenate(kept) if kept else np.zeros(0, np.int64), skipped)

@@ -136,11 +136,18 @@ class DlibFaceResNet(nn.Module):
                                       for kind, cin, cout in BLOCKS))
         self.fc = nn.Linear(FEATURE_SIZE, DESCRIPTOR_SIZE, bias=False)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The 256-D average of the last residual stage (dlib's avg_pool_everything)."""
+    def trunk(self, x: torch.Tensor, blocks: int = len(BLOCKS)) -> torch.Tensor:
+        """The network up to its first `blocks` residual blocks: the 256-D pooled features
+        when all of them run, else the last block's activation maps (a fine-tuned head
+        runs the rest)."""
         x = (x.to(self.mean.dtype) - self.mean.view(1, 3, 1, 1)) / 256  # dlib's input layer
         x = F.max_pool2d(F.relu(self.affine(self.conv(x))), 3, 2)  # 150 -> 72 -> 35
-        return self.blocks(x).mean(dim=(2, 3))  # 35 -> 17 -> 8 -> 4 -> 2
+        x = self.blocks[:blocks](x)  # 35 -> 17 -> 8 -> 4 -> 2
+        return x.mean(dim=(2, 3)) if blocks == len(BLOCKS) else x
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The 256-D average of the last residual stage (dlib's avg_pool_everything)."""
+        return self.trunk(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
@@ -426,4 +433,5 @@ def load_dlib_face_resnet(path: str | None = None, cache_dir: str | None = None)
             _save_atomically({"sha256": sha, "state_dict": state}, cache_file)
         except OSError as error:
             log.warning("could not cache the converted weights in %s: %s", cache_file, error)
+    net.dat_sha256 = sha  # models built on it record which weights they stand on
     return net.eval()

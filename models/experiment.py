@@ -6,18 +6,25 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import yaml
 
-from models.chips import extract_chips
+from models.chips import iter_chips
+from models.dlib_resnet import CHIP_SIZE
+from models.face_embedding import KIND as EMBEDDING_KIND
+from models.face_embedding import EmbeddingSettings, HeadSpec
 from models.datasets import LabelledSet
 from models.metrics import (classification_report, fit_temperature, group_report,
                             threshold_for_coverage)
 from models.predictor import Predictor, calibrate
 from models.train import RunSpec
 from tasks.faces import Framing
+
+
+STUDY = "study"  # torchvision networks trained on aligned chips (configs/celeba_experiment.yaml)
 
 
 @dataclass
@@ -33,16 +40,27 @@ class Experiment:
     init_from: dict[str, str] = field(default_factory=dict)  # run -> run whose weights it starts from
     max_train_val_gap: float = 0.03
     target_coverage: float = 0.95
-    workers: int = 0
+    workers: int | None = 0
     reference: dict = field(default_factory=dict)
     raw: dict = field(default_factory=dict)
+    kind: str = STUDY  # or face_embedding.KIND: heads on dlib's face embedding
+    embedding: EmbeddingSettings | None = None
+    heads: list[HeadSpec] = field(default_factory=list)
+    batch_size: int = 128  # face-embedding: chips per backbone call
 
 
 def load_experiment(path: str, overrides: dict | None = None) -> Experiment:
     """Read a config and apply command-line overrides (None values are ignored)."""
     with open(path) as handle:
         raw = yaml.safe_load(handle)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} is not a YAML mapping")
     o = {k: v for k, v in (overrides or {}).items() if v is not None}
+    kind = raw.get("kind", STUDY)
+    if kind == EMBEDDING_KIND:
+        return _embedding_experiment(raw, o)
+    if kind != STUDY:
+        raise ValueError(f"{path}: kind must be {STUDY} or {EMBEDDING_KIND}, got {kind!r}")
     training = raw.get("training", {})
     data = raw.get("data", {})
     image_size = int(o.get("image_size", training.get("image_size", 224)))
@@ -87,6 +105,30 @@ def load_experiment(path: str, overrides: dict | None = None) -> Experiment:
         reference=raw.get("study_reference", {}), raw=raw)
 
 
+def _embedding_experiment(raw: dict, o: dict) -> Experiment:
+    """A face-embedding config: the backbone's settings and the candidate heads."""
+    not_here = sorted(set(o) & {"archs", "image_size", "pretrained"})
+    if not_here:
+        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in not_here)} do not apply to a "
+                         f"{EMBEDDING_KIND} config (its backbone takes 150-pixel chips)")
+    data = raw.get("data", {})
+    training = raw.get("training", {})
+    framing = Framing.from_dict({**raw.get("framing", {}), "size": CHIP_SIZE})
+    heads = [HeadSpec(**{**h, **({"epochs": int(o["epochs"])} if "epochs" in o else {})}) for h in raw.get("heads", [])]
+    if not heads:
+        raise ValueError(f"a {EMBEDDING_KIND} config needs at least one entry under heads")
+    workers = o.get("workers", training.get("workers"))
+    return Experiment(
+        name=raw.get("experiment", "face-embedding"), model_name=raw.get("model_name", "gender-classifier"),
+        data_format=o.get("format", data.get("format", "manifest")), sample_size=o.get("sample_size", data.get("sample_size")),
+        split=tuple(data.get("split", (0.7, 0.15, 0.15))), data_seed=int(data.get("seed", 0)), framing=framing,
+        runs=[], max_train_val_gap=float(raw.get("selection", {}).get("max_train_val_gap", 0.03)),
+        target_coverage=float(raw.get("calibration", {}).get("target_coverage", 0.95)),
+        workers=None if workers is None else int(workers), raw=raw, kind=EMBEDDING_KIND,
+        embedding=EmbeddingSettings(**raw.get("embedding", {})), heads=heads,
+        batch_size=int(o.get("batch_size", training.get("batch_size", 128))))
+
+
 @dataclass
 class RunResult:
     name: str
@@ -104,6 +146,8 @@ class RunResult:
     seconds_per_epoch: float
     images_per_second: float
     state_dict: dict | None = None
+    test_index: np.ndarray | None = None  # dataset indices of the test faces (for group metrics)
+    spec: dict = field(default_factory=dict)  # what was trained (a RunSpec or a HeadSpec, as a dict)
 
     def row(self) -> dict:
         return {"model": self.name, "acc_train": round(self.acc_train, 4), "acc_val": round(self.acc_val, 4),
@@ -139,18 +183,30 @@ def evaluate_predictor(predictor: Predictor, data: LabelledSet, batch_size: int 
     """The `evaluate` report: metrics over every image of `data` that yields a face,
     through the same face front end as scoring, plus per-group accuracy and speed."""
     started = time.perf_counter()
-    chipset = extract_chips(data, predictor.framing, options=options, workers=workers, max_skipped=1.0)
-    p_male = np.concatenate([predictor.predict(chipset.chips[i:i + batch_size]).p_male
-                             for i in range(0, len(chipset.chips), batch_size)] or [np.zeros(0)])
+    kept, p_parts, skipped = [], [], Counter()
+    for indices, chips, reasons in iter_chips(data, predictor.framing, options, workers, chunk=batch_size):
+        kept.append(indices)
+        skipped.update(reasons)
+        if len(chips):
+            p_parts.append(predictor.predict(chips).p_male)
     seconds = time.perf_counter() - started
-    labels = data.labels[chipset.kept]
-    report = classification_report(labels, p_male, predictor.abstain_threshold)
-    report["groups"] = group_report(labels, p_male, {k: [v[i] for i in chipset.kept] for k, v in data.groups.items()})
+    kept = np.concatenate(kept) if kept else np.zeros(0, np.int64)
+    p_male = np.concatenate(p_parts) if p_parts else np.zeros(0, np.float32)
+    report = metrics_report(data, kept, p_male, predictor.abstain_threshold)
     report["model"] = f"{predictor.name}@{predictor.version}"
     report["images"] = len(data.images)
-    report["evaluated"] = int(len(chipset.kept))
-    report["skipped"] = dict(chipset.skipped)
+    report["evaluated"] = int(len(kept))
+    report["skipped"] = dict(skipped)
     report["images_per_second"] = round(len(data.images) / seconds, 2) if seconds > 0 else None
+    return report
+
+
+def metrics_report(data: LabelledSet, kept: np.ndarray, p_male: np.ndarray, abstain_threshold: float) -> dict:
+    """Accuracy, calibration (ECE), coverage at the threshold, and accuracy per group of
+    every extra column with the largest gap: for the faces `kept` of `data`."""
+    labels = data.labels[kept]
+    report = classification_report(labels, p_male, abstain_threshold)
+    report["groups"] = group_report(labels, p_male, {k: [v[i] for i in kept] for k, v in data.groups.items()})
     return report
 
 

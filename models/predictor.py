@@ -157,20 +157,39 @@ class TorchPredictor(Predictor):
 
     def male_logits(self, chips: np.ndarray) -> np.ndarray:
         torch = self._torch
-        cuda = self.device.startswith("cuda")
-        host = torch.from_numpy(np.ascontiguousarray(chips))
-        if cuda:
-            host = host.pin_memory()
         with torch.inference_mode():
-            batch = host.to(self.device, non_blocking=cuda).permute(0, 3, 1, 2).float()
-            batch = (batch - self._mean) / self._std
-            if cuda:
-                batch = batch.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=self._amp_dtype,
-                                enabled=cuda):
-                logits = self._module(batch)
+            batch = (device_batch(chips, self.device) - self._mean) / self._std
+            with autocast(self.device, self._amp_dtype):
+                logits = self._module(batch.contiguous(memory_format=batch_format(self.device)))
             logits = logits.float()
             return (logits[:, self._male] - logits[:, self._female]).cpu().numpy()
+
+
+def device_batch(chips: np.ndarray, device: str):
+    """uint8 N x H x W x 3 chips as a float N x 3 x H x W tensor (pixel values) on `device`:
+    through pinned memory with a non-blocking copy, and channels_last, on CUDA."""
+    import torch
+
+    cuda = device.startswith("cuda")
+    host = torch.from_numpy(np.ascontiguousarray(chips))
+    if cuda:
+        host = host.pin_memory()
+    batch = host.to(device, non_blocking=cuda).permute(0, 3, 1, 2).float()
+    return batch.contiguous(memory_format=batch_format(device))
+
+
+def batch_format(device: str):
+    import torch
+
+    return torch.channels_last if device.startswith("cuda") else torch.contiguous_format
+
+
+def autocast(device: str, dtype=None):
+    """bf16 autocast on CUDA; plain fp32 on the CPU."""
+    import torch
+
+    cuda = device.startswith("cuda")
+    return torch.autocast(device_type="cuda" if cuda else "cpu", dtype=dtype or torch.bfloat16, enabled=cuda)
 
 
 def cuda_batch_size(predictor: Predictor, free_fraction: float = 0.5, low: int = 16, high: int = 1024) -> int:

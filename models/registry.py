@@ -152,10 +152,16 @@ class Registry:
             ref = ModelRef.parse(ref)
         name, version = self.resolve(ref)
         card = self.card(name, version)
-        device = resolve_device(device)
         weights = self.store.read(f"{name}/{version}/{card['weights']}")
         if card.get("weights_sha256") and hashlib.sha256(weights).hexdigest() != card["weights_sha256"]:
             raise RegistryError(f"{name}@{version}: weights do not match the hash in its card")
+        return self.predictor_from_card(card, weights, name, version, device, abstain_threshold, compile)
+
+    def predictor_from_card(self, card: dict, weights: bytes, name: str = "candidate", version: str = "0",
+                            device: str = "auto", abstain_threshold: float | None = None,
+                            compile: bool = False) -> Predictor:
+        """The predictor a card and its weights describe (registered or about to be)."""
+        device = resolve_device(device)
         common = dict(
             name=name, version=version, framing=Framing.from_dict(card["framing"]),
             temperature=float((card.get("calibration") or {}).get("temperature") or 1.0),
@@ -174,6 +180,12 @@ class Registry:
                                 dropout=float(card.get("dropout", 0.0)))
             net.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))
             return TorchPredictor(net, class_order=card["class_order"], compile=compile, **common)
+        if card["format"] == "face-embedding":
+            from models.face_embedding import load_embedding_predictor
+
+            shipped = (self.load_predictor(ModelRef(BASELINE_NAME, BASELINE_VERSION), device="cpu")
+                       if card["embedding"].get("stack_shipped_logit") else None)
+            return load_embedding_predictor(weights, shipped=shipped, compile=compile, **common)
         raise RegistryError(f"{name}@{version}: unknown model format {card['format']!r}")
 
 

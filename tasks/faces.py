@@ -16,14 +16,20 @@ from PIL import Image
 NO_FACE = "no_face"
 
 
+FILLS = ("black", "edge")
+
+
 @dataclass(frozen=True)
 class Framing:
     """How a face becomes a model input. `dlib_chip` is dlib's five-point alignment
-    (get_face_chip_details) at `size` pixels with `padding` around the face."""
+    (get_face_chip_details) at `size` pixels with `padding` around the face. Where the
+    chip reaches past the photo's border, `fill` says what it shows there: black (dlib's
+    own behaviour) or the photo's edge pixels repeated outwards."""
 
     kind: str = "dlib_chip"
     size: int = 32
     padding: float = 0.2
+    fill: str = "black"
 
     def __post_init__(self) -> None:
         if self.kind != "dlib_chip":
@@ -32,14 +38,17 @@ class Framing:
             raise ValueError(f"framing size must be at least 8 pixels, got {self.size}")
         if not 0 <= self.padding <= 2:
             raise ValueError(f"framing padding must be in [0, 2], got {self.padding}")
+        if self.fill not in FILLS:
+            raise ValueError(f"framing fill must be one of {', '.join(FILLS)}, got {self.fill!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Framing":
+        """Cards written before `fill` existed used dlib's black fill."""
         return cls(kind=data.get("kind", "dlib_chip"), size=int(data["size"]),
-                   padding=float(data.get("padding", 0.2)))
+                   padding=float(data.get("padding", 0.2)), fill=str(data.get("fill", "black")))
 
 
 @dataclass
@@ -47,6 +56,17 @@ class Face:
     chip: np.ndarray  # size x size x 3 uint8
     box: tuple[int, int, int, int]  # left, top, right, bottom in working-image pixels
     count: int
+
+
+def _overhang(rect, angle: float, width: int, height: int) -> int:
+    """Pixels the rotated chip rectangle reaches past the image on its worst side (0 when
+    it lies inside), plus a little for interpolation."""
+    cx, cy = (rect.left() + rect.right()) / 2, (rect.top() + rect.bottom()) / 2
+    hw, hh = (rect.right() - rect.left()) / 2, (rect.bottom() - rect.top()) / 2
+    cos, sin = abs(np.cos(angle)), abs(np.sin(angle))
+    ex, ey = hw * cos + hh * sin, hw * sin + hh * cos
+    over = max(-(cx - ex), -(cy - ey), cx + ex - (width - 1), cy + ey - (height - 1))
+    return int(np.ceil(over)) + 2 if over > 0 else 0
 
 
 @lru_cache(maxsize=1)
@@ -100,6 +120,14 @@ class FaceFrontEnd:
         dlib = self._dlib
         shape = self._landmarks(rgb, dlib.rectangle(*box))
         details = dlib.get_face_chip_details(shape, framing.size, framing.padding)
+        if framing.fill == "edge":
+            margin = _overhang(details.rect, details.angle, rgb.shape[1], rgb.shape[0])
+            if margin:
+                rgb = np.pad(rgb, ((margin, margin), (margin, margin), (0, 0)), mode="edge")
+                r = details.rect
+                details = dlib.chip_details(
+                    dlib.drectangle(r.left() + margin, r.top() + margin, r.right() + margin, r.bottom() + margin),
+                    dlib.chip_dims(details.rows, details.cols), details.angle)
         return np.ascontiguousarray(dlib.extract_image_chip(rgb, details))
 
     def largest_face(self, rgb: np.ndarray, framing: Framing) -> Face | None:

@@ -14,14 +14,18 @@ from prefect.artifacts import (create_link_artifact, create_markdown_artifact, c
                                create_table_artifact, update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
 
-from models.chips import ChipSet, extract_chips
+from models.chips import ChipSet, check_skipped, extract_chips
 from models.datasets import LabelledSet, load_dataset
-from models.experiment import (Experiment, RunResult, calibration_for, evaluate_predictor,
+from models.dlib_resnet import load_dlib_face_resnet
+from models.experiment import (Experiment, RunResult, calibration_for, evaluate_predictor, metrics_report,
                                plot_confusion, plot_curves, plot_face_grid, results_json)
+from models.face_embedding import BACKBONE, Embedder, Embeddings, HeadSpec, embed_dataset, fit_head, head_logits
+from models.face_embedding import FORMAT as EMBEDDING_FORMAT
+from models.face_embedding import KIND as EMBEDDING_KIND
 from models.metrics import classification_report
 from models.networks import build_network
 from models.predictor import calibrate
-from models.registry import ModelRef, Registry
+from models.registry import BASELINE_NAME, BASELINE_VERSION, ModelRef, Registry
 from models.train import evaluate, fit, make_loader
 from models.presets import eval_preset
 from tasks.storage import storage_options
@@ -104,7 +108,76 @@ def train_run(spec, data: LabelledSet, chips: ChipSet, experiment: Experiment, r
         test_labels=measured["test"][2], history=[h.__dict__ for h in result.history],
         seconds_per_epoch=float(np.mean([h.seconds for h in epochs_run])),
         images_per_second=float(np.mean([h.images_per_second for h in epochs_run])),
-        state_dict={k: v.detach().cpu() for k, v in result.model.state_dict().items()})
+        state_dict={k: v.detach().cpu() for k, v in result.model.state_dict().items()},
+        test_index=chips.kept[data.split[chips.kept] == "test"], spec=dict(spec.__dict__))
+
+
+@task(name="embed-training-faces", cache_policy=NO_CACHE)
+def embed_faces(data: LabelledSet, experiment: Experiment, registry: str | None, endpoint_url: str | None,
+                device: str) -> Embeddings:
+    """Every training image through the face front end and the backbone, once per dataset:
+    the outputs are kept in the registry's run folder part by part (a stopped run resumes
+    at the first missing part; a rerun on the same data reads them back)."""
+    logger = get_run_logger()
+    reg = Registry(registry, storage_options(endpoint_url))
+    settings = experiment.embedding
+    backbone = load_dlib_face_resnet()
+    shipped = (reg.load_predictor(ModelRef(BASELINE_NAME, BASELINE_VERSION), device="cpu")
+               if settings.stack_shipped_logit else None)
+    embedder = Embedder(backbone, settings, experiment.framing, device, shipped)
+    key = hashlib.sha256(json.dumps({"data": data.fingerprint(), "framing": experiment.framing.to_dict(),
+                                     "backbone": backbone.dat_sha256, "frozen_blocks": settings.frozen_blocks,
+                                     "flip": settings.flip_average, "shipped": settings.stack_shipped_logit},
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    folder = f"{experiment.model_name}/_runs/embeddings-{key}"
+    artifact = create_progress_artifact(0.0, key="embedding-progress", description="training images embedded")
+    started = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        update_progress_artifact(artifact, 100.0 * done / max(total, 1))
+        logger.info("embedded %d/%d images (%.1f images/s)", done, total, done / max(time.perf_counter() - started, 1e-9))
+
+    logger.info("backbone %s on %s; outputs kept in %s/%s", BACKBONE, device, reg.url, folder)
+    embeddings, skipped = embed_dataset(data, experiment.framing, embedder, reg.store, folder,
+                                        storage_options(endpoint_url), experiment.workers,
+                                        batch_size=experiment.batch_size, progress=progress)
+    check_skipped(skipped, len(data.images), 0.1)
+    logger.info("%d/%d images gave a face (skipped: %s)", len(embeddings.index), len(data.images),
+                dict(skipped) or "none")
+    return embeddings
+
+
+@task(name="train-head", cache_policy=NO_CACHE)
+def train_head(spec: HeadSpec, data: LabelledSet, embeddings: Embeddings, experiment: Experiment,
+               device: str) -> RunResult:
+    """One candidate head (one row of the table): trained on train, measured on train/val/test."""
+    logger = get_run_logger()
+    settings = experiment.embedding
+    parts = {name: embeddings.take(np.flatnonzero(data.split[embeddings.index] == name))
+             for name in ("train", "val", "test")}
+    labelled = {name: (part, data.labels[part.index]) for name, part in parts.items()}
+    started = time.perf_counter()
+
+    def on_epoch(record: dict) -> None:
+        logger.info("%s epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f", spec.name, record["epoch"],
+                    record["train_loss"], record["train_acc"], record["val_loss"], record["val_acc"])
+
+    fit = fit_head(spec, settings, load_dlib_face_resnet(), labelled["train"], labelled["val"], device, on_epoch)
+    seconds = time.perf_counter() - started
+    logits = {name: head_logits(fit.head, part, settings, device) for name, part in parts.items()}
+    accuracy = {name: float(((logits[name] >= 0).astype(int) == labelled[name][1]).mean()) for name in parts}
+    logger.info("%s: train %.4f, val %.4f, test %.4f (best epoch %d, %.1f s)", spec.name, accuracy["train"],
+                accuracy["val"], accuracy["test"], fit.best_epoch, seconds)
+    return RunResult(
+        name=spec.name, arch=f"dlib-face-resnet+{spec.kind}", acc_train=accuracy["train"], acc_val=accuracy["val"],
+        acc_test=accuracy["test"], gap=accuracy["train"] - accuracy["val"],
+        test=classification_report(labelled["test"][1], calibrate(logits["test"], 1.0)),
+        val_logits=logits["val"], val_labels=labelled["val"][1], test_logits=logits["test"],
+        test_labels=labelled["test"][1], history=fit.history,
+        seconds_per_epoch=seconds / max(len(fit.history), 1),
+        images_per_second=len(parts["train"].index) * len(fit.history) / max(seconds, 1e-9),
+        state_dict={k: v.detach().cpu() for k, v in fit.head.state_dict().items()},
+        test_index=parts["test"].index, spec=spec.to_dict())
 
 
 @task(name="publish-results", cache_policy=NO_CACHE)
@@ -121,52 +194,83 @@ def publish_results(results: list[RunResult], experiment: Experiment) -> None:
     get_run_logger().info("results:\n%s", "\n".join(json.dumps(r) for r in rows))
 
 
+def _model_card(winner: RunResult, experiment: Experiment) -> tuple[str, dict]:
+    """The weights' file name and the card entries that depend on the kind of model."""
+    if experiment.kind == EMBEDDING_KIND:
+        spec = HeadSpec(**winner.spec)
+        return "head.pt", {
+            "arch": winner.arch, "format": EMBEDDING_FORMAT,
+            "backbone": {"name": BACKBONE, "sha256": load_dlib_face_resnet().dat_sha256,
+                         "frozen_blocks": experiment.embedding.frozen_blocks},
+            "embedding": experiment.embedding.to_dict(), "head": spec.to_dict(),
+            "initial_weights": "dlib face-recognition ResNet (frozen)" if not experiment.embedding.train_blocks
+            else f"dlib face-recognition ResNet, last {experiment.embedding.train_blocks} blocks fine-tuned"}
+    spec = next(s for s in experiment.runs if s.name == winner.name)
+    return "model.pt", {"arch": spec.arch, "format": "torch", "dropout": spec.dropout,
+                        "initial_weights": spec.pretrained}
+
+
 @task(name="register-winner", cache_policy=NO_CACHE)
 def register_winner(winner: RunResult, why: str, results: list[RunResult], experiment: Experiment,
-                    data: LabelledSet, chips: ChipSet, registry: str | None, endpoint_url: str | None,
+                    data: LabelledSet, faces_used: int, registry: str | None, endpoint_url: str | None,
                     config_text: str) -> str:
-    """Calibrate on validation, write weights, card and report files as a new version."""
-    reg = Registry(registry, storage_options(endpoint_url))
+    """Calibrate on validation, write weights, card and report files as a new version. The
+    report holds calibration (ECE, coverage at the threshold) and accuracy per group."""
+    logger = get_run_logger()
+    options = storage_options(endpoint_url)
+    reg = Registry(registry, options)
     temperature, threshold = calibration_for(winner, experiment.target_coverage)
-    spec = next(s for s in experiment.runs if s.name == winner.name)
     buffer = io.BytesIO()
     torch.save(winner.state_dict, buffer)
     weights = buffer.getvalue()
-    test_x, test_y = _split(data, chips, "test")
+    weights_name, model_entries = _model_card(winner, experiment)
     p_test = calibrate(winner.test_logits, temperature)
-    calibrated = classification_report(winner.test_labels, p_test, threshold)
+    calibrated = metrics_report(data, winner.test_index, p_test, threshold)
     card = {
-        "arch": spec.arch, "format": "torch", "weights": "model.pt",
-        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+        **model_entries, "weights": weights_name, "weights_sha256": hashlib.sha256(weights).hexdigest(),
         "framing": experiment.framing.to_dict(), "class_order": ["female", "male"],
-        "dropout": spec.dropout, "calibration": {"temperature": temperature, "fitted_on": "val"},
+        "calibration": {"temperature": temperature, "fitted_on": "val"},
         "abstain_threshold": threshold, "target_coverage": experiment.target_coverage,
-        "initial_weights": spec.pretrained,
-        "training": {"experiment": experiment.name, "run": spec.__dict__, "config": experiment.raw},
+        "training": {"experiment": experiment.name, "kind": experiment.kind, "run": winner.spec,
+                     "config": experiment.raw},
         "data": {"format": experiment.data_format, "fingerprint": data.fingerprint(),
-                 "images": len(data.images), "faces_used": int(len(chips.kept)),
+                 "images": len(data.images), "faces_used": int(faces_used),
                  "splits": {s: int((data.split == s).sum()) for s in ("train", "val", "test")}},
         "metrics": {"acc_train": winner.acc_train, "acc_val": winner.acc_val, "acc_test": winner.acc_test,
                     "test": calibrated},
         "selection": why,
     }
+    # The face grid shows what the version itself answers, through the scoring path.
+    sample = data.subset(winner.test_index[:12])
+    grid = extract_chips(sample, experiment.framing, options, workers=0, max_skipped=1.0)
+    shown = reg.predictor_from_card(card, weights, device="cpu").predict(grid.chips).p_male
     versions = reg.versions(experiment.model_name)
     version = str(max((int(v) for v in versions if v.isdigit()), default=0) + 1)
-    files = {"model.pt": weights, "config.yaml": config_text.encode(),
-             "report/results.json": results_json(results, winner, why, {"temperature": temperature,
-                                                                         "abstain_threshold": threshold}),
+    files = {weights_name: weights, "config.yaml": config_text.encode(),
+             "report/results.json": results_json(results, winner, why, {
+                 "temperature": temperature, "abstain_threshold": threshold, "winner_test": calibrated}),
              "report/confusion_matrix.png": plot_confusion(calibrated["confusion_matrix"], f"{winner.name} (test)"),
              "report/learning_curves.png": plot_curves(results),
-             "report/faces.png": plot_face_grid(test_x[:12], test_y[:12], p_test[:12])}
+             "report/faces.png": plot_face_grid(grid.chips, sample.labels[grid.kept], shown)}
     reg.register(experiment.model_name, version, card, files)
     for name in files:
         if name.startswith("report/"):
             create_link_artifact(reg.store.full_url(f"{experiment.model_name}/{version}/{name}"),
                                  link_text=name, key=name.replace("report/", "report-").replace(".", "-").replace("_", "-"))
-    get_run_logger().info("registered %s@%s (temperature %.3f, abstain below %.3f)", experiment.model_name,
-                          version, temperature, threshold)
+    logger.info("registered %s@%s (temperature %.3f, abstain below %.3f)", experiment.model_name,
+                version, temperature, threshold)
+    fairness = [{"column": column, "group": group, "accuracy": round(v["accuracy"], 4), "faces": v["count"]}
+                for column, report in calibrated["groups"].items() for group, v in report["groups"].items()]
+    if fairness:
+        create_table_artifact(fairness, key="fairness", description=f"{experiment.model_name}@{version}: "
+                              "test accuracy per group")
+    gaps = "; ".join(f"{column} {report['max_gap']:.3f}" for column, report in calibrated["groups"].items())
     create_markdown_artifact(
         f"## Registered {experiment.model_name}@{version}\n\n{why}\n\n"
+        f"Test accuracy {calibrated['accuracy']:.4f}, ROC-AUC {calibrated['roc_auc']:.4f}, "
+        f"ECE {calibrated['ece']:.4f}; coverage {calibrated['coverage']:.3f} at the abstain threshold, "
+        f"accuracy {calibrated['accuracy_when_answering']:.4f} when answering.\n\n"
+        f"Largest accuracy gap between groups (of at least 20 faces): {gaps or 'no group columns'}.\n\n"
         f"Temperature {temperature:.3f}, abstain below {threshold:.3f} "
         f"(target coverage {experiment.target_coverage:.0%}).\n\n"
         f"Report files: `{reg.url}/{experiment.model_name}/{version}/report/`",

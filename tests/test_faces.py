@@ -73,3 +73,26 @@ def test_framing_rejects_nonsense(bad):
 def test_framing_round_trips_through_a_card():
     framing = Framing(size=224, padding=0.3)
     assert Framing.from_dict(framing.to_dict()) == framing
+
+
+def test_edge_fill_repeats_the_border_where_the_chip_leaves_the_photo():
+    import numpy as np
+    import pytest
+
+    from gender_pipeline import samples
+    from tasks.faces import FaceFrontEnd, Framing
+
+    front = FaceFrontEnd()
+    photo = samples.grace_hopper()
+    left, top, right, bottom = front.detect(photo)[0]
+    tight = np.ascontiguousarray(photo[top:bottom, left:right])  # the chip reaches past every side
+    box = front.detect(tight)[0]
+    black = front.align(tight, box, Framing(size=150, padding=0.25))
+    edge = front.align(tight, box, Framing(size=150, padding=0.25, fill="edge"))
+    inside = front.align(photo, front.detect(photo)[0], Framing(size=150, padding=0.25, fill="edge"))
+    assert (black.reshape(-1, 3).sum(1) == 0).mean() > 0.05
+    assert (edge.reshape(-1, 3).sum(1) == 0).mean() == 0
+    assert np.array_equal(black[60:90, 60:90], edge[60:90, 60:90])  # the face itself is the same
+    assert np.array_equal(inside, front.align(photo, front.detect(photo)[0], Framing(size=150, padding=0.25)))
+    with pytest.raises(ValueError, match="fill"):
+        Framing(size=150, fill="mirror")

@@ -58,3 +58,27 @@ def test_nvjpeg_decode_matches_pillow():
     gpu = decode_photo(data, jpeg_device="cuda")
     cpu = decode_photo(data)
     assert gpu.rgb.shape == cpu.rgb.shape and np.abs(gpu.rgb.astype(int) - cpu.rgb.astype(int)).mean() < 3
+
+
+def _embedding_predictor(device):
+    from models.dlib_resnet import load_dlib_face_resnet
+    from models.face_embedding import Embedder, EmbeddingPredictor, EmbeddingSettings, GenderHead, HeadSpec
+
+    torch.manual_seed(0)
+    settings, framing = EmbeddingSettings(), Framing(size=150, padding=0.25)
+    head = GenderHead(HeadSpec(name="h"), settings)
+    return EmbeddingPredictor(Embedder(load_dlib_face_resnet(), settings, framing, device), head, name="e",
+                              version="1", framing=framing, device=device)
+
+
+def test_face_embedding_model_on_cuda_matches_cpu():
+    from gender_pipeline import samples
+    from tasks.faces import FaceFrontEnd
+
+    front = FaceFrontEnd()
+    photos = [samples.grace_hopper(), samples.astronaut()]
+    chips = np.stack([front.largest_face(p, Framing(size=150, padding=0.25)).chip for p in photos] * 8)
+    cpu = _embedding_predictor("cpu").predict(chips).logits
+    gpu = _embedding_predictor("cuda")
+    assert gpu.auto_batch_size() >= 16
+    assert np.allclose(cpu, gpu.predict(chips).logits, atol=0.05)
