@@ -79,9 +79,9 @@ def model_ceiling(predictor, batch_size: int, seconds: float = 5.0) -> float:
 
 def front_end_ceiling(uploads: str, framing, sample: int = 60) -> float:
     """Photos per second of read+decode+detect+align on one core, times the cores."""
-    from models.predictor import cpu_count
-    from tasks.decoding import DecodeLimits
-    from tasks.scoring import face_chip
+    from core.processes import cpu_count
+    from core.decoding import DecodeLimits
+    from core.scoring import face_chip
 
     files = sorted(os.path.join(d, f) for d, _, names in os.walk(uploads) for f in names)[:sample]
     started = time.perf_counter()
@@ -102,8 +102,8 @@ def main() -> int:
     args = parser.parse_args()
 
     from models.registry import Registry
-    from tasks.scoring import ScoringOptions, score_objects
-    from tasks.storage import Store
+    from core.scoring import ScoringOptions, score_objects
+    from core.storage import Store
 
     uploads = os.path.join(args.uploads, "uploads")
     work = tempfile.mkdtemp(prefix="bench-scaling-")

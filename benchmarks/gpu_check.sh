@@ -14,7 +14,7 @@ import io, json, os, sys, tempfile, time
 import numpy as np, torch
 from models.networks import build_network
 from models.registry import Registry
-from tasks.faces import Framing
+from core.faces import Framing
 
 registry = Registry(tempfile.mkdtemp())
 net = build_network("resnet18", pretrained="none")
@@ -57,8 +57,8 @@ print(json.dumps({"face_embedding_faces_per_s": round(done / (time.perf_counter(
 uploads = sys.argv[1]
 if uploads:
     from datetime import datetime, timezone
-    from tasks.scoring import ScoringOptions, score_objects
-    from tasks.storage import Store
+    from core.scoring import ScoringOptions, score_objects
+    from core.storage import Store
     store = Store(os.path.join(uploads, "uploads"))
     objects = store.list_objects()
     start = time.perf_counter()

@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger
 from models.experiment import load_experiment, select_winner
 from models.predictor import resolve_device
 from tasks.run_control import stoppable_run, stopped
-from tasks.stopping import StopRequested
+from core.stopping import StopRequested
 from models.face_embedding import KIND as EMBEDDING_KIND
 from tasks.training_tasks import (align_faces, check_pretrained_weights, embed_faces, load_labelled_dataset,
                                   promotion_gate, publish_results, register_winner, train_head, train_run)

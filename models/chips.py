@@ -1,7 +1,7 @@
 """Run a labelled dataset through the face front end: aligned chips, in memory or chunk
 by chunk.
 
-Training, evaluation and scoring share tasks.scoring.face_chip, so a model sees the same
+Training, evaluation and scoring share core.scoring.face_chip, so a model sees the same
 face framing in all three. Images without a usable face are skipped and counted.
 """
 
@@ -18,13 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.datasets import DatasetError, LabelledSet
-from models.predictor import cpu_count
-from tasks.decoding import DecodeLimits
-from tasks.faces import Framing
-from tasks.child_processes import quiet_worker
-from tasks.scoring import face_chip, kill_pool
-from tasks.stopping import STOP, result_unless_stopped
-from tasks.storage import Store
+from core.decoding import DecodeLimits
+from core.faces import Framing
+from core.processes import cpu_count
+from core.scoring import face_chip, init_face_worker, kill_pool, worker_threads
+from core.stopping import STOP, result_unless_stopped
+from core.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,7 @@ def iter_chips(data: LabelledSet, framing: Framing, options: dict | None = None,
     store = Store(data.root, options)
     workers = cpu_count() if workers is None else workers
     pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                initializer=quiet_worker, initargs=(os.getpid(),))
+                                initializer=init_face_worker, initargs=(os.getpid(), worker_threads(workers)))
             if workers > 0 else None)
     finished = False
     try:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tasks.storage import Store
+from core.storage import Store
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from models.metrics import (classification_report, fit_temperature, group_report
                             threshold_for_coverage)
 from models.predictor import Predictor, calibrate
 from models.train import RunSpec
-from tasks.faces import Framing
+from core.faces import Framing
 
 
 STUDY = "study"  # torchvision networks trained on aligned chips (configs/celeba_experiment.yaml)

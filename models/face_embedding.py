@@ -23,9 +23,9 @@ from models.chips import iter_chips
 from models.datasets import LabelledSet
 from models.dlib_resnet import BLOCKS, FEATURE_SIZE, DlibFaceResNet, load_dlib_face_resnet
 from models.predictor import OnnxGenderPredictor, Predictor, autocast, cuda_batch_size, device_batch
-from tasks.faces import Framing
-from tasks.stopping import STOP
-from tasks.storage import Store
+from core.faces import Framing
+from core.stopping import STOP
+from core.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class Embedder:
         self.settings, self.framing, self.device, self.shipped = settings, framing, device, shipped
 
     @torch.inference_mode()
-    def __call__(self, chips: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def __call__(self, chips) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         batch = device_batch(chips, self.device)
         with autocast(self.device):
             inputs = self.backbone.trunk(batch, self.settings.frozen_blocks)
@@ -377,6 +377,8 @@ class EmbeddingPredictor(Predictor):
     non-blocking copies, channels_last and bf16 autocast on CUDA, the batch size from free
     GPU memory; on the CPU, torch's own kernels on every core."""
 
+    takes_device_chips = True
+
     def __init__(self, embedder: Embedder, head: GenderHead, compile: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         self._embedder = embedder
@@ -400,7 +402,7 @@ def load_embedding_predictor(weights: bytes, *, shipped: OnnxGenderPredictor | N
                              **common) -> EmbeddingPredictor:
     """The predictor a `face-embedding` card (in `common`) describes; its backbone must be
     the one the card was trained on (checked by the .dat's hash)."""
-    from models.predictor import cpu_count
+    from core.processes import cpu_count
 
     card = common["card"]
     if common["device"] == "cpu":

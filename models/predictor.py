@@ -7,21 +7,14 @@ male logit per chip; calibration and abstention are applied the same way for all
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from tasks.faces import Framing
+from core.faces import Framing
+from core.processes import cpu_count
 
 log = logging.getLogger(__name__)
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def resolve_device(device: str) -> str:
@@ -62,11 +55,23 @@ class Predictor:
         """Batch size for this device: 64 on CPU; on CUDA, sized from free memory."""
         return 64
 
-    def predict(self, chips: np.ndarray) -> Prediction:
-        if chips.ndim != 4 or chips.shape[1:] != (self.framing.size, self.framing.size, 3):
+    # Whether male_logits takes chips already on the device (N x 3 x S x S float tensors
+    # from the GPU front end) as well as uint8 N x S x S x 3 arrays.
+    takes_device_chips = False
+
+    def predict(self, chips) -> Prediction:
+        """Chips: uint8 N x S x S x 3 arrays, or float N x 3 x S x S tensors of pixel values
+        (from the GPU front end, already on the device)."""
+        if not isinstance(chips, np.ndarray):
+            if chips.ndim != 4 or tuple(chips.shape[1:]) != (3, self.framing.size, self.framing.size):
+                raise ValueError(f"{self.name}: device chips must be N x 3 x {self.framing.size} x "
+                                 f"{self.framing.size}, got {tuple(chips.shape)}")
+            if not self.takes_device_chips:
+                chips = chips.round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
+        elif chips.ndim != 4 or chips.shape[1:] != (self.framing.size, self.framing.size, 3):
             raise ValueError(f"{self.name}: chips must be N x {self.framing.size} x "
                              f"{self.framing.size} x 3, got {chips.shape}")
-        if chips.dtype != np.uint8:
+        if isinstance(chips, np.ndarray) and chips.dtype != np.uint8:
             raise ValueError(f"{self.name}: chips must be uint8, got {chips.dtype}")
         if len(chips) == 0:
             empty = np.zeros(0, dtype=np.float32)
@@ -84,13 +89,6 @@ def calibrate(logits: np.ndarray, temperature: float) -> np.ndarray:
     ez = np.exp(z[~positive])
     out[~positive] = ez / (1.0 + ez)
     return out.astype(np.float32)
-
-
-def gender_of(p_male: np.ndarray, abstain_threshold: float) -> list[str]:
-    """'male' / 'female', or 'unknown' where the confidence is under the threshold."""
-    confidence = np.maximum(p_male, 1.0 - p_male)
-    return ["unknown" if c < abstain_threshold else ("male" if p >= 0.5 else "female")
-            for p, c in zip(p_male, confidence)]
 
 
 class OnnxGenderPredictor(Predictor):
@@ -133,6 +131,8 @@ class TorchPredictor(Predictor):
     """A torchvision network from the retraining flow. On CUDA: pinned host memory,
     non-blocking copies, channels_last and autocast; on CPU: one thread per core."""
 
+    takes_device_chips = True
+
     def __init__(self, module, *, class_order: list[str], mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  amp_dtype: str = "bfloat16", compile: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -165,11 +165,14 @@ class TorchPredictor(Predictor):
             return (logits[:, self._male] - logits[:, self._female]).cpu().numpy()
 
 
-def device_batch(chips: np.ndarray, device: str):
+def device_batch(chips, device: str):
     """uint8 N x H x W x 3 chips as a float N x 3 x H x W tensor (pixel values) on `device`:
-    through pinned memory with a non-blocking copy, and channels_last, on CUDA."""
+    through pinned memory with a non-blocking copy, and channels_last, on CUDA. Chips that
+    are already a float N x 3 x H x W tensor are only moved (the GPU front end's)."""
     import torch
 
+    if isinstance(chips, torch.Tensor):
+        return chips.to(device).float().contiguous(memory_format=batch_format(device))
     cuda = device.startswith("cuda")
     host = torch.from_numpy(np.ascontiguousarray(chips))
     if cuda:

@@ -15,8 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from models.predictor import OnnxGenderPredictor, Predictor, TorchPredictor, resolve_device
-from tasks.faces import Framing
-from tasks.storage import Store
+from core.faces import Framing
+from core.storage import Store
 
 BASELINE_NAME = "dlib-gender-v1"
 BASELINE_VERSION = "1"

@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from models.networks import build_network
 from models.presets import eval_preset, train_preset
-from tasks.child_processes import quiet_worker
-from tasks.stopping import STOP
-from tasks.storage import Store
+from core.processes import quiet_worker
+from core.stopping import STOP
+from core.storage import Store
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The Prefect side of stopping a run (see tasks.stopping for the plain side).
+"""The Prefect side of stopping a run (see core.stopping for the plain side).
 
 A run stops on SIGTERM/SIGINT (a worker or runner cancelling it, Kubernetes, systemd,
 Ctrl-C) and on a cancel from the Prefect UI or API, which a watcher thread notices within
@@ -16,7 +16,7 @@ from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, State
 
-from tasks.stopping import STOP, Stop, StopRequested, stop_on_signals
+from core.stopping import STOP, Stop, StopRequested, stop_on_signals
 
 
 CANCELLED_FROM_PREFECT = "cancelled from Prefect (UI or API)"

@@ -1,5 +1,5 @@
 """Prefect tasks for the scoring flow: thin wrappers (names, retries, logs, artifacts)
-around the plain functions in tasks.storage, tasks.scoring, tasks.predictions."""
+around the plain functions in core.storage, core.scoring, core.predictions."""
 
 from __future__ import annotations
 
@@ -17,15 +17,15 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Cancelled
 
 from models.registry import ModelRef, Registry
-from tasks.expectations import ExpectationsFailed, check_photo_metadata, check_predictions
-from tasks.predictions import (PhotoResult, diff_against_dataset, read_predictions, to_table,
+from core.expectations import ExpectationsFailed, check_photo_metadata, check_predictions
+from core.predictions import (PhotoResult, diff_against_dataset, read_predictions, to_table,
                                write_predictions)
-from tasks.scoring import ScoringOptions, ScoringStats, merge_stats, score_objects, user_of
-from tasks.locking import Lease, LeaseRef, acquire
+from core.scoring import ScoringOptions, ScoringStats, merge_stats, score_objects, user_of
+from core.locking import Lease, LeaseRef, acquire
 from tasks.run_control import retry_unless_stopped
-from tasks.stopping import STOP, StopRequested
-from tasks.storage import ObjectInfo, StorageError, Store, retry_if_transient, storage_options
-from tasks.summary import render_markdown, summarize
+from core.stopping import STOP, StopRequested
+from core.storage import ObjectInfo, StorageError, Store, retry_if_transient, storage_options
+from core.summary import render_markdown, summarize
 
 
 @dataclass

@@ -28,7 +28,7 @@ from models.predictor import calibrate
 from models.registry import BASELINE_NAME, BASELINE_VERSION, ModelRef, Registry
 from models.train import evaluate, fit, make_loader
 from models.presets import eval_preset
-from tasks.storage import storage_options
+from core.storage import storage_options
 
 
 @task(name="check-pretrained-weights", cache_policy=NO_CACHE)

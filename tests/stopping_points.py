@@ -31,7 +31,7 @@ def _slow(original, stage: str, seconds: float, after: bool = False):
 
 def slow_prepare(key, data, sha256):
     """A decoder worker job that takes a minute (runs in a spawned worker process)."""
-    from tasks import scoring
+    from core import scoring
 
     _reached("decoding")
     time.sleep(60)
@@ -52,25 +52,25 @@ def _patch(stage: str) -> None:
     import models.chips
     import models.predictor
     import models.train
-    import tasks.scoring
+    import core.scoring
     import tasks.scoring_tasks
-    import tasks.storage
+    import core.storage
 
     if stage == "listing":
-        tasks.storage.Store.list_objects = _slow(tasks.storage.Store.list_objects, stage, 60)
+        core.storage.Store.list_objects = _slow(core.storage.Store.list_objects, stage, 60)
     elif stage == "suite":
         tasks.scoring_tasks.check_photo_metadata = _slow(tasks.scoring_tasks.check_photo_metadata, stage, 60)
     elif stage == "reading":
-        tasks.storage.Store.read_many = _slow(tasks.storage.Store.read_many, stage, 2)
+        core.storage.Store.read_many = _slow(core.storage.Store.read_many, stage, 2)
     elif stage == "decoding":
-        _REAL["prepare"], tasks.scoring._prepare_in_worker = tasks.scoring._prepare_in_worker, slow_prepare
+        _REAL["prepare"], core.scoring._prepare_in_worker = core.scoring._prepare_in_worker, slow_prepare
     elif stage == "model":
         cls = models.predictor.OnnxGenderPredictor
         cls.male_logits = _slow(cls.male_logits, stage, 2)
     elif stage == "publishing":  # a predictions file is written under its temporary name, not moved yet
-        original = tasks.storage.Store._write_temporary
+        original = core.storage.Store._write_temporary
         slow = _slow(original, stage, 3, after=True)
-        tasks.storage.Store._write_temporary = (
+        core.storage.Store._write_temporary = (
             lambda self, temp, data: (slow if "/predictions/" in temp else original)(self, temp, data))
     elif stage == "extraction":
         _REAL["chip"], models.chips._chip_job = models.chips._chip_job, slow_chip

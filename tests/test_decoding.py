@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from gender_pipeline import samples
-from tasks.decoding import DecodedPhoto, DecodeLimits, Rejection, decode_photo, sniff_format
+from core.decoding import DecodedPhoto, DecodeLimits, Rejection, decode_photo, sniff_format
 
 
 @pytest.mark.parametrize("name", sorted(samples.broken_files()))

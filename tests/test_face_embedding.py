@@ -13,7 +13,7 @@ from gender_pipeline.cli import main
 from models.experiment import load_experiment
 from models.face_embedding import (SHIPPED_FRAMING, EmbeddingSettings, Embeddings, HeadSpec, embed_dataset,
                                    fit_head, head_logits, shipped_chips)
-from tasks.faces import Framing
+from core.faces import Framing
 
 CONFIG = open("configs/face_embedding.yaml").read()
 
@@ -72,7 +72,7 @@ def test_fine_tuning_the_last_block_and_stacking_the_shipped_logit(backbone):
 
 
 def test_the_shipped_chip_is_cut_from_the_larger_chip():
-    from tasks.faces import FaceFrontEnd
+    from core.faces import FaceFrontEnd
 
     front = FaceFrontEnd()
     photo = samples.grace_hopper()
@@ -99,8 +99,8 @@ def test_embedding_is_resumable_part_by_part(tmp_path, backbone, monkeypatch):
     import models.face_embedding as fe
     from models.datasets import load_manifest
     from models.face_embedding import Embedder
-    from tasks.stopping import StopRequested
-    from tasks.storage import Store
+    from core.stopping import StopRequested
+    from core.storage import Store
 
     samples.write_manifest_dataset(str(tmp_path / "data"), 12, seed=4)
     data = load_manifest(str(tmp_path / "data"))
@@ -161,7 +161,7 @@ def test_retrain_registers_a_face_embedding_model(trained):
 
 def test_the_registered_model_answers_like_its_head_on_the_embeddings(trained):
     from models.registry import Registry
-    from tasks.faces import FaceFrontEnd
+    from core.faces import FaceFrontEnd
 
     predictor = Registry(str(trained / "registry")).load_predictor("gender-classifier@1", "cpu")
     front = FaceFrontEnd()

@@ -3,14 +3,14 @@ import pytest
 from PIL import Image
 
 from gender_pipeline import samples
-from tasks.decoding import DecodeLimits
-from tasks.faces import FaceFrontEnd, Framing
-from tasks.scoring import prepare_photo
+from core.decoding import DecodeLimits
+from core.faces import FaceFrontEnd, Framing
+from core.scoring import prepare_photo
 
 
-@pytest.fixture(scope="module")
-def frontend():
-    return FaceFrontEnd()
+@pytest.fixture(scope="module", params=["retinaface", "hog"])
+def frontend(request):
+    return FaceFrontEnd(detector=request.param)
 
 
 def test_finds_the_face_in_a_portrait(frontend):
@@ -30,8 +30,8 @@ def test_no_face_in_a_photo_of_coffee(frontend):
 def test_detection_on_a_downscaled_copy_maps_back(frontend):
     portrait = samples.grace_hopper()
     big = samples.pasted_into(portrait, (1800, 1400), (900, 600))
-    box_small = frontend.detect(big)[0]
-    reference = FaceFrontEnd(detect_side=4000).detect(big)[0]
+    box_small = frontend.detect(big)[0].box
+    reference = FaceFrontEnd(detector=frontend.detector, detect_side=4000).detect(big)[0].box
     assert iou(box_small, reference) > 0.6, (box_small, reference)
     assert box_small[0] > 900 and box_small[1] > 600
 
@@ -49,7 +49,7 @@ def test_largest_of_several_faces_is_used(frontend):
     small = np.asarray(Image.fromarray(portrait).resize((256, 300)))
     canvas = samples.pasted_into(portrait, (1000, 700), (0, 0))
     canvas[350:650, 700:956] = small
-    faces = frontend.detect(canvas)
+    faces = [f.box for f in frontend.detect(canvas)]
     assert len(faces) == 2
     area = [(b[2] - b[0]) * (b[3] - b[1]) for b in faces]
     assert area[0] > area[1] and faces[0][0] < 512
@@ -64,7 +64,7 @@ def test_face_box_is_reported_in_original_pixels():
     assert 2000 + 100 < left < right < 2000 + 420 and 1500 + 80 < top < bottom < 1500 + 420
 
 
-@pytest.mark.parametrize("bad", [dict(kind="square"), dict(size=4), dict(padding=-1)])
+@pytest.mark.parametrize("bad", [dict(kind="square"), dict(size=4), dict(padding=-1), dict(detector="mmod")])
 def test_framing_rejects_nonsense(bad):
     with pytest.raises(ValueError):
         Framing(**bad)
@@ -80,11 +80,11 @@ def test_edge_fill_repeats_the_border_where_the_chip_leaves_the_photo():
     import pytest
 
     from gender_pipeline import samples
-    from tasks.faces import FaceFrontEnd, Framing
+    from core.faces import FaceFrontEnd, Framing
 
     front = FaceFrontEnd()
     photo = samples.grace_hopper()
-    left, top, right, bottom = front.detect(photo)[0]
+    left, top, right, bottom = front.detect(photo)[0].box
     tight = np.ascontiguousarray(photo[top:bottom, left:right])  # the chip reaches past every side
     box = front.detect(tight)[0]
     black = front.align(tight, box, Framing(size=150, padding=0.25))

@@ -66,7 +66,7 @@ class DroppingProxy:
 def test_dropped_connections_lose_and_duplicate_nothing(s3_endpoint, uploads, tmp_path, monkeypatch):
     import s3fs
 
-    from tasks import storage
+    from core import storage
 
     source, files = uploads
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})

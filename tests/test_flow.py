@@ -9,7 +9,7 @@ import pytest
 
 from flows.scoring import nightly_scoring
 from gender_pipeline import samples
-from tasks.expectations import ExpectationsFailed
+from core.expectations import ExpectationsFailed
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -119,7 +119,7 @@ def test_failing_predictions_suite_stops_the_publish(uploads, tmp_path, monkeypa
 
 
 def test_missing_source_fails_clearly(tmp_path):
-    from tasks.storage import StorageError
+    from core.storage import StorageError
 
     with pytest.raises(StorageError, match="does not exist"):
         run(tmp_path / "no-such-folder", tmp_path / "lake", tmp_path / "registry")

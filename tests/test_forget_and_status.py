@@ -4,8 +4,8 @@ from datetime import date
 import pandas as pd
 
 from gender_pipeline.cli import main
-from tasks.predictions import dataset_status, forget_user, to_table, write_predictions
-from tasks.storage import Store
+from core.predictions import dataset_status, forget_user, to_table, write_predictions
+from core.storage import Store
 from tests.test_storage_and_predictions import row
 
 

@@ -6,7 +6,7 @@ import torch
 
 from models.networks import build_network
 from models.predictor import TorchPredictor, cuda_batch_size
-from tasks.faces import Framing
+from core.faces import Framing
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -40,7 +40,7 @@ def test_compiled_predictor_matches_eager():
 
 def test_one_training_epoch_with_amp(tmp_path):
     from models.train import RunSpec, fit
-    from tasks.storage import Store
+    from core.storage import Store
 
     rng = np.random.default_rng(0)
     chips = rng.integers(0, 256, (64, 64, 64, 3), dtype=np.uint8)
@@ -52,7 +52,7 @@ def test_one_training_epoch_with_amp(tmp_path):
 
 def test_nvjpeg_decode_matches_pillow():
     from gender_pipeline import samples
-    from tasks.decoding import decode_photo
+    from core.decoding import decode_photo
 
     data = samples.encode(samples.grace_hopper(), "JPEG", quality=90)
     gpu = decode_photo(data, jpeg_device="cuda")
@@ -73,7 +73,7 @@ def _embedding_predictor(device):
 
 def test_face_embedding_model_on_cuda_matches_cpu():
     from gender_pipeline import samples
-    from tasks.faces import FaceFrontEnd
+    from core.faces import FaceFrontEnd
 
     front = FaceFrontEnd()
     photos = [samples.grace_hopper(), samples.astronaut()]

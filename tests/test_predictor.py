@@ -4,9 +4,10 @@ import torch
 
 from gender_pipeline import samples
 from models.networks import build_network
-from models.predictor import TorchPredictor, calibrate, gender_of, resolve_device
+from core.predictions import gender_of
+from models.predictor import TorchPredictor, calibrate, resolve_device
 from models.registry import Registry
-from tasks.faces import FaceFrontEnd, Framing
+from core.faces import FaceFrontEnd, Framing
 
 
 def test_calibrate_is_a_tempered_sigmoid():

@@ -7,14 +7,15 @@ import torch
 from models.networks import build_network
 from models.predictor import OnnxGenderPredictor, TorchPredictor
 from models.registry import BASELINE_NAME, ModelRef, Registry, RegistryError
-from tasks.faces import Framing
+from core.faces import Framing
 
 
 def test_empty_registry_falls_back_to_the_dlib_baseline(tmp_path):
     registry = Registry(str(tmp_path))
     assert registry.resolve(ModelRef.parse("gender-classifier")) == (BASELINE_NAME, "1")
     card = json.loads((tmp_path / BASELINE_NAME / "1" / "card.json").read_text())
-    assert card["framing"] == {"kind": "dlib_chip", "size": 32, "padding": 0.2, "fill": "black"}
+    assert card["framing"] == {"kind": "dlib_chip", "size": 32, "padding": 0.2, "fill": "black",
+                               "detector": "retinaface"}
     assert card["class_order"] == ["female", "male"]
     assert (tmp_path / BASELINE_NAME / "1" / "model.onnx").stat().st_size > 100_000
     assert json.loads((tmp_path / BASELINE_NAME / "aliases" / "production.json").read_text())["version"] == "1"

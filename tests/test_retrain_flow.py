@@ -44,7 +44,8 @@ def test_retrain_registers_reports_and_gates_promotion(tiny, capsys):
     assert summary["winner"] == "gender-classifier@1"
     version = registry / "gender-classifier" / "1"
     card = json.loads((version / "card.json").read_text())
-    assert card["framing"] == {"kind": "dlib_chip", "size": 32, "padding": 0.25, "fill": "black"}
+    assert card["framing"] == {"kind": "dlib_chip", "size": 32, "padding": 0.25, "fill": "black",
+                               "detector": "retinaface"}
     assert card["initial_weights"] == "none" and card["calibration"]["temperature"] > 0
     assert 0.5 <= card["abstain_threshold"] <= 1 and len(card["data"]["fingerprint"]) == 64
     for name in ("model.pt", "config.yaml", "report/results.json", "report/confusion_matrix.png",

@@ -39,8 +39,8 @@ def test_flow_reads_and_writes_s3(bucket, s3_endpoint):
 
 @pytest.mark.usefixtures("s3_endpoint")
 def test_unreachable_storage_fails_the_run(monkeypatch):
-    from tasks import storage
-    from tasks.storage import StorageError
+    from core import storage
+    from core.storage import StorageError
 
     from tasks.scoring_tasks import list_new_photos
 
@@ -56,7 +56,7 @@ def test_unreachable_storage_fails_the_run(monkeypatch):
 
 
 def test_missing_credentials_are_a_clear_error(monkeypatch):
-    from tasks.storage import StorageError, Store
+    from core.storage import StorageError, Store
 
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE"):
         monkeypatch.delenv(name, raising=False)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tasks.stopping import Stop, StopRequested, result_unless_stopped, stop_on_signals
+from core.stopping import Stop, StopRequested, result_unless_stopped, stop_on_signals
 
 
 def test_a_signal_asks_to_stop_and_interrupts_only_interruptible_stretches():
@@ -55,6 +55,6 @@ def test_waiting_for_a_worker_stops_when_asked():
 def test_stop_travels_to_other_processes_as_their_own():
     import pickle
 
-    from tasks.stopping import STOP
+    from core.stopping import STOP
 
     assert pickle.loads(pickle.dumps(STOP)) is STOP

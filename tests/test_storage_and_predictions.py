@@ -4,10 +4,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from tasks import storage as storage_module
-from tasks.predictions import (PREDICTIONS_SCHEMA, PhotoResult, diff_against_dataset,
+from core import storage as storage_module
+from core.predictions import (PREDICTIONS_SCHEMA, PhotoResult, diff_against_dataset,
                                read_predictions, to_table, write_predictions)
-from tasks.storage import ObjectInfo, StorageError, Store, with_retries
+from core.storage import ObjectInfo, StorageError, Store, with_retries
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 

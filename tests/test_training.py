@@ -9,8 +9,8 @@ from models.datasets import load_dataset
 from models.experiment import RunResult, load_experiment, select_winner
 from models.networks import PretrainedWeightsUnavailable, build_network
 from models.train import RunSpec, fit
-from tasks.faces import Framing
-from tasks.storage import Store
+from core.faces import Framing
+from core.storage import Store
 
 
 @pytest.fixture(scope="module")

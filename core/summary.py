@@ -6,8 +6,8 @@ from collections import Counter
 
 import numpy as np
 
-from tasks.predictions import PhotoResult
-from tasks.scoring import ScoringStats
+from core.predictions import PhotoResult
+from core.scoring import ScoringStats
 
 
 def summarize(rows: list[PhotoResult], stats: ScoringStats, skipped_unchanged: int) -> dict:
@@ -28,7 +28,8 @@ def summarize(rows: list[PhotoResult], stats: ScoringStats, skipped_unchanged: i
                              for i in range(len(counts))],
         "seconds": round(stats.seconds, 3),
         "photos_per_second": round(stats.photos_per_second, 2),
-        "model_seconds": round(stats.model_seconds, 3),
+        "model_seconds": round(stats.stage_seconds["model"], 3),
+        "stage_seconds": {k: round(v, 3) for k, v in stats.stage_seconds.items()},
     }
 
 

@@ -20,18 +20,32 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Protocol
 
 import numpy as np
 
-from models.predictor import Predictor, cpu_count, gender_of
-from tasks.child_processes import quiet_worker
-from tasks.decoding import TOO_LARGE, DecodeLimits, Rejection, decode_photo
-from tasks.faces import NO_FACE, FaceFrontEnd, Framing
-from tasks.predictions import PhotoResult
-from tasks.stopping import STOP, result_unless_stopped
-from tasks.storage import ObjectInfo, Store
+from core.decoding import TOO_LARGE, DecodedPhoto, DecodeLimits, Rejection, decode_photo
+from core.faces import NO_FACE, FaceFrontEnd, Framing
+from core.predictions import PhotoResult, gender_of
+from core.processes import cpu_count, quiet_worker
+from core.stopping import STOP, result_unless_stopped
+from core.storage import ObjectInfo, Store
 
 log = logging.getLogger(__name__)
+
+class FaceModel(Protocol):
+    """What scoring needs of a model: models.predictor.Predictor is one."""
+
+    name: str
+    version: str
+    framing: Framing
+    abstain_threshold: float
+    device: str
+
+    def predict(self, chips: np.ndarray): ...  # -> an object with a float32 `p_male` array
+
+    def auto_batch_size(self) -> int: ...
+
 
 BAD_KEY = "bad_key"
 READ_ERROR = "read_error"
@@ -47,8 +61,14 @@ class ScoringOptions:
     read_chunk: int = 32
     abstain_threshold: float | None = None  # None: the model card's value
     jpeg_device: str | None = None  # "cuda": decode plain JPEGs with nvJPEG
+    # Where faces are found and aligned: "gpu" (batched on the model's device, see
+    # core.gpu_faces), "cpu" (in the worker processes), "auto" (gpu when the model is on CUDA).
+    front_end: str = "auto"
+    gpu_batch: int = 32  # photos per GPU detection batch
 
     def __post_init__(self) -> None:
+        if self.front_end not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"front end must be auto, cpu or gpu, got {self.front_end!r}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
         if self.workers is not None and self.workers < 0:
@@ -78,53 +98,87 @@ class Prepared:
     reject_reason: str | None = None
     detail: str = ""
     format: str | None = None
+    seconds: dict = field(default_factory=dict)  # per stage: decode, detect, landmarks, warp
+    decoded: DecodedPhoto | None = None  # decoded only (GPU front end): its faces are found later
+    data: bytes | None = None  # with `decoded`: the bytes, for a retry on the CPU path
 
 
 _frontend: FaceFrontEnd | None = None
-_worker_setup: tuple[Framing, DecodeLimits, int, str | None] | None = None
+_worker_setup: tuple[Framing, DecodeLimits, int, str | None, bool] | None = None
+_threads: int | None = None  # detector threads in this process (None: every core)
+
+
+def init_face_worker(parent_pid: int | None = None, threads: int | None = None) -> None:
+    """A worker process of the face front end: it never outlives the run (which ends it
+    when asked to stop) and its detector shares the cores with the other workers."""
+    global _threads, _frontend
+    quiet_worker(parent_pid)
+    _threads, _frontend = threads, None
 
 
 def _init_worker(framing: Framing, limits: DecodeLimits, detect_side: int, jpeg_device: str | None,
-                 parent_pid: int | None = None) -> None:
-    global _worker_setup, _frontend
-    quiet_worker(parent_pid)  # never outlives the run; the run ends it when asked to stop
-    _worker_setup = (framing, limits, detect_side, jpeg_device)
-    _frontend = None
+                 decode_only: bool = False, parent_pid: int | None = None, threads: int | None = None) -> None:
+    global _worker_setup
+    init_face_worker(parent_pid, threads)
+    _worker_setup = (framing, limits, detect_side, jpeg_device, decode_only)
 
 
-def _frontend_for(detect_side: int) -> FaceFrontEnd:
+def worker_threads(workers: int) -> int:
+    """Detector threads per worker process so that the workers share the cores."""
+    return max(1, cpu_count() // max(1, workers))
+
+
+def _frontend_for(detector: str, detect_side: int) -> FaceFrontEnd:
     global _frontend
-    if _frontend is None or _frontend.detect_side != detect_side:
-        _frontend = FaceFrontEnd(detect_side=detect_side)
+    if _frontend is None or (_frontend.detector, _frontend.detect_side) != (detector, detect_side):
+        _frontend = FaceFrontEnd(detector=detector, detect_side=detect_side, threads=_threads)
     return _frontend
 
 
 def face_chip(data: bytes, framing: Framing, limits: DecodeLimits, detect_side: int = 640,
-              jpeg_device: str | None = None
+              jpeg_device: str | None = None, timings: dict | None = None
               ) -> tuple[np.ndarray | None, list[int] | None, int, str | None, str, str | None]:
     """Bytes to an aligned chip: (chip, box in original pixels, face count, reject reason,
-    detail, format). The one path from a photo to a model input."""
+    detail, format). The one path from a photo to a model input. `timings` (when given)
+    adds the seconds of each stage."""
+    started = time.perf_counter()
     decoded = decode_photo(data, limits, jpeg_device)
+    if timings is not None:
+        timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - started
     if isinstance(decoded, Rejection):
         return None, None, 0, decoded.reason, decoded.detail, decoded.format
-    face = _frontend_for(detect_side).largest_face(decoded.rgb, framing)
+    face = _frontend_for(framing.detector, detect_side).largest_face(decoded.rgb, framing, timings)
     if face is None:
         return None, None, 0, NO_FACE, "no face detected", decoded.format
-    box = [min(int(round(v / decoded.scale)), limit - 1) for v, limit in
-           zip(face.box, (decoded.width, decoded.height, decoded.width, decoded.height))]
-    return face.chip, box, face.count, None, "", decoded.format
+    return face.chip, original_box(face.box, decoded), face.count, None, "", decoded.format
+
+
+def original_box(box, decoded: DecodedPhoto) -> list[int]:
+    """A box in the working image's pixels, in the original photo's (after EXIF rotation)."""
+    return [min(int(round(v / decoded.scale)), limit - 1) for v, limit in
+            zip(box, (decoded.width, decoded.height, decoded.width, decoded.height))]
 
 
 def prepare_photo(key: str, data: bytes, sha256: str, framing: Framing, limits: DecodeLimits,
-                  detect_side: int = 640, jpeg_device: str | None = None) -> Prepared:
-    """Decode, validate and align one photo. Plain function: no storage, no model."""
+                  detect_side: int = 640, jpeg_device: str | None = None, decode_only: bool = False) -> Prepared:
+    """Decode, validate and align one photo (or only decode and validate it, for the GPU
+    front end). Plain function: no storage, no model."""
     user_id = user_of(key)
     if user_id is None:
         return Prepared(key, None, sha256, reject_reason=BAD_KEY,
                         detail="key is not {user_id}/{file name}")
-    chip, box, count, reason, detail, fmt = face_chip(data, framing, limits, detect_side, jpeg_device)
+    seconds: dict = {}
+    if decode_only:
+        started = time.perf_counter()
+        decoded = decode_photo(data, limits, jpeg_device)
+        seconds["decode"] = time.perf_counter() - started
+        if isinstance(decoded, Rejection):
+            return Prepared(key, user_id, sha256, reject_reason=decoded.reason, detail=decoded.detail,
+                            format=decoded.format, seconds=seconds)
+        return Prepared(key, user_id, sha256, format=decoded.format, seconds=seconds, decoded=decoded, data=data)
+    chip, box, count, reason, detail, fmt = face_chip(data, framing, limits, detect_side, jpeg_device, seconds)
     return Prepared(key, user_id, sha256, chip=chip, box=box, face_count=count, reject_reason=reason,
-                    detail=detail, format=fmt)
+                    detail=detail, format=fmt, seconds=seconds)
 
 
 def _ping() -> bool:
@@ -145,7 +199,9 @@ class ScoringStats:
     rejected: int = 0
     reasons: Counter = field(default_factory=Counter)
     seconds: float = 0.0
-    model_seconds: float = 0.0
+    # Seconds per stage, added over photos (and over worker processes working at once):
+    # read, decode, detect, landmarks, warp, model.
+    stage_seconds: Counter = field(default_factory=Counter)
 
     @property
     def photos_per_second(self) -> float:
@@ -156,9 +212,10 @@ def merge_stats(parts: list[ScoringStats]) -> ScoringStats:
     """Shards' statistics added up; seconds is the longest shard (they may run in parallel)."""
     total = ScoringStats()
     for part in parts:
-        for name in ("listed", "read", "skipped_same_hash", "scored", "rejected", "model_seconds"):
+        for name in ("listed", "read", "skipped_same_hash", "scored", "rejected"):
             setattr(total, name, getattr(total, name) + getattr(part, name))
         total.reasons.update(part.reasons)
+        total.stage_seconds.update(part.stage_seconds)
     total.seconds = max((p.seconds for p in parts), default=0.0)
     return total
 
@@ -167,8 +224,8 @@ _DONE = object()
 
 
 def _read_ahead(store: Store, objects: list[ObjectInfo], chunk: int, out: queue.Queue,
-                stop: threading.Event) -> None:
-    """Reader thread: fetch chunks concurrently, hash, drop unchanged content."""
+                stop: threading.Event, seconds: Counter) -> None:
+    """Reader thread: fetch chunks concurrently and hash them (`seconds["read"]` adds the time)."""
 
     def put(item) -> bool:
         while not stop.is_set():
@@ -184,9 +241,12 @@ def _read_ahead(store: Store, objects: list[ObjectInfo], chunk: int, out: queue.
             if stop.is_set():
                 return
             keys = [o.key for o in objects[start:start + chunk]]
-            for key, data in store.read_many(keys).items():
-                sha = None if isinstance(data, BaseException) else hashlib.sha256(data).hexdigest()
-                if not put((key, data, sha)):
+            started = time.perf_counter()
+            found = [(key, data, None if isinstance(data, BaseException) else hashlib.sha256(data).hexdigest())
+                     for key, data in store.read_many(keys).items()]
+            seconds["read"] += time.perf_counter() - started
+            for item in found:
+                if not put(item):
                     return
     except BaseException as error:  # pragma: no cover - surfaced by the consumer
         put((None, error, None))
@@ -199,8 +259,8 @@ class _Preparer:
 
     def __init__(self, options: ScoringOptions, framing: Framing, workers: int,
                  job: Callable[[str, bytes, str], Prepared] | None = None,
-                 checkpoint: Callable[[], None] = STOP.check) -> None:
-        self.options, self.framing, self.workers = options, framing, workers
+                 checkpoint: Callable[[], None] = STOP.check, decode_only: bool = False) -> None:
+        self.options, self.framing, self.workers, self.decode_only = options, framing, workers, decode_only
         self.job = job or _prepare_in_worker  # an importable function: workers are spawned
         self.checkpoint = checkpoint
         self.pool: ProcessPoolExecutor | None = None
@@ -211,7 +271,7 @@ class _Preparer:
             max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
             initargs=(self.framing, self.options.limits, self.options.detect_side,
-                      self.options.jpeg_device, os.getpid()))
+                      self.options.jpeg_device, self.decode_only, os.getpid(), worker_threads(self.workers)))
 
     def __enter__(self) -> "_Preparer":
         if self.workers > 0:
@@ -234,7 +294,7 @@ class _Preparer:
         if self.pool is None:
             key, data, sha = item
             return prepare_photo(key, data, sha, self.framing, self.options.limits,
-                                 self.options.detect_side, self.options.jpeg_device)
+                                 self.options.detect_side, self.options.jpeg_device, self.decode_only)
         self.inflight.append((item, self.pool.submit(self.job, *item)))
         return None
 
@@ -296,8 +356,32 @@ def kill_pool(pool: ProcessPoolExecutor) -> None:
         process.join(timeout=5)
 
 
+def gpu_front_end(options: ScoringOptions, predictor: FaceModel):
+    """The GPU front end on the model's device when asked for (or, by default, when the
+    model runs on CUDA and its faces come from RetinaFace); None for the CPU path."""
+    device = getattr(predictor, "device", "cpu")
+    wanted = options.front_end == "gpu" or (options.front_end == "auto" and device.startswith("cuda")
+                                            and predictor.framing.detector == "retinaface")
+    if not wanted:
+        return None
+    from core.gpu_faces import GpuFaceFrontEnd
+
+    return GpuFaceFrontEnd(predictor.framing, device, options.detect_side)
+
+
+def _stack(chips: list):
+    """Chips as one batch: a uint8 array, or (from the GPU front end) a device tensor."""
+    if all(isinstance(c, np.ndarray) for c in chips):
+        return np.stack(chips)
+    import torch
+
+    device = next(c.device for c in chips if not isinstance(c, np.ndarray))
+    return torch.stack([torch.from_numpy(c).permute(2, 0, 1).float().to(device) if isinstance(c, np.ndarray)
+                        else c for c in chips])
+
+
 def score_objects(store: Store, objects: list[ObjectInfo], known_hashes: dict[str, set[str]],
-                  predictor: Predictor, options: ScoringOptions, run_id: str, scored_at: datetime,
+                  predictor: FaceModel, options: ScoringOptions, run_id: str, scored_at: datetime,
                   progress: Callable[[int, int], None] | None = None,
                   worker_job: Callable[[str, bytes, str], Prepared] | None = None,
                   checkpoint: Callable[[], None] = STOP.check
@@ -319,8 +403,10 @@ def score_objects(store: Store, objects: list[ObjectInfo], known_hashes: dict[st
     batch_size = options.batch_size or predictor.auto_batch_size()
     threshold = (options.abstain_threshold if options.abstain_threshold is not None
                  else predictor.abstain_threshold)
+    gpu = gpu_front_end(options, predictor)
     results: list[PhotoResult] = []
     batch: list[Prepared] = []
+    decoded: list[Prepared] = []  # GPU front end: photos decoded, faces not yet found
 
     def stamp(row: PhotoResult) -> PhotoResult:
         row.run_id, row.scored_at = run_id, scored_at
@@ -332,8 +418,8 @@ def score_objects(store: Store, objects: list[ObjectInfo], known_hashes: dict[st
             return
         checkpoint()
         t0 = time.perf_counter()
-        prediction = predictor.predict(np.stack([p.chip for p in batch]))
-        stats.model_seconds += time.perf_counter() - t0
+        prediction = predictor.predict(_stack([p.chip for p in batch]))
+        stats.stage_seconds["model"] += time.perf_counter() - t0
         genders = gender_of(prediction.p_male, threshold)
         for prepared, p_male, gender in zip(batch, prediction.p_male, genders):
             p_male = float(p_male)
@@ -345,7 +431,38 @@ def score_objects(store: Store, objects: list[ObjectInfo], known_hashes: dict[st
         stats.scored += len(batch)
         batch.clear()
 
+    def find_faces() -> None:
+        """GPU front end: the decoded photos' faces in one batch; when the batch fails on
+        the GPU, each of its photos is retried on the CPU path alone."""
+        if not decoded:
+            return
+        checkpoint()
+        items, timings = list(decoded), {}
+        decoded.clear()
+        try:
+            faces = gpu.faces([p.decoded.rgb for p in items], timings)
+        except Exception as error:  # noqa: BLE001 - any failure of the GPU path
+            log.warning("the GPU front end failed on %d photos (%s); each is retried on the CPU", len(items), error)
+            for p in items:
+                accept(prepare_photo(p.key, p.data, p.sha256, predictor.framing, options.limits,
+                                     options.detect_side, options.jpeg_device))
+            return
+        stats.stage_seconds.update(timings)
+        for p, face in zip(items, faces):
+            if face is None:
+                accept(Prepared(p.key, p.user_id, p.sha256, reject_reason=NO_FACE, detail="no face detected",
+                                format=p.format))
+            else:
+                accept(Prepared(p.key, p.user_id, p.sha256, chip=face.chip, box=original_box(face.box, p.decoded),
+                                face_count=face.count, format=p.format))
+
     def accept(prepared: Prepared) -> None:
+        stats.stage_seconds.update(prepared.seconds)
+        if prepared.decoded is not None:
+            decoded.append(prepared)
+            if len(decoded) >= options.gpu_batch:
+                find_faces()
+            return
         if prepared.reject_reason:
             stats.rejected += 1
             stats.reasons[prepared.reject_reason] += 1
@@ -376,10 +493,11 @@ def score_objects(store: Store, objects: list[ObjectInfo], known_hashes: dict[st
     incoming: queue.Queue = queue.Queue(maxsize=max(options.read_chunk * 2, workers * 8))
     stop = threading.Event()
     reader = threading.Thread(target=_read_ahead, name="photo-reader", daemon=True,
-                              args=(store, to_read, options.read_chunk, incoming, stop))
+                              args=(store, to_read, options.read_chunk, incoming, stop, stats.stage_seconds))
     reader.start()
     try:
-        with _Preparer(options, predictor.framing, workers, worker_job, checkpoint) as preparer:
+        with _Preparer(options, predictor.framing, workers, worker_job, checkpoint,
+                       decode_only=gpu is not None) as preparer:
             while True:
                 checkpoint()
                 try:
@@ -407,6 +525,7 @@ def score_objects(store: Store, objects: list[ObjectInfo], known_hashes: dict[st
             while preparer.pending():
                 for result in preparer.next_result():
                     accept(result)
+        find_faces()
         flush()
         checkpoint()
     finally:

