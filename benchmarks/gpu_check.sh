@@ -67,4 +67,25 @@ if uploads:
     print(json.dumps({"end_to_end_photos_per_s": round(len(rows) / seconds, 1), "photos": len(rows),
                       "fraction_of_model_only": round(len(rows) / seconds / rate, 4),
                       "peak_gpu_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20)}))
+    # The shipped model through the GPU front end (RetinaFace batched on the GPU, dlib's
+    # landmarks on the CPU) and the CPU front end, with GPU utilisation sampled meanwhile.
+    import subprocess, threading
+    shipped = registry.load_predictor("dlib-gender-v1", "cuda")
+    for front_end in ("gpu", "cpu"):
+        busy, done = [], threading.Event()
+        def sample():
+            while not done.wait(0.5):
+                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True).stdout.strip()
+                busy.append(float(out.splitlines()[0]) if out else 0.0)
+        watcher = threading.Thread(target=sample, daemon=True); watcher.start()
+        start = time.perf_counter()
+        rows, stats = score_objects(store, objects, {}, shipped, ScoringOptions(front_end=front_end, gpu_batch=64),
+                                    "gpu", datetime.now(timezone.utc))
+        seconds = time.perf_counter() - start
+        done.set(); watcher.join()
+        print(json.dumps({"front_end": front_end, "photos_per_s": round(len(rows) / seconds, 1),
+                          "scored": stats.scored, "rejected": stats.rejected,
+                          "gpu_utilisation_mean_pct": round(sum(busy) / max(len(busy), 1), 1),
+                          "stage_seconds": {k: round(v, 1) for k, v in stats.stage_seconds.items()}}))
 PYEOF

@@ -4,6 +4,7 @@ they are published. Ephemeral context: nothing is written to disk."""
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -32,8 +33,24 @@ class ExpectationsFailed(RuntimeError):
         self.report = report
 
 
-@lru_cache(maxsize=1)
+_context_lock = threading.Lock()
+
+
+def warm_up() -> threading.Thread:
+    """Import Great Expectations and build its context in a background thread (about two
+    seconds, most of a suite's cost), so that the first suite of a run does not wait for it."""
+    thread = threading.Thread(target=_context, name="expectations-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
 def _context():
+    with _context_lock:  # one context, even when the warm-up and a suite ask at once
+        return _new_context()
+
+
+@lru_cache(maxsize=1)
+def _new_context():
     import great_expectations as gx
 
     from great_expectations.data_context.types.base import ProgressBarsConfig

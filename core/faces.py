@@ -14,14 +14,13 @@ model sees what it was trained on and the chip is the one a HOG front end would 
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 import numpy as np
 from PIL import Image
+
+from core.timing import timed
 
 NO_FACE = "no_face"
 DETECTORS = ("retinaface", "hog")
@@ -181,12 +180,12 @@ class FaceFrontEnd:
         """The aligned chip the framing asks for; `timings` (when given) adds the seconds
         spent on landmarks and on the warp."""
         if framing.kind == "retinaface_5pt":
-            with _timed(timings, "warp"):
+            with timed(timings, "warp"):
                 return _warp_points(rgb, face.points, framing)
         dlib = self._dlib
-        with _timed(timings, "landmarks"):
+        with timed(timings, "landmarks"):
             shape = self._landmarks(rgb, dlib.rectangle(*face.box))
-        with _timed(timings, "warp"):
+        with timed(timings, "warp"):
             return self._dlib_chip(rgb, shape, framing)
 
     def _dlib_chip(self, rgb: np.ndarray, shape, framing: Framing) -> np.ndarray:
@@ -203,21 +202,11 @@ class FaceFrontEnd:
         return np.ascontiguousarray(dlib.extract_image_chip(rgb, details))
 
     def largest_face(self, rgb: np.ndarray, framing: Framing, timings: dict | None = None) -> Face | None:
-        with _timed(timings, "detect"):
+        with timed(timings, "detect"):
             faces = self.detect(rgb)
         if not faces:
             return None
         return Face(chip=self.align(rgb, faces[0], framing, timings), box=faces[0].box, count=len(faces))
-
-
-@contextmanager
-def _timed(timings: dict | None, stage: str) -> Iterator[None]:
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        if timings is not None:
-            timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - started
 
 
 def image_tensor(rgb: np.ndarray):

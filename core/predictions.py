@@ -78,12 +78,14 @@ class PhotoResult:
     scored_at: datetime | None = None
     run_id: str = ""
     schema_version: int = SCHEMA_VERSION
+    # Why, in words (for the run's report; not a column: the reason is the contract).
+    reject_detail: str = ""
 
     @classmethod
     def rejected(cls, user_id: str | None, key: str, sha256: str | None, reason: str,
-                 face_count: int = 0) -> "PhotoResult":
+                 face_count: int = 0, detail: str = "") -> "PhotoResult":
         return cls(user_id=user_id, photo_key=key, photo_sha256=sha256, status="rejected",
-                   reject_reason=reason, face_count=face_count)
+                   reject_reason=reason, face_count=face_count, reject_detail=detail)
 
 
 def to_table(rows: list[PhotoResult]) -> pa.Table:

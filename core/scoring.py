@@ -467,7 +467,7 @@ def score_objects(store: Store, objects: list[ObjectInfo], known_hashes: dict[st
             stats.rejected += 1
             stats.reasons[prepared.reject_reason] += 1
             row = PhotoResult.rejected(prepared.user_id, prepared.key, prepared.sha256,
-                                       prepared.reject_reason, prepared.face_count)
+                                       prepared.reject_reason, prepared.face_count, prepared.detail)
             results.append(stamp(row))
             log.debug("rejected %s: %s (%s)", prepared.key, prepared.reject_reason, prepared.detail)
         else:

@@ -4,7 +4,10 @@ promote it if it beats production."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from prefect import flow, get_run_logger
+from pydantic import NonNegativeInt, PositiveInt
 
 from models.experiment import load_experiment, select_winner
 from models.predictor import resolve_device
@@ -16,11 +19,34 @@ from tasks.training_tasks import (align_faces, check_pretrained_weights, embed_f
 
 
 @flow(name="retrain", description="Repeat the CelebA experiment, register and maybe promote the winner.")
-def retrain(config: str, data: str, data_format: str | None = None, registry: str | None = None,
-            device: str = "auto", endpoint_url: str | None = None, epochs: int | None = None,
-            image_size: int | None = None, archs: list[str] | None = None, sample_size: int | None = None,
-            batch_size: int | None = None, pretrained: str | None = None, workers: int | None = None,
-            promote: bool = True) -> dict:
+def retrain(config: str, data: str, data_format: Literal["celeba", "manifest"] | None = None,
+            registry: str | None = None, device: Literal["auto", "cpu", "cuda"] = "auto",
+            endpoint_url: str | None = None, epochs: PositiveInt | None = None,
+            image_size: PositiveInt | None = None, archs: list[str] | None = None,
+            sample_size: PositiveInt | None = None, batch_size: PositiveInt | None = None,
+            pretrained: str | None = None, workers: NonNegativeInt | None = None, promote: bool = True) -> dict:
+    """Train the models a config describes on a labelled dataset, register the best one and
+    promote it if it beats production on the same test images.
+
+    Args:
+        config: The experiment, a YAML file: configs/celeba_experiment.yaml (the study),
+            configs/cpu_dev.yaml, or configs/face_embedding.yaml (heads on dlib's embedding).
+        data: The labelled dataset: a path or fsspec URL.
+        data_format: celeba (the official layout) or manifest (labels.csv and images/);
+            default the config's.
+        registry: The model registry (path or URL); default $GENDER_PIPELINE_REGISTRY or
+            ~/.gender-pipeline/registry.
+        device: Where training runs: auto (a GPU when there is one), cpu or cuda.
+        endpoint_url: An S3-compatible endpoint (MinIO, Ceph); default AWS.
+        epochs: Epochs for every run (overrides the config).
+        image_size: Chip size in pixels for the study's networks (overrides the config).
+        archs: A subset of the study's architectures, e.g. ["resnet18"].
+        sample_size: A stratified sample of this many images (overrides the config).
+        batch_size: Training batch size (overrides the config).
+        pretrained: imagenet, none, or a path/URL of weights (overrides the config).
+        workers: DataLoader workers (study) or face alignment processes (face embedding).
+        promote: Promote the winner when it beats production (false: register only).
+    """
     logger = get_run_logger()
     experiment = load_experiment(config, dict(
         format=data_format, epochs=epochs, image_size=image_size, archs=archs, sample_size=sample_size,

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from datetime import date, datetime, timezone
+from typing import Literal
+
+from pydantic import NonNegativeInt, PositiveInt
 
 from prefect import flow, get_run_logger, unmapped
 from prefect.runtime import flow_run
@@ -12,27 +16,68 @@ from models.predictor import resolve_device
 from models.registry import DEFAULT_MODEL
 from core.decoding import DecodeLimits
 from core.scoring import ScoringOptions
-from tasks.run_control import finish_all, stoppable_run, stopped
-from tasks.scoring_tasks import (check_photo_metadata_task, list_new_photos, lock_output,
-                                 publish_run_summary, score_shard, split_listing, unlock_output)
+from core.expectations import warm_up as warm_up_expectations
+from core.timing import timed
+from tasks.run_control import finish_all, resolved_model, scoring_run_name, stoppable_run, stopped, tag_run
+from tasks.scoring_tasks import (check_photo_metadata_task, list_new_photos, lock_output, report_run,
+                                 score_shard, split_listing, unlock_output)
 from core.stopping import StopRequested
 
 
 # One shard at a time in this process by default; `--task-runner dask` maps shards over a
 # Dask cluster instead (see gender_pipeline.cli).
 @flow(name="nightly-scoring", description="Score new signup photos and publish predictions to Parquet.",
-      task_runner=ThreadPoolTaskRunner(max_workers=1))
+      task_runner=ThreadPoolTaskRunner(max_workers=1), flow_run_name=scoring_run_name)
 def nightly_scoring(source: str, output: str, registry: str | None = None, model: str = DEFAULT_MODEL,
-                    scoring_date: str | None = None, batch_size: int | None = None, device: str = "auto",
-                    workers: int | None = None, endpoint_url: str | None = None,
-                    abstain_threshold: float | None = None, max_bytes: int | None = None,
-                    max_pixels: int | None = None, max_photos: int | None = None, compile: bool = False,
-                    gpu_decode: bool = False, shard_size: int = 2000, lock_lease_seconds: float = 300,
-                    lock_wait_seconds: float = 0, front_end: str = "auto") -> dict:
+                    scoring_date: date | None = None, batch_size: PositiveInt | None = None,
+                    device: Literal["auto", "cpu", "cuda"] = "auto", workers: NonNegativeInt | None = None,
+                    endpoint_url: str | None = None, abstain_threshold: float | None = None,
+                    max_bytes: PositiveInt | None = None, max_pixels: PositiveInt | None = None,
+                    max_photos: PositiveInt | None = None, compile: bool = False, gpu_decode: bool = False,
+                    shard_size: PositiveInt = 2000, lock_lease_seconds: float = 300,
+                    lock_wait_seconds: float = 0, front_end: Literal["auto", "cpu", "gpu"] = "auto",
+                    min_new_photos: NonNegativeInt = 0, max_listing_drop: float = 0.9,
+                    file_links: str = "none") -> dict:
+    """Score the photos uploaded since the last run and publish one Parquet row per photo.
+
+    Args:
+        source: Where the uploads are: a path or fsspec URL (s3://bucket/prefix) holding
+            {user_id}/{file name} objects.
+        output: Where the dataset goes: predictions land in OUTPUT/predictions/dt=YYYY-MM-DD/.
+        registry: The model registry (path or URL); default $GENDER_PIPELINE_REGISTRY or
+            ~/.gender-pipeline/registry.
+        model: NAME or NAME@VERSION; the default answers with the production model, else the
+            shipped dlib network.
+        scoring_date: The partition date (YYYY-MM-DD); default today in UTC.
+        batch_size: Faces per model call; default 64 on a CPU, sized from free memory on a GPU.
+        device: Where the model runs: auto (a GPU when there is one), cpu or cuda.
+        workers: Decoding processes; default one per core, 0 decodes in the run's own process.
+        endpoint_url: An S3-compatible endpoint (MinIO, Ceph); default AWS.
+        abstain_threshold: Confidence under which gender is "unknown"; default the model card's.
+        max_bytes: Largest upload accepted, in bytes (default 25 MiB).
+        max_pixels: Most pixels accepted (default 50 million).
+        max_photos: Photos per run, oldest first; the rest wait for the next run (default: all).
+        compile: torch.compile the model (trained models on a GPU).
+        gpu_decode: Decode plain JPEGs on the GPU (nvJPEG).
+        shard_size: Photos per shard: scored, checked and published as one Parquet file.
+        lock_lease_seconds: How long a dead run's lock on the output outlives it.
+        lock_wait_seconds: How long to wait for another run on the same output (0: fail at once).
+        front_end: Where faces are found and aligned: auto (the GPU when the model runs on
+            one), cpu (worker processes) or gpu (batched on the device).
+        min_new_photos: Fail the run (nothing scored) when fewer new photos are listed: a
+            guard against a wrong source prefix (default 0: off).
+        max_listing_drop: Fail the run when the source lists fewer objects than this share
+            less than the previous run (0.9: under 10% of it); 1 turns the guard off.
+        file_links: Clickable links to the written files in the run's artifacts: none (the
+            URLs are shown as text), presigned (https URLs the store signs, e.g. S3), or an
+            https:// template with {url}, {bucket} and {key} (a storage console).
+    """
+    started = time.perf_counter()
+    warm_up_expectations()  # Great Expectations' start-up overlaps with the lock and the listing
     logger = get_run_logger()
     run_id = str(flow_run.id or "local")
     listed_at = datetime.now(timezone.utc)
-    day = date.fromisoformat(scoring_date) if scoring_date else listed_at.date()
+    day = date.fromisoformat(scoring_date) if isinstance(scoring_date, str) else scoring_date or listed_at.date()
     limits = DecodeLimits(**{k: v for k, v in (("max_bytes", max_bytes), ("max_pixels", max_pixels))
                              if v is not None})
     options = ScoringOptions(batch_size=batch_size, workers=workers, limits=limits,
@@ -45,17 +90,22 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
                 lease = lock_output(output, endpoint_url, run_id, lock_lease_seconds, lock_wait_seconds)
         except StopRequested:
             return stopped(stop, "before taking the output lock; nothing was written")
-        futures = []
+        futures, timings = [], {}
+        tag_run(scoring_date=day.isoformat(), model=resolved_model(registry, model, endpoint_url))
         try:
-            with stop.interruptible():
-                listing = list_new_photos(source, output, endpoint_url, listed_at, max_photos)
+            with stop.interruptible(), timed(timings, "list"):
+                listing = list_new_photos(source, output, endpoint_url, listed_at, max_photos, min_new_photos,
+                                          max_listing_drop)
+            with stop.interruptible(), timed(timings, "listing_suite"):
                 check_photo_metadata_task(listing)
+            scoring_started = time.perf_counter()
             shards = split_listing(listing, shard_size)
             futures = score_shard.map(shards, unmapped(source), unmapped(output), unmapped(endpoint_url),
                                       unmapped(registry), unmapped(model), unmapped(device), unmapped(options),
                                       unmapped(run_id), unmapped(day), unmapped(compile), unmapped(lease.ref()))
             finish_all(futures)
             results = futures.result() if not stop.requested else []
+            timings["score"] = time.perf_counter() - scoring_started
         except Exception:
             if not stop.requested:
                 raise
@@ -69,7 +119,9 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
     if not any(r.rows for r in results):
         logger.info("nothing new to score under %s: no file written", source)
     answered = next((row for r in results for row in r.rows if row.model_name), None)
-    used = f"{answered.model_name}@{answered.model_version}" if answered else model
-    summary = publish_run_summary(results, listing, used)
-    summary.update(run_id=run_id, scoring_date=day.isoformat())
-    return summary
+    used = (f"{answered.model_name}@{answered.model_version}" if answered
+            else resolved_model(registry, model, endpoint_url))
+    # The publish and suite times are inside "score"; the report separates them.
+    timings["score"] -= sum(r.suite_seconds + r.publish_seconds for r in results)
+    return report_run(results, listing, used, source, output, day, run_id, timings,
+                      time.perf_counter() - started, endpoint_url, file_links)

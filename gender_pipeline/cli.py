@@ -56,6 +56,26 @@ def _probability(text: str) -> float:
     return value
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
 def _add_storage(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
                         help="S3-compatible endpoint (MinIO, Ceph...); default $AWS_ENDPOINT_URL")
@@ -89,6 +109,14 @@ def _add_scoring(parser: argparse.ArgumentParser, required: bool) -> None:
                         help="seconds to wait for another run on the same output to finish (default: fail at once)")
     parser.add_argument("--lock-lease", type=float, default=300,
                         help="seconds a dead run's lock outlives it (renewed while a run lives; default 300)")
+    parser.add_argument("--min-new-photos", type=_non_negative, default=0,
+                        help="fail (nothing scored, exit 4) when fewer new photos are listed (default 0: off)")
+    parser.add_argument("--max-listing-drop", type=_fraction, default=0.9,
+                        help="fail (exit 4) when the source lists less than 1-DROP of what the previous run "
+                             "listed: a wrong prefix (default 0.9; 1 turns it off)")
+    parser.add_argument("--file-links", default="none",
+                        help="links to the written files in the run's artifacts: none (URLs as text), presigned "
+                             "(https URLs the store signs), or an https:// template with {url}, {bucket}, {key}")
     parser.add_argument("--max-photos", type=_positive, default=None,
                         help="photos per run; the rest (newest) wait for the next run (default: no limit)")
     parser.add_argument("--workers", type=int, default=None,
@@ -241,7 +269,8 @@ def _score(args: argparse.Namespace) -> int:
         workers=args.workers, endpoint_url=args.endpoint_url, abstain_threshold=args.abstain_below,
         compile=args.compile, gpu_decode=args.gpu_decode, max_bytes=args.max_bytes,
         max_pixels=args.max_pixels, max_photos=args.max_photos, shard_size=args.shard_size,
-        lock_lease_seconds=args.lock_lease, lock_wait_seconds=args.lock_wait, front_end=args.front_end)
+        lock_lease_seconds=args.lock_lease, lock_wait_seconds=args.lock_wait, front_end=args.front_end,
+        min_new_photos=args.min_new_photos, max_listing_drop=args.max_listing_drop, file_links=args.file_links)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
@@ -283,7 +312,9 @@ def _serve(args: argparse.Namespace) -> int:
                     "gpu_decode": args.gpu_decode, "max_bytes": args.max_bytes,
                     "max_pixels": args.max_pixels, "max_photos": args.max_photos,
                     "shard_size": args.shard_size, "lock_lease_seconds": args.lock_lease,
-                    "lock_wait_seconds": args.lock_wait, "front_end": args.front_end},
+                    "lock_wait_seconds": args.lock_wait, "front_end": args.front_end,
+                    "min_new_photos": args.min_new_photos, "max_listing_drop": args.max_listing_drop,
+                    "file_links": args.file_links},
         tags=["scoring"])
     return 0
 
@@ -331,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     from core.expectations import ExpectationsFailed
     from core.locking import OutputLocked
     from core.model_files import ModelFetchError, ModelFileMissing
+    from core.run_history import ListingLooksWrong
     from core.storage import StorageError
 
     from models.datasets import DatasetError
@@ -343,11 +375,16 @@ def main(argv: list[str] | None = None) -> int:
         (OutputLocked, "", EXIT_LOCKED),
         ((ModelFileMissing, ModelFetchError), "", EXIT_USAGE),
         (ExpectationsFailed, "a data check failed, nothing was published:\n", EXIT_EXPECTATIONS),
+        (ListingLooksWrong, "the listing looks wrong: ", EXIT_EXPECTATIONS),
         ((StorageError, FileNotFoundError, PermissionError), "storage problem: ", EXIT_STORAGE),
         (DatasetError, "dataset problem: ", EXIT_USAGE),
         ((PretrainedWeightsUnavailable, RegistryError, ValueError), "", EXIT_USAGE),
     ]
     try:
+        if args.command == "score":
+            from core.expectations import warm_up
+
+            warm_up()  # Great Expectations starts while Prefect does
         if _needs_temporary_server(args.command):
             start_temporary_prefect_server()
         return handlers[args.command](args)

@@ -164,6 +164,40 @@ def face_variants() -> dict[str, bytes]:
     return variants
 
 
+# The demo's two public photos and who they show: Grace Hopper (matplotlib's sample) and the
+# astronaut Eileen Collins (scikit-image's `astronaut`).
+DEMO_SUBJECTS = {"grace-hopper": "female", "eileen-collins": "female"}
+
+
+def demo_uploads() -> list[tuple[str, str, bytes]]:
+    """(subject, file name, bytes): each subject in half of the encodings phones and
+    browsers send, so the demo shows both faces equally often."""
+    portraits = {"grace-hopper": grace_hopper(), "eileen-collins": astronaut()}
+    if portraits["eileen-collins"] is None:  # scikit-image missing: one subject only
+        del portraits["eileen-collins"]
+    encoders = [
+        ("baseline.jpg", lambda p: encode(p, "JPEG", quality=90)),
+        ("progressive.jpg", lambda p: encode(p, "JPEG", quality=90, progressive=True)),
+        ("cmyk.jpg", cmyk_jpeg),
+        ("rotated-exif6.jpg", lambda p: jpeg_with_orientation(p, 6)),
+        ("gray16.png", png_16bit_gray),
+        ("rgba.png", png_rgba),
+        ("palette.png", png_palette),
+        ("photo.webp", lambda p: encode(p, "WEBP", quality=90)),
+        ("photo.heic", lambda p: encode(p, "HEIF", quality=90)),
+        ("first-frame.gif", lambda p: encode(p, "GIF")),
+        ("scan.tiff", lambda p: encode(p, "TIFF")),
+        ("old.bmp", lambda p: encode(p, "BMP")),
+        ("grayscale.jpg", lambda p: encode(np.asarray(Image.fromarray(p).convert("L")), "JPEG")),
+        ("no extension", lambda p: encode(p, "JPEG", quality=85)),
+        ("große Datei ü.jpeg", lambda p: encode(pasted_into(p, (1600, 1200), (500, 300)), "JPEG", quality=88)),
+        ("photo.png", lambda p: encode(p, "PNG")),
+    ]
+    names = list(portraits)
+    return [(names[i % len(names)], name, make(portraits[names[i % len(names)]]))
+            for i, (name, make) in enumerate(encoders)]
+
+
 def write_tree(root: str, files: dict[str, bytes]) -> None:
     """Write {relative key: bytes} under a local folder."""
     for key, data in files.items():

@@ -94,3 +94,46 @@ def stopped(stop: Stop, what: str) -> State:
     message = f"stopped ({reason}): {what}"
     get_run_logger().warning(message)
     return Cancelled(message=message)
+
+
+def resolved_model(registry: str | None, model: str, endpoint_url: str | None) -> str:
+    """NAME@VERSION of the model `model` resolves to (the production alias, else the
+    shipped network), for reports and tags; `model` itself when it cannot be resolved."""
+    from core.storage import storage_options
+    from models.registry import ModelRef, Registry
+
+    try:
+        name, version = Registry(registry, storage_options(endpoint_url)).resolve(ModelRef.parse(model))
+    except Exception:  # a report must not fail the run; loading the model will say why
+        return model
+    return f"{name}@{version}"
+
+
+def _short(url: str) -> str:
+    return "/".join(str(url).rstrip("/").split("/")[-2:])
+
+
+def scoring_run_name() -> str:
+    """A scoring run's name from its parameters: the date, the source and the output."""
+    from datetime import datetime, timezone
+
+    parameters = flow_run.parameters
+    day = parameters.get("scoring_date") or datetime.now(timezone.utc).date()
+    return f"{day} {_short(parameters.get('source', '?'))} → {_short(parameters.get('output', '?'))}"
+
+
+def tag_run(**values: str) -> None:
+    """Tag this flow run, e.g. scoring-date:2026-11-29 and model:NAME@VERSION, plus how it
+    was started: cli, deployment or schedule."""
+    from prefect.client.orchestration import get_client
+
+    if not flow_run.id:
+        return
+    try:
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(flow_run.id)
+            started_by = ("schedule" if run.auto_scheduled else "deployment") if run.deployment_id else "cli"
+            tags = set(run.tags) | {f"{k.replace('_', '-')}:{v}" for k, v in values.items()} | {f"started-by:{started_by}"}
+            client.update_flow_run(flow_run.id, tags=sorted(tags))
+    except Exception as error:  # tags help people find runs; they never fail one
+        get_run_logger().warning("could not tag the flow run: %s", error)

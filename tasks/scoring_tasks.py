@@ -3,8 +3,10 @@ around the plain functions in core.storage, core.scoring, core.predictions."""
 
 from __future__ import annotations
 
+import hashlib
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from functools import lru_cache
 
@@ -25,17 +27,22 @@ from core.locking import Lease, LeaseRef, acquire
 from tasks.run_control import retry_unless_stopped
 from core.stopping import STOP, StopRequested
 from core.storage import ObjectInfo, StorageError, Store, retry_if_transient, storage_options
-from core.summary import render_markdown, summarize
+from core.run_history import check_listing, key_shape_warnings, recent_runs, record_run
+from core.summary import rejected_rows, render_markdown, summarize
 
 
 @dataclass
 class Listing:
-    """The objects this run must look at, and what the dataset already answered."""
+    """The objects this run must look at, what the dataset already answered, and what the
+    source and the output's last runs looked like."""
 
     objects: list[ObjectInfo]
     known_hashes: dict[str, set[str]]
     skipped_unchanged: int
     listed_at: datetime
+    listed: int = 0  # objects under the source
+    warnings: list[str] = field(default_factory=list)
+    recent_runs: list[dict] = field(default_factory=list)  # the output's last runs, oldest first
 
 
 @task(name="lock-output", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_if_transient,
@@ -58,18 +65,25 @@ def unlock_output(lease: Lease) -> None:
 @task(name="list-new-photos", retries=2, retry_delay_seconds=[5, 30],
       retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 def list_new_photos(source: str, output: str, endpoint_url: str | None, listed_at: datetime,
-                    max_photos: int | None = None) -> Listing:
+                    max_photos: int | None = None, min_new_photos: int = 0,
+                    max_listing_drop: float = 0.9) -> Listing:
+    """List the source, drop what the dataset already answered, and check that the listing
+    looks like the source's (a wrong prefix fails here instead of looking like a quiet night)."""
     logger = get_run_logger()
     options = storage_options(endpoint_url)
-    source_store = Store(source, options)
+    source_store, output_store = Store(source, options), Store(output, options)
     if not source_store.exists():
         raise StorageError(f"source {source} does not exist", transient=False)
     objects = source_store.list_objects()
-    existing = read_predictions(Store(output, options),
-                                columns=["photo_key", "photo_sha256", "reject_reason", "scored_at"])
+    existing = read_predictions(output_store, columns=["photo_key", "photo_sha256", "reject_reason", "scored_at"])
     diff = diff_against_dataset(objects, existing)
     logger.info("listed %d objects under %s; %d unchanged since answered; %d to read",
                 len(objects), source, diff.skipped_unchanged, len(diff.to_read))
+    recent = recent_runs(output_store)
+    warnings = check_listing(len(objects), len(diff.to_read), recent, min_new_photos, max_listing_drop)
+    warnings += key_shape_warnings([o.key for o in objects], sum(user_of(o.key) is None for o in objects))
+    for warning in warnings:
+        logger.warning(warning)
     to_read = diff.to_read
     if max_photos is not None and len(to_read) > max_photos:
         # Oldest uploads first; the rest are new again for the next run.
@@ -77,12 +91,15 @@ def list_new_photos(source: str, output: str, endpoint_url: str | None, listed_a
         to_read = sorted(to_read, key=lambda o: (o.modified or oldest, o.key))[:max_photos]
         logger.warning("limit of %d photos per run: %d left for the next run", max_photos,
                        len(diff.to_read) - max_photos)
-    return Listing(to_read, diff.known_hashes, diff.skipped_unchanged, listed_at)
+    return Listing(to_read, diff.known_hashes, diff.skipped_unchanged, listed_at, len(objects), warnings, recent)
 
 
 @task(name="check-photo-metadata", cache_policy=NO_CACHE)
 def check_photo_metadata_task(listing: Listing) -> None:
     """Before inference: the photos to read have unique, contained keys and sane sizes."""
+    if not listing.objects:
+        get_run_logger().info("nothing to read: no listing to check")
+        return
     readable = [o for o in listing.objects if user_of(o.key) is not None]
     frame = pd.DataFrame({"photo_key": [o.key for o in readable],
                           "size_bytes": [o.size for o in readable]})
@@ -107,6 +124,8 @@ class ShardResult:
     rows: list[PhotoResult]
     stats: ScoringStats
     written: str | None
+    suite_seconds: float = 0.0  # the predictions suite
+    publish_seconds: float = 0.0
 
 
 def split_listing(listing: Listing, shard_size: int) -> list[Shard]:
@@ -160,8 +179,9 @@ def score_shard(shard: Shard, source: str, output: str, endpoint_url: str | None
         logger.info("shard %d: %d photos; model %s@%s on %s, batch size %s, framing %s", shard.index, total,
                     predictor.name, predictor.version, predictor.device, options.batch_size or "auto",
                     predictor.framing.to_dict())
-        artifact = create_progress_artifact(0.0, key=f"scoring-progress-{shard.index}",
-                                            description=f"shard {shard.index}: photos answered out of {total}")
+        artifact = create_progress_artifact(0.0, key=artifact_key(f"scoring-progress-{shard.index}", output),
+                                            description=f"shard {shard.index} of {output}: photos answered "
+                                                        f"out of {total}")
         last = {"t": time.monotonic(), "pct": 0.0}
 
         def progress(done: int, of: int) -> None:
@@ -177,9 +197,11 @@ def score_shard(shard: Shard, source: str, output: str, endpoint_url: str | None
                                     checkpoint=checkpoint)
         logger.info("scored %d, rejected %d, same content skipped %d, %.1f photos/s",
                     stats.scored, stats.rejected, stats.skipped_same_hash, stats.photos_per_second)
-        written = None
+        written, suite_seconds, publish_seconds = None, 0.0, 0.0
         if rows:
-            check_rows(rows)
+            started = time.perf_counter()
+            check_rows(rows, output)
+            suite_seconds = time.perf_counter() - started
             logger.info("publishing %d rows", len(rows))
 
             def still_ours() -> None:
@@ -187,44 +209,89 @@ def score_shard(shard: Shard, source: str, output: str, endpoint_url: str | None
                 if lease is not None:
                     lease.check(output_store)
 
+            started = time.perf_counter()
             written = write_predictions(output_store, to_table(rows), scoring_date,
                                         f"part-{run_id}-{shard.index:05d}", before_move=still_ours)
+            publish_seconds = time.perf_counter() - started
             logger.info("published %d rows to %s", len(rows), written)
-        return ShardResult(rows, stats, written)
+        return ShardResult(rows, stats, written, suite_seconds, publish_seconds)
     except StopRequested as error:
         logger.warning("shard %d stopped before publishing: %s", shard.index, error)
         return Cancelled(message=f"stopped before publishing: {error}")
 
 
-def check_rows(rows: list[PhotoResult]) -> None:
+def check_rows(rows: list[PhotoResult], output: str) -> None:
     """Before publishing: keys present, one row per photo, probabilities valid."""
     report = check_predictions(to_table(rows).to_pandas())
     logger = get_run_logger()
     if not report.success:
         logger.error(report.text())
-        create_markdown_artifact("```\n" + report.text() + "\n```", key="predictions-suite",
-                                 description="predictions suite failed: nothing was published")
+        create_markdown_artifact("```\n" + report.text() + "\n```", key=artifact_key("predictions-suite", output),
+                                 description=f"predictions suite failed for {output}: nothing was published")
         raise ExpectationsFailed(report)
     logger.info(report.text())
 
 
-@task(name="publish-run-summary", cache_policy=NO_CACHE)
-def publish_run_summary(results: list[ShardResult], listing: Listing, model: str) -> dict:
+def artifact_key(name: str, output: str) -> str:
+    """`name` keyed per output (artifact keys take lowercase letters, digits and dashes), so
+    each output's history in the UI reads as one series."""
+    tail = re.sub(r"[^a-z0-9]+", "-", output.rstrip("/").rsplit("/", 1)[-1].lower()).strip("-")[:24]
+    return f"{name}-{tail or 'output'}-{hashlib.sha256(output.encode()).hexdigest()[:8]}"
+
+
+def file_link(url: str, how: str, store: Store) -> str | None:
+    """A URL a browser can open for a written file, or None: `how` is none, presigned (the
+    store signs an https URL, e.g. S3), or an https:// template with {url}, {bucket}, {key}."""
+    if how == "none":
+        return None
+    if how == "presigned":
+        try:
+            link = store.fs.url(url.split("://", 1)[-1], expires=7 * 24 * 3600)
+        except (AttributeError, NotImplementedError, TypeError, ValueError):
+            return None
+        return link if str(link).startswith("https://") else None
+    bucket, _, key = url.split("://", 1)[-1].partition("/")
+    return how.format(url=url, bucket=bucket, key=key)
+
+
+def report_run(results: list[ShardResult], listing: Listing, model: str, source: str, output: str,
+               scoring_date: date, run_id: str, timings: dict, wall_seconds: float,
+               endpoint_url: str | None = None, file_links: str = "none") -> dict:
+    """The run's summary: artifacts on the flow run itself (called from the flow, not from a
+    task), keyed per output, and the run's record beside the dataset for the next runs."""
     rows = [row for result in results for row in result.rows]
-    written = [result.written for result in results if result.written]
-    summary = summarize(rows, merge_stats([r.stats for r in results]), listing.skipped_unchanged)
-    summary.update(model=model, written=written, shards=len(results))
+    stats = merge_stats([r.stats for r in results])
+    timings = {**timings, "predictions_suite": sum(r.suite_seconds for r in results),
+               "publish": sum(r.publish_seconds for r in results)}
+    summary = summarize(rows, stats, listing.listed, listing.skipped_unchanged)
+    last = listing.recent_runs[-1]["listed_at"] if listing.recent_runs else None
+    summary.update(model=model, written=[r.written for r in results if r.written], shards=len(results),
+                   warnings=list(listing.warnings), last_run_at=str(last) if last else None, run_id=run_id,
+                   scoring_date=scoring_date.isoformat(), timings={k: round(v, 3) for k, v in timings.items()},
+                   wall_seconds=round(wall_seconds, 3))
+    record = {"run_id": run_id, "listed_at": listing.listed_at.isoformat(), "source": source, "model": model,
+              "listed": listing.listed, "new": summary["new"], "rows": summary["rows"], "scored": summary["scored"],
+              "rejected": summary["rejected"], "unknown": summary["genders"]["unknown"],
+              "wall_seconds": summary["wall_seconds"], "files": summary["written"]}
+    store = Store(output, storage_options(endpoint_url))
+    record_run(store, record)
+    summary["recent_runs"] = listing.recent_runs[-9:] + [record]
+
+    create_markdown_artifact(render_markdown(summary, source, output), key=artifact_key("scoring-summary", output),
+                             description=f"nightly scoring of {source} into {output}")
     create_table_artifact([{"status": "scored", "photos": summary["scored"]},
                            {"status": "rejected", "photos": summary["rejected"]},
                            {"status": "unchanged (skipped)", "photos": summary["skipped_unchanged"]}],
-                          key="scoring-counts", description="photos by status")
-    create_table_artifact([{"reason": k, "photos": v} for k, v in summary["reject_reasons"].items()]
-                          or [{"reason": "none", "photos": 0}],
-                          key="reject-reasons", description="rejected photos by reason")
-    create_table_artifact(summary["p_male_histogram"], key="p-male-histogram",
-                          description="calibrated p_male of scored photos")
-    create_markdown_artifact(render_markdown(summary), key="scoring-summary",
-                             description="nightly scoring summary")
-    for url in written:
-        create_link_artifact(url, link_text="predictions Parquet written by this run", key="predictions-file")
+                          key=artifact_key("scoring-counts", output), description=f"photos by status, {output}")
+    rejected = rejected_rows(rows)
+    if rejected:
+        more = summary["rejected"] - len(rejected)
+        create_table_artifact(rejected, key=artifact_key("rejected-photos", output),
+                              description=f"rejected photos of this run, {output}"
+                                          + (f" (the first {len(rejected)}; {more} more in the Parquet)" if more else ""))
+    for url in summary["written"]:
+        link = file_link(url, file_links, store)
+        if link:
+            create_link_artifact(link, link_text=url, key=artifact_key("predictions-file", output),
+                                 description="a Parquet file written by this run")
     return summary

@@ -71,7 +71,9 @@ def test_demo_tree_has_faces_and_every_broken_kind(tmp_path):
     from gender_pipeline import samples
     from gender_pipeline.demo import build_uploads
 
-    count = build_uploads(str(tmp_path))
-    assert count == len(samples.face_variants()) + len(samples.broken_files())
+    known = build_uploads(str(tmp_path))
+    assert len(known) == len(samples.demo_uploads()) + len(samples.broken_files())
     users = [p for p in tmp_path.iterdir() if p.is_dir()]
-    assert len(users) == count and all(len(list(u.iterdir())) == 1 for u in users)
+    assert len(users) == len(known) and all(len(list(u.iterdir())) == 1 for u in users)
+    subjects = [k.split("-")[0] for k, v in known.items() if v in ("male", "female")]
+    assert subjects.count("grace") == subjects.count("eileen") == 8  # both portraits equally often

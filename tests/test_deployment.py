@@ -13,6 +13,7 @@ import pandas as pd
 import psutil
 import pytest
 
+from tasks.scoring_tasks import artifact_key
 from tests.conftest import free_port
 
 
@@ -75,8 +76,8 @@ def test_served_deployment_runs_on_a_real_server(prefect_server, uploads, tmp_pa
                     artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
         assert deployment.schedules and deployment.schedules[0].schedule.cron == "0 3 * * *"
         keys = {a.key for a in artifacts}
-        assert {"scoring-counts", "reject-reasons", "p-male-histogram", "scoring-summary",
-                "predictions-file"} <= keys
+        assert {artifact_key(name, str(output)) for name in ("scoring-counts", "rejected-photos",
+                                                             "scoring-summary")} <= keys
         frame = pd.read_parquet(str(output / "predictions"))
         assert sorted(frame["photo_key"]) == sorted(files)
         assert set(frame["run_id"]) == {str(run.id)}

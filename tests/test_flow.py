@@ -1,5 +1,6 @@
 """The nightly-scoring flow end to end on a real (temporary) Prefect server."""
 
+import json
 import os
 import time
 
@@ -8,6 +9,7 @@ import pandas as pd
 import pytest
 
 from flows.scoring import nightly_scoring
+from tasks.scoring_tasks import artifact_key
 from gender_pipeline import samples
 from core.expectations import ExpectationsFailed
 
@@ -37,10 +39,10 @@ def test_scores_once_and_rerun_writes_nothing(uploads, tmp_path):
     assert set(frame["model_name"]) == {"dlib-gender-v1"}
     assert (frame["run_id"] == summary["run_id"]).all()
     assert frame.loc[frame.status == "scored", "gender"].isin(["male", "female", "unknown"]).all()
-    for key in ("scoring-counts", "reject-reasons", "p-male-histogram", "scoring-summary", "predictions-file"):
-        assert Artifact.get(key) is not None, key
-    counts = Artifact.get("scoring-counts")
-    assert '"photos": 4' in str(counts.data) or "4" in str(counts.data)
+    for name in ("scoring-counts", "rejected-photos", "scoring-summary"):
+        assert Artifact.get(artifact_key(name, str(output))) is not None, name
+    counts = json.loads(Artifact.get(artifact_key("scoring-counts", str(output))).data)
+    assert {"status": "scored", "photos": 4} in counts
 
     again = run(source, output, registry, scoring_date="2026-03-04")
     assert again["rows"] == 0 and again["written"] == []
@@ -115,7 +117,7 @@ def test_failing_predictions_suite_stops_the_publish(uploads, tmp_path, monkeypa
     with pytest.raises(ExpectationsFailed, match="p_male"):
         run(source, output, registry)
     assert parquet_files(output) == []
-    assert "FAILED" in Artifact.get("predictions-suite").data
+    assert "FAILED" in Artifact.get(artifact_key("predictions-suite", str(output))).data
 
 
 def test_missing_source_fails_clearly(tmp_path):

@@ -82,3 +82,18 @@ def test_face_embedding_model_on_cuda_matches_cpu():
     gpu = _embedding_predictor("cuda")
     assert gpu.auto_batch_size() >= 16
     assert np.allclose(cpu, gpu.predict(chips).logits, atol=0.05)
+
+
+def test_gpu_front_end_on_cuda_matches_the_cpu_front_end():
+    from gender_pipeline import samples
+    from core.faces import FaceFrontEnd
+    from core.gpu_faces import GpuFaceFrontEnd
+
+    photos = [samples.grace_hopper(), samples.astronaut(),
+              samples.pasted_into(samples.grace_hopper(), (4032, 3024), (2000, 1500))]
+    for framing in (Framing(size=150, padding=0.25), Framing(kind="retinaface_5pt", size=112, padding=0.1)):
+        faces = GpuFaceFrontEnd(framing, "cuda").faces(photos)
+        for photo, face in zip(photos, faces):
+            reference = FaceFrontEnd().largest_face(photo, framing)
+            chip = face.chip.round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
+            assert np.abs(chip.astype(int) - reference.chip.astype(int)).mean() < 3

@@ -1,0 +1,80 @@
+"""What each scoring run of an output saw and did, kept beside the dataset.
+
+One small JSON record per completed run, `{output}/_runs/{listed_at}-{run_id}.json`
+(readers of the dataset skip names starting with `_`). Later runs read the last few: to
+show a trend, and to notice a source that suddenly lists far fewer photos than before
+(a wrong prefix looks like a quiet night otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+from core.storage import Store, with_retries
+
+FOLDER = "_runs"
+
+
+class ListingLooksWrong(RuntimeError):
+    """The source lists far fewer photos than a guard allows: probably the wrong prefix."""
+
+
+def record_run(store: Store, record: dict) -> str:
+    """Write one run's record (atomically); `record` has at least run_id and listed_at."""
+    stamp = datetime.fromisoformat(str(record["listed_at"])).strftime("%Y%m%dT%H%M%S")
+    key = f"{FOLDER}/{stamp}-{record['run_id']}.json"
+    store.write_atomic(key, json.dumps(record, indent=1, default=str).encode())
+    return key
+
+
+def recent_runs(store: Store, count: int = 10) -> list[dict]:
+    """The last `count` runs' records, oldest first (an empty list before the first run)."""
+    try:
+        keys = sorted(o.key for o in store.list_objects(FOLDER) if o.key.endswith(".json")
+                      and not o.key.rsplit("/", 1)[-1].startswith(("_", ".")))
+    except FileNotFoundError:
+        return []
+    records = []
+    for key in keys[-count:]:
+        try:
+            records.append(json.loads(with_retries(lambda k=key: store.read(k), f"reading {key}")))
+        except (FileNotFoundError, ValueError):  # removed or being written: skip it
+            continue
+    return records
+
+
+def check_listing(listed: int, new: int, previous: list[dict], min_new_photos: int = 0,
+                  max_listing_drop: float = 0.9) -> list[str]:
+    """Raise ListingLooksWrong when the listing breaks a guard; return warnings otherwise.
+
+    Guards: fewer than `min_new_photos` new photos; fewer objects listed than
+    (1 - `max_listing_drop`) of what the previous run listed (1 turns this off)."""
+    warnings = []
+    last = next((r for r in reversed(previous) if r.get("listed")), None)
+    if new < min_new_photos:
+        raise ListingLooksWrong(f"{new} new photos, fewer than --min-new-photos {min_new_photos}: nothing was "
+                                f"scored. Check the source, or lower the guard.")
+    if last is not None and listed < (1 - max_listing_drop) * last["listed"]:
+        raise ListingLooksWrong(
+            f"the source lists {listed} objects, the run of {str(last.get('listed_at', '?'))[:16]} listed "
+            f"{last['listed']}: a drop of more than {max_listing_drop:.0%} usually means a wrong prefix or a "
+            f"missing mount; nothing was scored. If the photos really were removed, pass "
+            f"--max-listing-drop 1 once.")
+    if listed == 0:
+        warnings.append("the source is empty: no object listed" + (
+            "" if last is None else f" (the run of {str(last.get('listed_at', '?'))[:16]} listed {last['listed']})"))
+    return warnings
+
+
+def key_shape_warnings(keys: list[str], bad_keys: int) -> list[str]:
+    """Warnings when the listed keys do not look like {user_id}/{file name}."""
+    warnings = []
+    if keys and bad_keys > len(keys) / 2:
+        warnings.append(f"{bad_keys} of {len(keys)} keys are not {{user_id}}/{{file name}}: is the source one "
+                        f"folder too deep?")
+    users = {k.split("/", 1)[0] for k in keys if "/" in k}
+    if len(keys) >= 20 and len(users) == 1:
+        warnings.append(f"all {len(keys)} photos share the user id {next(iter(users))!r}: is the source one "
+                        f"folder too high?")
+    return warnings
