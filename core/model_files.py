@@ -75,7 +75,8 @@ def cached_path(model: ShippedModel) -> Path:
     return cache_dir() / "models" / model.name
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """The sha256 of a file, read a megabyte at a time."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -88,7 +89,7 @@ def model_path(model: ShippedModel) -> str:
     path = cached_path(model)
     if not path.is_file():
         raise ModelFileMissing(f"model file {model.name} is not in {path.parent}; {FETCH_HINT}")
-    actual = _sha256_file(path)
+    actual = sha256_file(path)
     if actual != model.sha256:
         raise ModelFileMissing(f"model file {path} has sha256 {actual}, expected {model.sha256} "
                                f"(damaged or replaced); {FETCH_HINT}")

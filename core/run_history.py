@@ -59,8 +59,8 @@ def check_listing(listed: int, new: int, previous: list[dict], min_new_photos: i
         raise ListingLooksWrong(
             f"the source lists {listed} objects, the run of {str(last.get('listed_at', '?'))[:16]} listed "
             f"{last['listed']}: a drop of more than {max_listing_drop:.0%} usually means a wrong prefix or a "
-            f"missing mount; nothing was scored. If the photos really were removed, pass "
-            f"--max-listing-drop 1 once.")
+            f"missing mount; nothing was scored. If the photos really were removed, run once with "
+            f"--max-listing-drop 1 (the max_listing_drop parameter).")
     if listed == 0:
         warnings.append("the source is empty: no object listed" + (
             "" if last is None else f" (the run of {str(last.get('listed_at', '?'))[:16]} listed {last['listed']})"))

@@ -52,13 +52,14 @@ def _rate(part: int, whole: int) -> str:
 
 
 def bars(histogram: list[dict], width: int = 30) -> str:
-    """The p_male histogram as text bars (monospace), one line per bin."""
+    """The p_male histogram as text bars, one line per bin, the count before the bar (block
+    characters are not always as wide as digits, even in a monospace font)."""
     peak = max((b["photos"] for b in histogram), default=0) or 1
     lines = []
     for b in histogram:
         blocks = width * b["photos"] / peak
         bar = "█" * int(blocks) + ("▌" if blocks - int(blocks) >= 0.5 else "")
-        lines.append(f"{b['bin']}  {bar:<{width + 1}} {b['photos']}")
+        lines.append(f"{b['bin']}  {b['photos']:>6}  {bar}")
     return "\n".join(lines)
 
 

@@ -2,7 +2,6 @@
 dlib's face embedding; select the model that does not overfit, calibrate it, register it,
 promote it if it beats production."""
 
-from __future__ import annotations
 
 from typing import Literal
 

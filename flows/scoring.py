@@ -1,6 +1,7 @@
-"""nightly-scoring: list new photos, check them, score them, check the rows, publish."""
+"""nightly-scoring: list new photos, check them, score them, check the rows, publish.
 
-from __future__ import annotations
+No `from __future__ import annotations` here: Prefect validates parameters against the
+signature in the process a deployment runs in, where string annotations cannot be resolved."""
 
 import time
 from datetime import date, datetime, timezone

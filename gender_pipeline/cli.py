@@ -30,50 +30,33 @@ def _date(text: str) -> str:
         raise argparse.ArgumentTypeError(f"dates are YYYY-MM-DD, got {text!r}") from None
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
-    return value
+def _number(cast, low: float, high: float | None = None, what: str = ""):
+    """An argparse type: `cast` (int or float) of the text, within [low, high]."""
+    kind = "a whole number" if cast is int else "a number"
+    bounds = f"in [{low}, {high}]" if high is not None else f"of at least {low}"
+
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind} {bounds}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{what or 'expected ' + kind} {bounds}, got {value}")
+        return value
+
+    return parse
+
+
+_positive = _number(int, 1)
+_non_negative = _number(int, 0)
+_probability = _number(float, 0.5, 1.0, "the abstain threshold is a confidence")
+_fraction = _number(float, 0.0, 1.0)
 
 
 def _model_ref(text: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._-]+)?", text):
         raise argparse.ArgumentTypeError(f"--model is NAME or NAME@VERSION, got {text!r}")
     return text
-
-
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0.5, 1], got {text!r}") from None
-    if not 0.5 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"the abstain threshold is a confidence in [0.5, 1], got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
-    return value
 
 
 def _add_storage(parser: argparse.ArgumentParser) -> None:

@@ -45,7 +45,8 @@ def show_answers(lake: str, known: dict[str, str]) -> None:
                   else f"rejected: {row.reject_reason}")
         right += row.gender == truth
         print(f"  {row.photo_key:<42} {answer:<28} known: {truth}")
-    print(f"{right} of {len(faces)} right. {DEFAULT_MODEL_LINE}")
+    print(f"{right} of {len(faces)} right. Every encoding of a portrait gets the same answer: the pipeline "
+          f"decodes them alike, so where that answer is wrong, the model is.\n{DEFAULT_MODEL_LINE}")
 
 
 def main() -> int:

@@ -13,7 +13,6 @@ a 150x150 RGB chip from `dlib.get_face_chip(img, shape, size=150, padding=0.25)`
 
 from __future__ import annotations
 
-import hashlib
 import importlib.resources
 import logging
 import math
@@ -25,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from core.model_files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -368,14 +369,6 @@ def default_cache_dir() -> str:
         os.path.expanduser("~"), ".cache", "gender-pipeline")
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _cached_state(cache_file: str, sha: str) -> dict[str, torch.Tensor] | None:
     """The cached state dict, or None when absent or not what the name promises."""
     if not os.path.isfile(cache_file):
@@ -416,7 +409,7 @@ def load_dlib_face_resnet(path: str | None = None, cache_dir: str | None = None)
     `$GENDER_PIPELINE_CACHE` or `~/.cache/gender-pipeline`) and read from there next time.
     """
     path = path or dat_path()
-    sha = _sha256(path)
+    sha = sha256_file(path)
     cache_file = os.path.join(cache_dir or default_cache_dir(), f"dlib-face-resnet-{sha}.pt")
     state = _cached_state(cache_file, sha)
     net = DlibFaceResNet()

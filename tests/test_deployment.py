@@ -29,6 +29,20 @@ def wait_for(url, seconds=120):
     raise TimeoutError(url)
 
 
+def run_served_deployment(timeout: float):
+    """Trigger the nightly deployment once `serve` has registered it (within two minutes)."""
+    from prefect.deployments import run_deployment
+
+    deadline = time.time() + 120
+    while True:
+        try:
+            return run_deployment("nightly-scoring/nightly-scoring", timeout=timeout)
+        except Exception:
+            if time.time() > deadline:
+                raise
+            time.sleep(1)
+
+
 @pytest.fixture
 def prefect_server(tmp_path):
     port = free_port()
@@ -49,7 +63,6 @@ def prefect_server(tmp_path):
 def test_served_deployment_runs_on_a_real_server(prefect_server, uploads, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-    from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     source, files = uploads
@@ -60,15 +73,7 @@ def test_served_deployment_runs_on_a_real_server(prefect_server, uploads, tmp_pa
         env=prefect_server, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         with temporary_settings(updates={PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
-            deadline = time.time() + 120
-            while True:  # the deployment exists once `serve` has registered it
-                try:
-                    run = run_deployment("nightly-scoring/nightly-scoring", timeout=300)
-                    break
-                except Exception:
-                    if time.time() > deadline:
-                        raise
-                    time.sleep(1)
+            run = run_served_deployment(timeout=300)
             assert run.state.is_completed(), run.state
             with get_client(sync_client=True) as client:
                 deployment = client.read_deployment_by_name("nightly-scoring/nightly-scoring")
@@ -90,7 +95,6 @@ def test_cancelling_a_served_run_through_the_api_stops_it(prefect_server, upload
     """Cancel from the UI/API while the decoders work: the run ends Cancelled within
     seconds, its processes end, the lock is free and nothing is published."""
     from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import Cancelling
 
@@ -112,15 +116,8 @@ def test_cancelling_a_served_run_through_the_api_stops_it(prefect_server, upload
     threading.Thread(target=lambda: lines.extend(serve.stdout), daemon=True).start()
     try:
         with temporary_settings(updates={PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
+            run = run_served_deployment(timeout=0)
             deadline = time.time() + 120
-            while True:
-                try:
-                    run = run_deployment("nightly-scoring/nightly-scoring", timeout=0)
-                    break
-                except Exception:
-                    if time.time() > deadline:
-                        raise
-                    time.sleep(1)
             while not any("stage-reached: decoding" in line for line in lines):
                 assert time.time() < deadline + 120, "".join(lines)
                 time.sleep(0.2)
