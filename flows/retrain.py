@@ -1,7 +1,6 @@
 """retrain: repeat the study (VGG16, GoogLeNet, ResNet18, tuned ResNet18), or train heads on
 dlib's face embedding; select the model that does not overfit, calibrate it, register it,
-promote it if it beats production."""
-
+promote it if it beats production. (Real annotations, as in flows/scoring.py.)"""
 
 from typing import Literal
 

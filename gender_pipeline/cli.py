@@ -33,7 +33,7 @@ def _date(text: str) -> str:
 def _number(cast, low: float, high: float | None = None, what: str = ""):
     """An argparse type: `cast` (int or float) of the text, within [low, high]."""
     kind = "a whole number" if cast is int else "a number"
-    bounds = f"in [{low}, {high}]" if high is not None else f"of at least {low}"
+    bounds = f"in [{low:g}, {high:g}]" if high is not None else f"of at least {low:g}"
 
     def parse(text: str):
         try:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from core.model_files import sha256_file
 from gender_pipeline import samples
 from models import dlib_resnet
 from models.dlib_resnet import DlibFaceResNet, dat_path, load_dlib_face_resnet, padded_add, read_dat
@@ -104,7 +105,7 @@ def test_padded_add_is_top_left_aligned():
 def test_second_load_reads_the_cache(tmp_path, monkeypatch):
     first = load_dlib_face_resnet(cache_dir=str(tmp_path))
     cached = list(tmp_path.iterdir())
-    assert [p.name for p in cached] == [f"dlib-face-resnet-{dlib_resnet._sha256(dat_path())}.pt"]
+    assert [p.name for p in cached] == [f"dlib-face-resnet-{sha256_file(dat_path())}.pt"]
 
     def no_parsing(path):
         raise AssertionError("parsed the .dat although the cache holds it")
