@@ -100,6 +100,12 @@ def hog_box(left: float, top: float, right: float, bottom: float) -> tuple[float
     return cx - half_w, cy - half_h, cx + half_w, cy + half_h
 
 
+def clip_box(box, width: int, height: int) -> tuple[int, int, int, int]:
+    """A box in whole pixels inside a width x height image."""
+    left, top, right, bottom = box
+    return max(0, int(left)), max(0, int(top)), min(width - 1, int(right)), min(height - 1, int(bottom))
+
+
 def template_points(framing: Framing) -> np.ndarray:
     """Where the five points go in a `retinaface_5pt` chip, in chip pixels."""
     return (TEMPLATE + framing.padding) / (1 + 2 * framing.padding) * framing.size
@@ -169,8 +175,7 @@ class FaceFrontEnd:
                 found.append(Detection(tuple(v / factor for v in hog_box(*box)), float(score), points / factor))
         out = []
         for face in found:
-            left, top, right, bottom = face.box
-            box = (max(0, int(left)), max(0, int(top)), min(width - 1, int(right)), min(height - 1, int(bottom)))
+            box = clip_box(face.box, width, height)
             if box[2] > box[0] and box[3] > box[1]:
                 out.append(Detection(box, face.score, face.points))
         out.sort(key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]), reverse=True)

@@ -14,13 +14,13 @@ only the warp runs on the device. The same code runs on the CPU for tests.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from core.faces import FaceFrontEnd, Framing, hog_box, image_tensor, template_points
+from core.faces import FaceFrontEnd, Framing, clip_box, hog_box, image_tensor, template_points
+from core.timing import timed
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,10 @@ class GpuFaceFrontEnd:
         """The largest face of each RGB photo (H x W x 3 uint8, as decoded), or None."""
         from core.retinaface import detect_batch, letterbox
 
-        started = time.perf_counter()
-        on_device = [image_tensor(image).to(self.device, non_blocking=True) for image in images]
-        batch, scales, valid = letterbox(on_device, self.detect_side)
-        detections = detect_batch(self.model, batch, valid)
-        _add(timings, "detect", started)
+        with timed(timings, "detect"):
+            on_device = [image_tensor(image).to(self.device, non_blocking=True) for image in images]
+            batch, scales, valid = letterbox(on_device, self.detect_side)
+            detections = detect_batch(self.model, batch, valid)
         out: list[GpuFace | None] = []
         for image, rgb, scale, found in zip(on_device, images, scales, detections):
             if len(found.scores) == 0:
@@ -69,11 +68,10 @@ class GpuFaceFrontEnd:
             boxes = found.boxes / scale
             areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
             best = int(torch.argmax(areas))
-            box = _clip(hog_box(*boxes[best].tolist()), rgb.shape[1], rgb.shape[0])
+            box = clip_box(hog_box(*boxes[best].tolist()), rgb.shape[1], rgb.shape[0])
             matrix = self._matrix(rgb, box, found.points[best] / scale, timings)
-            started = time.perf_counter()
-            chip = self._warp(image, matrix)
-            _add(timings, "warp", started)
+            with timed(timings, "warp"):
+                chip = self._warp(image, matrix)
             out.append(GpuFace(chip, box, len(found.scores)))
         return out
 
@@ -83,13 +81,12 @@ class GpuFaceFrontEnd:
         if self._landmarks is None:
             target = torch.as_tensor(template_points(self.framing), dtype=torch.float32, device=points.device)
             return similarity(points.float()[None], target)[0]
-        started = time.perf_counter()
-        dlib = self._landmarks._dlib
-        shape = self._landmarks._landmarks(rgb, dlib.rectangle(*box))
-        details = dlib.get_face_chip_details(shape, self.framing.size, self.framing.padding)
-        r = details.rect
-        matrix = dlib_chip_matrix(r.left(), r.top(), r.right(), r.bottom(), details.angle, self.framing.size)
-        _add(timings, "landmarks", started)
+        with timed(timings, "landmarks"):
+            dlib = self._landmarks._dlib
+            shape = self._landmarks._landmarks(rgb, dlib.rectangle(*box))
+            details = dlib.get_face_chip_details(shape, self.framing.size, self.framing.padding)
+            r = details.rect
+            matrix = dlib_chip_matrix(r.left(), r.top(), r.right(), r.bottom(), details.angle, self.framing.size)
         return torch.as_tensor(matrix, dtype=torch.float32, device=self.device)
 
     def _warp(self, image: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
@@ -101,13 +98,3 @@ class GpuFaceFrontEnd:
             return torch.floor(chip + 1e-3)  # dlib's chips are truncated to whole values
         chip = warp_chips(image, matrix[None], self.framing.size, method="antialias", fill=self.framing.fill)[0]
         return chip.round().clamp(0, 255)  # as the CPU path's uint8 chips
-
-
-def _clip(box, width: int, height: int) -> tuple[int, int, int, int]:
-    left, top, right, bottom = box
-    return (max(0, int(left)), max(0, int(top)), min(width - 1, int(right)), min(height - 1, int(bottom)))
-
-
-def _add(timings: dict | None, stage: str, started: float) -> None:
-    if timings is not None:
-        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - started

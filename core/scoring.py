@@ -29,6 +29,7 @@ from core.faces import NO_FACE, FaceFrontEnd, Framing
 from core.predictions import PhotoResult, gender_of
 from core.processes import cpu_count, quiet_worker
 from core.stopping import STOP, result_unless_stopped
+from core.timing import timed
 from core.storage import ObjectInfo, Store
 
 log = logging.getLogger(__name__)
@@ -141,10 +142,8 @@ def face_chip(data: bytes, framing: Framing, limits: DecodeLimits, detect_side: 
     """Bytes to an aligned chip: (chip, box in original pixels, face count, reject reason,
     detail, format). The one path from a photo to a model input. `timings` (when given)
     adds the seconds of each stage."""
-    started = time.perf_counter()
-    decoded = decode_photo(data, limits, jpeg_device)
-    if timings is not None:
-        timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - started
+    with timed(timings, "decode"):
+        decoded = decode_photo(data, limits, jpeg_device)
     if isinstance(decoded, Rejection):
         return None, None, 0, decoded.reason, decoded.detail, decoded.format
     face = _frontend_for(framing.detector, detect_side).largest_face(decoded.rgb, framing, timings)
@@ -169,9 +168,8 @@ def prepare_photo(key: str, data: bytes, sha256: str, framing: Framing, limits: 
                         detail="key is not {user_id}/{file name}")
     seconds: dict = {}
     if decode_only:
-        started = time.perf_counter()
-        decoded = decode_photo(data, limits, jpeg_device)
-        seconds["decode"] = time.perf_counter() - started
+        with timed(seconds, "decode"):
+            decoded = decode_photo(data, limits, jpeg_device)
         if isinstance(decoded, Rejection):
             return Prepared(key, user_id, sha256, reject_reason=decoded.reason, detail=decoded.detail,
                             format=decoded.format, seconds=seconds)

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from models.networks import build_network
+from models.predictor import autocast  # bf16 on CUDA (no loss scaling needed), fp32 on the CPU
 from models.presets import eval_preset, train_preset
 from core.processes import quiet_worker
 from core.stopping import STOP
@@ -121,17 +122,11 @@ def _batches(loader, device: str):
         yield images, targets
 
 
-def _autocast(device: str):
-    """bf16 autocast on CUDA (no loss scaling needed); plain fp32 on CPU."""
-    cuda = device.startswith("cuda")
-    return torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda)
-
-
 def train_one_epoch(model, loader, criterion, optimizer, device: str) -> tuple[float, float, int]:
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     for images, targets in _batches(loader, device):
-        with _autocast(device):
+        with autocast(device):
             outputs = model(images)
             loss = criterion(outputs.float(), targets)
         optimizer.zero_grad(set_to_none=True)
@@ -150,7 +145,7 @@ def evaluate(model, loader, criterion, device: str) -> tuple[float, float, np.nd
     total_loss, correct, seen = 0.0, 0, 0
     logits, labels = [], []
     for images, targets in _batches(loader, device):
-        with _autocast(device):
+        with autocast(device):
             outputs = model(images).float()
         total_loss += criterion(outputs, targets).item() * len(targets)
         correct += (outputs.argmax(1) == targets).sum().item()
