@@ -61,13 +61,13 @@ class Process:
     def descendants(self):
         return psutil.Process(self.process.pid).children(recursive=True)
 
-    def workers(self, at_least, timeout=30):
-        """The child processes once at least `at_least` workers run (multiprocessing's
-        resource tracker is not a worker)."""
+    def workers(self, at_least, timeout=30, counts=lambda p: not is_tracker(p)):
+        """The child processes once at least `at_least` of them are workers (`counts`;
+        multiprocessing's resource tracker is not a worker)."""
         deadline = time.monotonic() + timeout
         while True:
             children = self.descendants()
-            if len([p for p in children if not is_tracker(p)]) >= at_least or time.monotonic() > deadline:
+            if len([p for p in children if counts(p)]) >= at_least or time.monotonic() > deadline:
                 return children
             time.sleep(0.02)
 
@@ -88,6 +88,14 @@ class Process:
 def is_tracker(process):
     try:
         return "resource_tracker" in " ".join(process.cmdline())
+    except psutil.Error:
+        return False
+
+
+def is_worker(process):
+    """A spawned multiprocessing worker (not the tracker, nor a child caught before its exec)."""
+    try:
+        return "spawn_main" in " ".join(process.cmdline())
     except psutil.Error:
         return False
 
@@ -122,12 +130,12 @@ class LockWatch:
         self._thread.start()
 
     def _run(self):
-        # multiprocessing's resource tracker only cleans up after the run; it ends with it
-        workers = [p for p in self.watched if not is_tracker(p)]
         while not self._done.is_set():
             if not self.lock.exists():
                 self.freed_at = time.monotonic()
-                self.alive_when_freed = alive(workers)
+                # multiprocessing's resource tracker only cleans up after the run; it ends
+                # with it. Told apart now: caught between fork and exec, it looked like its parent.
+                self.alive_when_freed = [p for p in alive(self.watched) if not is_tracker(p)]
                 return
             time.sleep(0.002)
 
@@ -167,9 +175,9 @@ def test_scoring_stops_cleanly_at_every_stage(stage, sig, uploads, tmp_path):
     run = Process(stage, args)
     run.wait_for(f"stage-reached: {stage}")
     # decoder processes start with the first photo and end after the last
-    children = run.workers(2) if stage in ("decoding", "model") else run.descendants()
+    children = run.workers(2, counts=is_worker) if stage in ("decoding", "model") else run.descendants()
     if stage in ("decoding", "model"):
-        assert len([p for p in children if not is_tracker(p)]) >= 2, "the decoder processes should be running"
+        assert len([p for p in children if is_worker(p)]) >= 2, "the decoder processes should be running"
     before = published(output)
     watch = LockWatch(output / "_locks" / "nightly-scoring.json", children)
     sent, seconds = signal_and_wait(run, sig)
