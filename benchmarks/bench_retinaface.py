@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
+from core.decoding import shrunk  # noqa: E402
 from core.processes import cpu_count  # noqa: E402
 from core.retinaface import RetinaFaceOnnx, RetinaFaceTorch, detect_batch, padded_size  # noqa: E402
 from gender_pipeline import samples  # noqa: E402
@@ -34,12 +35,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 def shrink(rgb: np.ndarray, side: int) -> np.ndarray:
     """A copy whose longest side is at most `side` (as FaceFrontEnd.detect makes)."""
-    height, width = rgb.shape[:2]
-    factor = min(1.0, side / max(height, width))
-    if factor == 1.0:
-        return np.ascontiguousarray(rgb)
-    size = (max(1, round(width * factor)), max(1, round(height * factor)))
-    return np.ascontiguousarray(np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR)))
+    return np.ascontiguousarray(np.asarray(shrunk(Image.fromarray(rgb), side)))
 
 
 def load_folder(folder: str, limit: int | None) -> list[np.ndarray]:

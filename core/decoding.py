@@ -198,7 +198,7 @@ def _decode(data: bytes, fmt: str, limits: DecodeLimits, jpeg_device: str | None
     if image.mode in ("RGB", "L"):
         # Shrink first: rotating and converting the small copy, not the full photo, and
         # reducing by whole factors before the filter, saves a fifth of the decode time.
-        image = _shrunk(image, limits.working_side)
+        image = shrunk(image, limits.working_side)
 
     oriented = ImageOps.exif_transpose(image)
     if oriented is None:  # pragma: no cover - exif_transpose returns a copy when not in_place
@@ -207,12 +207,12 @@ def _decode(data: bytes, fmt: str, limits: DecodeLimits, jpeg_device: str | None
         width, height = height, width
     rgb = _to_rgb(oriented)
     if max(rgb.shape[:2]) > limits.working_side:  # modes converted at full size (palette, 16-bit, alpha)
-        rgb = np.asarray(_shrunk(Image.fromarray(rgb), limits.working_side))
+        rgb = np.asarray(shrunk(Image.fromarray(rgb), limits.working_side))
     return DecodedPhoto(rgb=np.ascontiguousarray(rgb), format=fmt, width=width, height=height,
                         scale=rgb.shape[1] / width)
 
 
-def _shrunk(image: Image.Image, side: int) -> Image.Image:
+def shrunk(image: Image.Image, side: int) -> Image.Image:
     """`image` with its longest side at most `side` (antialiased; unchanged when smaller)."""
     if max(image.size) <= side:
         return image

@@ -20,6 +20,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
+from core.decoding import shrunk
 from core.timing import timed
 
 NO_FACE = "no_face"
@@ -151,12 +152,10 @@ class FaceFrontEnd:
             self._retinaface = RetinaFaceOnnx(threads=threads)
 
     def _small(self, rgb: np.ndarray) -> tuple[np.ndarray, float]:
-        height, width = rgb.shape[:2]
-        factor = min(1.0, self.detect_side / max(height, width))
+        factor = min(1.0, self.detect_side / max(rgb.shape[:2]))
         if factor == 1.0:
             return np.ascontiguousarray(rgb), factor
-        size = (max(1, round(width * factor)), max(1, round(height * factor)))
-        return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR)), factor
+        return np.asarray(shrunk(Image.fromarray(rgb), self.detect_side)), factor
 
     def detect(self, rgb: np.ndarray) -> list[Detection]:
         """Faces in `rgb`, largest first. Detection runs on a copy whose longest side is at
