@@ -9,13 +9,10 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from core.storage import ObjectInfo, Store, modified_time, with_retries
+from core.storage import Store, modified_time
 
 log = logging.getLogger(__name__)
 
@@ -129,59 +126,6 @@ def remove_stale_temporaries(store: Store, folder: str, older_than: timedelta = 
     return removed
 
 
-def read_predictions(store: Store, columns: list[str] | None = None) -> pd.DataFrame:
-    """All published rows (every partition); an empty frame when nothing is there yet."""
-    root = store.path(DATASET)
-
-    def load() -> pd.DataFrame:
-        store.fs.invalidate_cache()
-        if not store.fs.exists(root):
-            return pd.DataFrame(columns=columns or COLUMNS + ["dt"])
-        dataset = ds.dataset(root, filesystem=store.fs, format="parquet", partitioning="hive",
-                             schema=PREDICTIONS_SCHEMA.append(pa.field("dt", pa.string())))
-        return dataset.to_table(columns=columns).to_pandas()
-
-    return with_retries(load, f"reading {store.url}/{DATASET}")
-
-
-@dataclass
-class Diff:
-    """Which listed objects need work: `to_read` must be read; `seen` are done already."""
-
-    to_read: list[ObjectInfo]
-    known_hashes: dict[str, set[str]]  # key -> content hashes already answered
-    skipped_unchanged: int
-
-
-def diff_against_dataset(objects: list[ObjectInfo], existing: pd.DataFrame) -> Diff:
-    """Compare a listing with the published rows.
-
-    A key already answered whose object was not modified after it was answered is
-    skipped without reading it. Other keys are read; after hashing, a key whose hash
-    is in `known_hashes` is skipped too (same key, same content).
-    """
-    answered = existing
-    if len(answered) and "reject_reason" in answered:
-        answered = answered[~answered["reject_reason"].isin(RETRYABLE_REASONS)]
-    known: dict[str, set[str]] = {}
-    last_answer: dict[str, datetime] = {}
-    for key, sha, at in zip(answered.get("photo_key", []), answered.get("photo_sha256", []),
-                            answered.get("scored_at", [])):
-        if not (sha is None or (isinstance(sha, float) and pd.isna(sha))):
-            known.setdefault(key, set()).add(sha)
-        at = pd.Timestamp(at).to_pydatetime()
-        if key not in last_answer or at > last_answer[key]:
-            last_answer[key] = at
-    to_read, skipped = [], 0
-    for obj in objects:
-        answered_at = last_answer.get(obj.key)
-        if answered_at is not None and obj.modified is not None and obj.modified < answered_at:
-            skipped += 1
-            continue
-        to_read.append(obj)
-    return Diff(to_read=to_read, known_hashes=known, skipped_unchanged=skipped)
-
-
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -195,49 +139,3 @@ def published_files(store: Store) -> list[str]:
     keys = [store.key_of(p) for p in store.fs.find(root)]
     return sorted(k for k in keys if k.endswith(".parquet")
                   and not any(part.startswith(("_", ".")) for part in k.split("/")))
-
-
-def forget_user(store: Store, user_id: str) -> list[dict]:
-    """Remove every row of `user_id` from every partition. Each affected file is rewritten
-    under a temporary name and moved over the original, or deleted when nothing is left.
-    Returns what was removed, file by file."""
-    if not user_id:
-        raise ValueError("a user id is needed")
-    removed = []
-    for key in published_files(store):
-        table = pq.read_table(io.BytesIO(store.read(key)))
-        keep = pa.compute.not_equal(table["user_id"], pa.scalar(user_id))
-        keep = pa.compute.fill_null(keep, True)
-        remaining = table.filter(keep)
-        gone = table.num_rows - remaining.num_rows
-        if gone == 0:
-            continue
-        if remaining.num_rows:
-            buffer = io.BytesIO()
-            pq.write_table(remaining.cast(PREDICTIONS_SCHEMA), buffer, compression="zstd")
-            store.write_atomic(key, buffer.getvalue())
-        else:
-            with_retries(lambda k=key: store.fs.rm_file(store.path(k)), f"removing {key}")
-        removed.append({"file": store.full_url(key), "rows_removed": gone, "rows_left": remaining.num_rows})
-    return removed
-
-
-def dataset_status(store: Store) -> dict:
-    """Partitions, rows, reject rates and models of the published dataset."""
-    frame = read_predictions(store, columns=["status", "reject_reason", "model_name", "model_version",
-                                             "gender", "dt"])
-    partitions = []
-    for dt, part in sorted(frame.groupby("dt", observed=True), key=lambda kv: str(kv[0])):
-        partitions.append({"dt": str(dt), "rows": len(part),
-                           "reject_rate": round(float((part["status"] == "rejected").mean()), 4),
-                           "unknown_rate": round(float((part["gender"] == "unknown").mean()), 4)})
-    models = (frame.dropna(subset=["model_name"]).groupby(["model_name", "model_version"]).size()
-              if len(frame) else [])
-    return {
-        "files": len(published_files(store)),
-        "rows": int(len(frame)),
-        "partitions": partitions,
-        "reject_reasons": {str(k): int(v) for k, v in frame["reject_reason"].value_counts().items()},
-        "models": [{"model": f"{name}@{version}", "rows": int(n)} for (name, version), n in
-                   (models.items() if len(frame) else [])],
-    }

@@ -14,24 +14,25 @@ from datetime import datetime
 from core.storage import Store, with_retries
 
 FOLDER = "_runs"
+ERASURES = "_erasures"  # one record per `forget` call: when, how many users, what it rewrote (no ids)
 
 
 class ListingLooksWrong(RuntimeError):
     """The source lists far fewer photos than a guard allows: probably the wrong prefix."""
 
 
-def record_run(store: Store, record: dict) -> str:
+def record_run(store: Store, record: dict, folder: str = FOLDER) -> str:
     """Write one run's record (atomically); `record` has at least run_id and listed_at."""
     stamp = datetime.fromisoformat(str(record["listed_at"])).strftime("%Y%m%dT%H%M%S")
-    key = f"{FOLDER}/{stamp}-{record['run_id']}.json"
+    key = f"{folder}/{stamp}-{record['run_id']}.json"
     store.write_atomic(key, json.dumps(record, indent=1, default=str).encode())
     return key
 
 
-def recent_runs(store: Store, count: int = 10) -> list[dict]:
+def recent_runs(store: Store, count: int = 10, folder: str = FOLDER) -> list[dict]:
     """The last `count` runs' records, oldest first (an empty list before the first run)."""
     try:
-        keys = sorted(o.key for o in store.list_objects(FOLDER) if o.key.endswith(".json")
+        keys = sorted(o.key for o in store.list_objects(folder) if o.key.endswith(".json")
                       and not o.key.rsplit("/", 1)[-1].startswith(("_", ".")))
     except FileNotFoundError:
         return []

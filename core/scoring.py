@@ -200,6 +200,7 @@ class ScoringStats:
     # Seconds per stage, added over photos (and over worker processes working at once):
     # read, decode, detect, landmarks, warp, model.
     stage_seconds: Counter = field(default_factory=Counter)
+    same_content: list[str] = field(default_factory=list)  # keys read again whose bytes were answered before
 
     @property
     def photos_per_second(self) -> float:
@@ -214,6 +215,7 @@ def merge_stats(parts: list[ScoringStats]) -> ScoringStats:
             setattr(total, name, getattr(total, name) + getattr(part, name))
         total.reasons.update(part.reasons)
         total.stage_seconds.update(part.stage_seconds)
+        total.same_content.extend(part.same_content)
     total.seconds = max((p.seconds for p in parts), default=0.0)
     return total
 
@@ -513,6 +515,7 @@ def score_objects(store: Store, objects: list[ObjectInfo], known_hashes: dict[st
                     continue
                 if sha in known_hashes.get(key, ()):
                     stats.skipped_same_hash += 1
+                    stats.same_content.append(key)
                     continue
                 prepared = preparer.submit((key, data, sha))
                 if prepared is not None:

@@ -111,8 +111,14 @@ class Store:
 
     def __init__(self, url: str, options: dict | None = None) -> None:
         self.url = url.rstrip("/") or url
-        self.fs, root = fsspec.core.url_to_fs(url, **(options or {}))
+        self.options = dict(options or {})
+        self.fs, root = fsspec.core.url_to_fs(url, **self.options)
         self.root = root.rstrip("/")
+
+    @property
+    def protocol(self) -> str:
+        protocol = self.fs.protocol
+        return protocol[0] if isinstance(protocol, (tuple, list)) else protocol
 
     def path(self, key: str) -> str:
         return f"{self.root}/{key}" if key else self.root
@@ -198,5 +204,23 @@ class Store:
 
     def full_url(self, key: str) -> str:
         path = self.path(key)
-        protocol = self.fs.protocol[0] if isinstance(self.fs.protocol, (tuple, list)) else self.fs.protocol
-        return path if protocol in ("file", "local") else f"{protocol}://{path}"
+        return path if self.protocol in ("file", "local") else f"{self.protocol}://{path}"
+
+
+def read_lines(url: str, options: dict | None = None) -> list[str]:
+    """The non-empty lines of a text file at a path or URL, stripped (a line that starts
+    with `#` is a comment); `-` is standard input. A missing file is a storage error that names it."""
+    import sys
+
+    if url == "-":
+        text = sys.stdin.read()
+    else:
+        fs, path = fsspec.core.url_to_fs(url, **(options or {}))
+        try:
+            text = with_retries(lambda: fs.cat_file(path), f"reading {url}").decode("utf-8")
+        except (FileNotFoundError, IsADirectoryError):
+            raise StorageError(f"{url} not found", transient=False) from None
+        except UnicodeDecodeError:
+            raise StorageError(f"{url} is not a UTF-8 text file", transient=False) from None
+    lines = (line.strip() for line in text.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]

@@ -13,7 +13,7 @@ from core.scoring import ScoringStats
 # The flow's stages, in order, for the time table.
 STAGES = (("list", "list the source"), ("listing_suite", "check the listing (suite)"),
           ("score", "read, decode, find faces, classify"), ("predictions_suite", "check the rows (suite)"),
-          ("publish", "publish the Parquet files"))
+          ("publish", "publish the Parquet files"), ("users", "update the users table (MERGE)"))
 WORKER_STAGES = ("read", "decode", "detect", "landmarks", "warp", "model")
 
 
@@ -65,13 +65,35 @@ def bars(histogram: list[dict], width: int = 30) -> str:
 
 def headline(summary: dict) -> str:
     """One sentence: what this run did."""
-    if summary["new"] == 0:
+    refreshed = summary.get("refreshed", 0)
+    erased = (f" {summary['erased_users']} users erased since the last run." if summary.get("erased_users") else "")
+    if summary["new"] == 0 and not refreshed:
         since = f" since the run of {summary['last_run_at'][:16].replace('T', ' ')} UTC" if summary.get(
             "last_run_at") else ""
         return (f"Nothing new{since}: {summary['listed']} photos listed, all answered before; "
-                f"no file written. {summary['model']} would have answered.")
-    return (f"{summary['new']} new photos: {summary['scored']} scored, {summary['rejected']} rejected, "
-            f"by {summary['model']}; {summary['skipped_unchanged']} photos unchanged since their last answer.")
+                f"no file written. {summary['model']} would have answered.{erased}")
+    what = f"{summary['new']} new photos"
+    if refreshed:
+        what += f" and {refreshed} re-scored (their users had another model's answer)"
+    return (f"{what}: {summary['scored']} scored, {summary['rejected']} rejected, by {summary['model']}; "
+            f"{summary['skipped_unchanged']} photos unchanged since their last answer.{erased}")
+
+
+def users_line(summary: dict) -> str | None:
+    """The users table in one sentence: its size and how much of it the run's model answers."""
+    users = summary.get("users")
+    if not users:
+        return None
+    if not users["users"]:
+        return "the users table has no user with an answer yet"
+    if not users["behind"]:
+        return f"{users['users']} users, every answer from {users['model']}"
+    if users["nights_left"] is None:
+        left = "--refresh-budget is 0: they keep their answers"
+    else:
+        left = f"{users['nights_left']} more night(s) at --refresh-budget {users['refresh_budget']}"
+    return (f"{users['users']} users; {users['model']} answers {users['on_model']} ({100 * users['share']:.1f}%), "
+            f"{users['behind']} still have another model's answer: {left}")
 
 
 def render_text(summary: dict) -> str:
@@ -94,9 +116,13 @@ def render_text(summary: dict) -> str:
         lines.append(f"time         {wall:.1f} s in all{rate}; "
                      + ", ".join(f"{name} {summary['timings'].get(key, 0):.1f} s" for key, name in
                                  (("list", "list"), ("listing_suite", "listing suite"), ("score", "scoring"),
-                                  ("predictions_suite", "predictions suite"), ("publish", "publish"))))
+                                  ("predictions_suite", "predictions suite"), ("publish", "publish"),
+                                  ("users", "users table"))))
     written = summary.get("written") or []
     lines.append(f"output       {', '.join(written) if written else 'nothing new: no file written'}")
+    if users_line(summary):
+        lines.append(f"users        {users_line(summary)}")
+        lines.append(f"             {summary['users']['table']}")
     return "\n".join(lines)
 
 
@@ -116,6 +142,11 @@ def render_markdown(summary: dict, source: str, output: str) -> str:
                   *(f"| {k} | {v} |" for k, v in g.items() if v), ""]
     if summary["scored"]:
         parts += ["**p_male of the scored photos**", "", "```", bars(summary["p_male_histogram"]), "```", ""]
+    users = summary.get("users")
+    if users:
+        parts += [f"**Users table** (`{users['table']}`, one current answer per user): {users_line(summary)}.", "",
+                  "```python", f'DeltaTable("{users["table"]}").to_pandas()  # from deltalake import DeltaTable',
+                  "```", ""]
     parts += _time_table(summary)
     parts += _trend_table(summary)
     written = summary.get("written") or []

@@ -21,7 +21,7 @@ from core.expectations import warm_up as warm_up_expectations
 from core.timing import timed
 from tasks.run_control import finish_all, resolved_model, scoring_run_name, stoppable_run, stopped, tag_run
 from tasks.scoring_tasks import (check_photo_metadata_task, list_new_photos, lock_output, report_run,
-                                 score_shard, split_listing, unlock_output)
+                                 score_shard, split_listing, unlock_output, update_users_table)
 from core.stopping import StopRequested
 
 
@@ -38,7 +38,8 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
                     shard_size: PositiveInt = 2000, lock_lease_seconds: float = 300,
                     lock_wait_seconds: float = 0, front_end: Literal["auto", "cpu", "gpu"] = "auto",
                     min_new_photos: NonNegativeInt = 0, max_listing_drop: float = 0.9,
-                    file_links: str = "none") -> dict:
+                    file_links: str = "none", refresh_budget: NonNegativeInt = 10_000,
+                    exclude_users: str | None = None) -> dict:
     """Score the photos uploaded since the last run and publish one Parquet row per photo.
 
     Args:
@@ -72,6 +73,11 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
         file_links: Clickable links to the written files in the run's artifacts: none (the
             URLs are shown as text), presigned (https URLs the store signs, e.g. S3), or an
             https:// template with {url}, {bucket} and {key} (a storage console).
+        refresh_budget: Photos per run re-scored because their user's answer comes from
+            another model than this run's (after a promotion or a rollback), oldest answers
+            first; 0 turns it off.
+        exclude_users: A text file (path or URL), one user id per line: those users' photos
+            are never read and they have no row in the users table.
     """
     started = time.perf_counter()
     warm_up_expectations()  # Great Expectations' start-up overlaps with the lock and the listing
@@ -91,12 +97,13 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
                 lease = lock_output(output, endpoint_url, run_id, lock_lease_seconds, lock_wait_seconds)
         except StopRequested:
             return stopped(stop, "before taking the output lock; nothing was written")
-        futures, timings = [], {}
-        tag_run(scoring_date=day.isoformat(), model=resolved_model(registry, model, endpoint_url))
+        futures, timings, users = [], {}, None
+        production = resolved_model(registry, model, endpoint_url)
+        tag_run(scoring_date=day.isoformat(), model=production)
         try:
             with stop.interruptible(), timed(timings, "list"):
                 listing = list_new_photos(source, output, endpoint_url, listed_at, max_photos, min_new_photos,
-                                          max_listing_drop)
+                                          max_listing_drop, production, refresh_budget, exclude_users, run_id, day)
             with stop.interruptible(), timed(timings, "listing_suite"):
                 check_photo_metadata_task(listing)
             scoring_started = time.perf_counter()
@@ -107,6 +114,9 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
             finish_all(futures)
             results = futures.result() if not stop.requested else []
             timings["score"] = time.perf_counter() - scoring_started
+            if not stop.requested:
+                with timed(timings, "users"):
+                    users = update_users_table(output, endpoint_url, listing, results, run_id, day, lease.ref())
         except Exception:
             if not stop.requested:
                 raise
@@ -125,4 +135,4 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
     # The publish and suite times are inside "score"; the report separates them.
     timings["score"] -= sum(r.suite_seconds + r.publish_seconds for r in results)
     return report_run(results, listing, used, source, output, day, run_id, timings,
-                      time.perf_counter() - started, endpoint_url, file_links)
+                      time.perf_counter() - started, endpoint_url, file_links, users)

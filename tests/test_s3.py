@@ -93,5 +93,6 @@ def test_hostile_keys_cannot_escape_the_source_or_output(s3_endpoint, face_files
     hashes = dict(zip(frame["photo_key"], frame["photo_sha256"]))
     assert all(pd.isna(hashes[k]) for k in escaping)  # never even read
     written = client.list_objects_v2(Bucket="hostile", Prefix="lake/")["Contents"]
-    assert all(o["Key"].startswith(("lake/predictions/dt=", "lake/_runs/")) for o in written)
+    assert all(o["Key"].startswith(("lake/predictions/dt=", "lake/_runs/", "lake/users/", "lake/_state/"))
+               for o in written)
     assert summary["rows"] == len(frame)

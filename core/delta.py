@@ -1,0 +1,220 @@
+"""Delta Lake tables under the output, written with delta-rs (`deltalake`).
+
+One place knows where a table lives (a local path or `s3://…` with the store's endpoint),
+how to recognise a table this pipeline wrote (its name in the table metadata and its
+columns), and how a run marks its commits (an app transaction per run, so a commit that
+already happened is never applied twice). DuckDB queries the tables through their Arrow
+datasets, on local files and on S3 alike.
+
+On S3, delta-rs (>= 1.6.1) commits with conditional writes (`If-None-Match`), safe with
+concurrent writers without a DynamoDB lock; S3-compatible stores that lack them take
+`AWS_CONDITIONAL_PUT=etag` (MinIO) from the environment, like every other `AWS_*` setting.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from core.processes import cpu_count
+from core.storage import StorageError, Store, with_retries
+
+APP_ID = "gender-pipeline"  # the app transaction id our commits carry
+# DuckDB's working memory for the bookkeeping joins; beyond it DuckDB spills to disk.
+DUCKDB_MEMORY = os.environ.get("GENDER_PIPELINE_DUCKDB_MEMORY", "512MB")
+
+
+class TableError(RuntimeError):
+    """A table under the output is damaged or was not written by this pipeline. Nothing
+    is overwritten: move it away, or rebuild it (`gender-pipeline rebuild-users --replace`)."""
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """What one of our tables is."""
+
+    name: str  # kept in the table's metadata: how a table of ours is told from a foreign one
+    schema: pa.Schema
+    partition_by: tuple[str, ...] = ()
+    # Columns whose min/max go into the Delta log. Never a user id or a key: the log is
+    # not rewritten by an erasure.
+    stats_columns: tuple[str, ...] = ()
+    description: str = ""
+
+
+def delta_location(store: Store, key: str) -> tuple[str, dict[str, str]]:
+    """The table URI and delta-rs storage options for `{store}/{key}`."""
+    path = store.path(key)
+    protocol = store.protocol
+    if protocol in ("file", "local"):
+        return os.path.abspath(path), {}
+    if protocol in ("s3", "s3a"):
+        options = {"AWS_REGION": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+                   or "us-east-1"}
+        endpoint = (store.options.get("client_kwargs") or {}).get("endpoint_url") or os.environ.get(
+            "AWS_ENDPOINT_URL")
+        if endpoint:
+            options["AWS_ENDPOINT_URL"] = endpoint
+            if endpoint.startswith("http://"):
+                options["AWS_ALLOW_HTTP"] = "true"
+        return f"s3://{path}", options
+    return f"{protocol}://{path}", {}
+
+
+def _commit(seq: int | None):
+    from deltalake import CommitProperties, Transaction
+
+    if seq is None:
+        return None
+    return CommitProperties(app_transactions=[Transaction(app_id=APP_ID, version=seq)])
+
+
+class Table:
+    """One Delta table of ours at `{store}/{key}`."""
+
+    def __init__(self, store: Store, key: str, spec: TableSpec) -> None:
+        self.store, self.key, self.spec = store, key, spec
+        self.uri, self.options = delta_location(store, key)
+
+    @property
+    def url(self) -> str:
+        return self.store.full_url(self.key)
+
+    def exists(self) -> bool:
+        """Something is at the table's place (ours or not)."""
+        path = self.store.path(self.key)
+        return with_retries(lambda: self.store.fs.exists(path), f"checking {self.url}")
+
+    def open(self):
+        """The table, or None when nothing is there; TableError when what is there is not
+        a table of ours or cannot be read."""
+        from deltalake import DeltaTable
+        from deltalake.exceptions import DeltaError, TableNotFoundError
+
+        self.store.fs.invalidate_cache()
+        if not self.exists():
+            return None
+        try:
+            table = DeltaTable(self.uri, storage_options=self.options)
+        except TableNotFoundError:
+            raise TableError(f"{self.url} holds files but no Delta table (no _delta_log): not written by "
+                             f"gender-pipeline; nothing was changed. Move it away or choose another output.") from None
+        except (DeltaError, OSError, ValueError) as error:
+            raise TableError(f"the Delta table at {self.url} cannot be read ({error}); nothing was changed. "
+                             f"Rebuild it with `gender-pipeline rebuild-users --replace`.") from error
+        name = table.metadata().name
+        if name != self.spec.name:
+            raise TableError(f"the Delta table at {self.url} is {name!r}, not the {self.spec.name!r} table "
+                             f"gender-pipeline writes; nothing was changed. Move it away or choose another output.")
+        have = {field.name for field in table.schema().to_arrow()}
+        missing = [n for n in self.spec.schema.names if n not in have]
+        if missing:
+            raise TableError(f"the Delta table at {self.url} lacks the columns {missing}; nothing was changed. "
+                             f"Rebuild it with `gender-pipeline rebuild-users --replace`.")
+        return table
+
+    def open_or_create(self):
+        return self.open() or self.create()
+
+    def create(self, data: pa.Table | None = None, seq: int | None = None, mode: str = "error"):
+        """Write `data` (or nothing) as a new table version: `error` creates the table,
+        `overwrite` replaces an existing table of ours in one commit."""
+        from deltalake import DeltaTable, write_deltalake
+
+        configuration = {"delta.dataSkippingStatsColumns": ",".join(self.spec.stats_columns)} \
+            if self.spec.stats_columns else None
+        data = data if data is not None else self.spec.schema.empty_table()
+        write_deltalake(self.uri, data.select(self.spec.schema.names).cast(self.spec.schema), mode=mode,
+                        partition_by=list(self.spec.partition_by) or None, name=self.spec.name,
+                        description=self.spec.description, configuration=configuration,
+                        storage_options=self.options, commit_properties=_commit(seq),
+                        schema_mode="overwrite" if mode == "overwrite" else None)
+        return DeltaTable(self.uri, storage_options=self.options)
+
+    def append(self, data: pa.Table, seq: int | None) -> None:
+        from deltalake import write_deltalake
+
+        write_deltalake(self.uri, data.select(self.spec.schema.names).cast(self.spec.schema), mode="append",
+                        partition_by=list(self.spec.partition_by) or None, storage_options=self.options,
+                        commit_properties=_commit(seq))
+
+    def applied(self, table, seq: int) -> bool:
+        """True when this table already holds the commit of run `seq` (or a later one)."""
+        done = table.transaction_version(APP_ID)
+        return done is not None and done >= seq
+
+    def merge(self, table, source: pa.Table, on: str, partitions: list[str], seq: int | None):
+        """A MERGE of `source` (our columns plus `_op`: upsert | delete | touch) on `on`,
+        pruned to the target partitions in `partitions` (literal values, which delta-rs's
+        streamed MERGE needs to skip the other files). Returns delta-rs's metrics."""
+        part = self.spec.partition_by[0]
+        values = ", ".join(f"'{p}'" for p in sorted(set(partitions)))
+        predicate = f"t.{on} = s.{on} AND t.{part} IN ({values})"
+        columns = self.spec.schema.names
+        upsert = {c: f"s.{c}" for c in columns}
+        merger = table.merge(source, predicate, source_alias="s", target_alias="t",
+                             commit_properties=_commit(seq))
+        merger = merger.when_matched_delete(predicate="s._op = 'delete'")
+        touch = [c for c in columns if c in TOUCH_COLUMNS]
+        if touch:
+            merger = merger.when_matched_update({c: f"s.{c}" for c in touch}, predicate="s._op = 'touch'")
+        merger = merger.when_matched_update(upsert, predicate="s._op = 'upsert'")
+        merger = merger.when_not_matched_insert(upsert, predicate="s._op = 'upsert'")
+        return merger.execute()
+
+    def delete_matching(self, table, ids: pa.Table, on: str, seq: int | None = None):
+        """Delete the rows whose `on` is in `ids`: a MERGE, so that the ids never appear in
+        the table's log (a DELETE records its predicate, literals included)."""
+        return (table.merge(ids, f"t.{on} = s.{on}", source_alias="s", target_alias="t",
+                            commit_properties=_commit(seq))
+                .when_matched_delete().execute())
+
+    def vacuum(self, table) -> list[str]:
+        """Remove every file the current version does not use: what time travel would read."""
+        return table.vacuum(retention_hours=0, dry_run=False, enforce_retention_duration=False)
+
+    def view(self, con, name: str, table) -> None:
+        """Make the table's current version (None: an empty table) queryable as `name` in a
+        DuckDB session. DuckDB reads the version's files itself (through the store's
+        fsspec filesystem where they are not local); delta-rs writes no deletion vectors,
+        so the files are the version."""
+        files = table.file_uris() if table is not None else []
+        if not files:
+            con.register(name, self.spec.schema.empty_table())
+            return
+        if self.store.protocol not in ("file", "local") and self.store.protocol not in con.list_filesystems():
+            con.register_filesystem(self.store.fs)
+        con.read_parquet(files, hive_partitioning=bool(self.spec.partition_by)).create_view(name, replace=True)
+
+
+# A `touch` (same bytes seen again) updates only these columns of a photo's state.
+TOUCH_COLUMNS = ("size", "uploaded_at", "checked_at")
+
+
+@contextmanager
+def duckdb_session() -> Iterator:
+    """A DuckDB connection for the bookkeeping joins: bounded memory (spilling to a
+    temporary folder beyond it), the cores this process may use."""
+    import duckdb
+
+    with tempfile.TemporaryDirectory(prefix="gp-duckdb-") as spill:
+        con = duckdb.connect()
+        try:
+            con.execute(f"SET memory_limit = '{DUCKDB_MEMORY}'")
+            con.execute(f"SET threads = {max(1, cpu_count())}")
+            con.execute(f"SET temp_directory = '{spill}'")
+            con.execute("SET preserve_insertion_order = false")
+            con.execute("SET TimeZone = 'UTC'")
+            yield con
+        finally:
+            con.close()
+
+
+def storage_failure(what: str, error: Exception) -> StorageError:
+    """delta-rs's errors for an unreachable store, as our storage error."""
+    return StorageError(f"{what}: {error}", transient=True)

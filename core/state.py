@@ -1,0 +1,635 @@
+"""What the output knows of the source, kept in columns, and what a night must do.
+
+Beside the history (`predictions/`, the audit log) an output keeps:
+
+- `_state/photos/`: one row per photo the pipeline answered that was still in the source
+  at the last run: key, user, size, upload time, hash, the latest answer (status, reason,
+  gender, p_male, confidence, model, run) and when its bytes were last checked. A Delta
+  table partitioned by `answered_on`.
+- `users/`: the recommender's table (core.users), derived from `_state/photos` by the rule.
+- `_state/erased/`: one tombstone per erased user (the id and the time, nothing else).
+- `_state/pending/`: a marker per run that may have published history rows not yet in
+  the tables; the next run applies those rows first (a run killed between its writes).
+
+A night: list the source, catch up what a killed run left, join the listing with
+`_state/photos` in DuckDB (only the photos to read become Python objects), score them,
+publish their history rows, then one MERGE into `_state/photos` and one into `users`,
+each pruned to the partitions the night touches and marked with the run's sequence
+number, so that a commit that happened is never applied twice.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from datetime import date, datetime
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from core.delta import APP_ID, Table, TableError, TableSpec, duckdb_session
+from core.predictions import DATASET, PREDICTIONS_SCHEMA, PhotoResult, RETRYABLE_REASONS, published_files
+from core.storage import ObjectInfo, Store, with_retries
+from core.users import TIMESTAMP, USERS, answers
+
+log = logging.getLogger(__name__)
+
+PHOTOS_SCHEMA = pa.schema([
+    pa.field("photo_key", pa.string(), nullable=False),
+    pa.field("user_id", pa.string()),
+    pa.field("size", pa.int64()),
+    pa.field("uploaded_at", TIMESTAMP),
+    pa.field("photo_sha256", pa.string()),
+    pa.field("status", pa.string()),
+    pa.field("reject_reason", pa.string()),
+    pa.field("gender", pa.string()),
+    pa.field("p_male", pa.float32()),
+    pa.field("confidence", pa.float32()),
+    pa.field("model_name", pa.string()),
+    pa.field("model_version", pa.string()),
+    pa.field("answered_at", TIMESTAMP),
+    pa.field("checked_at", TIMESTAMP),  # when its bytes were last read (answered, or the same again)
+    pa.field("run_id", pa.string()),
+    pa.field("answered_on", pa.date32()),
+])
+PHOTOS = TableSpec(
+    name="gender-pipeline photo state", schema=PHOTOS_SCHEMA, partition_by=("answered_on",),
+    stats_columns=("status", "model_name", "model_version", "answered_at", "checked_at"),
+    description="Every photo still in the source that gender-pipeline answered, with its latest answer.")
+
+ERASED_SCHEMA = pa.schema([pa.field("user_id", pa.string(), nullable=False),
+                           pa.field("erased_at", TIMESTAMP, nullable=False)])
+ERASED = TableSpec(name="gender-pipeline erasures", schema=ERASED_SCHEMA, stats_columns=("erased_at",),
+                   description="Users erased by `gender-pipeline forget`: their photos then in the source are "
+                               "never read again.")
+
+LISTING_SCHEMA = pa.schema([pa.field("key", pa.string(), nullable=False), pa.field("size", pa.int64()),
+                            pa.field("modified", TIMESTAMP)])
+PENDING = "_state/pending"
+OP = "_op"
+
+
+def listing_table(objects: list[ObjectInfo]) -> pa.Table:
+    """A listing as Arrow (key, size, modified)."""
+    return pa.table({"key": [o.key for o in objects], "size": [o.size for o in objects],
+                     "modified": [o.modified for o in objects]}, schema=LISTING_SCHEMA)
+
+
+@dataclass
+class NightPlan:
+    """What a night must do, from the listing and the state; small (the night's work)."""
+
+    seq: int  # this run's number in the output's commits
+    model: str  # NAME@VERSION the run answers with
+    to_read: pa.Table  # key, size, modified, known_sha, why (new | changed | retry | refresh), answered_on
+    removed: pa.Table  # photo_key, user_id, answered_on: in the state, no longer in the source
+    listed: int = 0
+    excluded: int = 0  # photos of opted-out users, never read
+    erased_skipped: int = 0  # photos that were in the source when their user was erased
+    unchanged: int = 0
+    users: int = 0  # users with an answer before tonight
+    behind: int = 0  # of them, answered by another model than `model`
+    refresh_budget: int = 0
+    caught_up: list[str] = field(default_factory=list)  # runs whose published rows were applied late
+    rebuilt: bool = False
+
+    @property
+    def refresh(self) -> int:
+        return _count(self.to_read, "refresh")
+
+    def partitions(self) -> pa.Table:
+        """Where the known keys of the night sit in `_state/photos` (prunes its MERGE)."""
+        return pa.concat_tables([
+            self.to_read.select(["key", "answered_on"]).rename_columns(["photo_key", "answered_on"]),
+            self.removed.select(["photo_key", "answered_on"])])
+
+    def objects(self) -> list[ObjectInfo]:
+        """The photos to read, new ones first (oldest upload first), then the refresh."""
+        rows = self.to_read.to_pylist()
+        return [ObjectInfo(r["key"], int(r["size"] or 0), r["modified"]) for r in rows]
+
+    def known_hashes(self) -> dict[str, set[str]]:
+        """Content already answered for the changed keys: the same bytes are not scored twice.
+        Refreshed photos are scored again whatever their bytes."""
+        return {r["key"]: {r["known_sha"]} for r in self.to_read.to_pylist()
+                if r["known_sha"] and r["why"] != "refresh"}
+
+
+@dataclass
+class Applied:
+    """What one application of a night's rows changed."""
+
+    photos_upserted: int = 0
+    photos_removed: int = 0
+    users_upserted: int = 0
+    users_removed: int = 0
+    skipped: bool = False  # already applied by an earlier attempt
+
+
+def model_ref(model: str) -> tuple[str, str]:
+    name, _, version = model.partition("@")
+    return name, version
+
+
+class OutputState:
+    """The tables beside an output's history (see the module's docstring)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.photos = Table(store, "_state/photos", PHOTOS)
+        self.users = Table(store, "users", USERS)
+        self.erased = Table(store, "_state/erased", ERASED)
+
+    # -- sequence numbers and pending runs ------------------------------------------------
+
+    def _pending(self) -> list[dict]:
+        folder = self.store.path(PENDING)
+        self.store.fs.invalidate_cache()
+        try:
+            names = with_retries(lambda: self.store.fs.ls(folder, detail=False), f"listing {PENDING}")
+        except FileNotFoundError:
+            return []
+        markers = []
+        for name in sorted(n for n in names if n.rsplit("/", 1)[-1].endswith(".json")
+                           and not n.rsplit("/", 1)[-1].startswith("_")):
+            try:
+                markers.append(json.loads(with_retries(lambda n=name: self.store.fs.cat_file(n), f"reading {name}")))
+            except (FileNotFoundError, ValueError):
+                continue
+        return sorted(markers, key=lambda m: m["seq"])
+
+    def next_seq(self, photos, users) -> int:
+        seen = [t.transaction_version(APP_ID) for t in (photos, users) if t is not None]
+        seen += [m["seq"] for m in self._pending()]
+        return max([s for s in seen if s is not None], default=0) + 1
+
+    def _marker_key(self, seq: int, run_id: str) -> str:
+        return f"{PENDING}/{seq:012d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', run_id)}.json"
+
+    def begin(self, seq: int, run_id: str, scoring_date: date) -> None:
+        """Before a run publishes history rows: say so, for the next run if this one dies."""
+        record = {"seq": seq, "run_id": run_id, "scoring_date": scoring_date.isoformat()}
+        self.store.write_atomic(self._marker_key(seq, run_id), json.dumps(record).encode())
+
+    def end(self, seq: int, run_id: str) -> None:
+        path = self.store.path(self._marker_key(seq, run_id))
+        try:
+            with_retries(lambda: self.store.fs.rm_file(path), f"removing {path}")
+        except FileNotFoundError:
+            pass
+
+    def run_files(self, run_id: str, scoring_date: str) -> list[str]:
+        """History files a run published (keys), found by name in its date partition."""
+        folder = self.store.path(f"{DATASET}/dt={scoring_date}")
+        self.store.fs.invalidate_cache()
+        try:
+            names = with_retries(lambda: self.store.fs.ls(folder, detail=False), f"listing {folder}")
+        except FileNotFoundError:
+            return []
+        prefix = f"part-{run_id}-"
+        return sorted(self.store.key_of(n) for n in names
+                      if n.rsplit("/", 1)[-1].startswith(prefix) and n.endswith(".parquet"))
+
+    def catch_up(self, objects) -> list[str]:
+        """Apply the published rows of runs that died before updating the tables (in run
+        order), against `objects` (the night's listing); returns their run ids."""
+        done = []
+        for marker in self._pending():
+            files = self.run_files(marker["run_id"], marker["scoring_date"])
+            rows = read_history_files(self.store, files)
+            if rows.num_rows:
+                log.warning("applying %d published rows of run %s, which stopped before updating the users "
+                            "table", rows.num_rows, marker["run_id"])
+                self.apply(rows, objects, seq=marker["seq"], checked_at=None)
+            self.end(marker["seq"], marker["run_id"])
+            done.append(marker["run_id"])
+        return done
+
+    # -- the night's plan -----------------------------------------------------------------
+
+    def plan(self, listing, model: str, refresh_budget: int = 10_000, excluded: int = 0) -> NightPlan:
+        """Catch up, (re)build what is missing, and join the listing with the state.
+
+        `listing` is an Arrow table or dataset (key, size, modified) without the photos of
+        opted-out users (`excluded` of them were left out). The photos to read are the new
+        ones, the changed ones (modified since their bytes were last checked), the ones
+        whose last read failed (`read_error`), and up to `refresh_budget` photos that back
+        an answer from another model than `model`, oldest answers first. Photos that were
+        in the source when their user was erased are never read again.
+        """
+        photos, users = self.photos.open(), self.users.open()
+        erased = self.erased.open()
+        rebuilt = False
+        if photos is None and self.history_exists():
+            log.warning("%s is missing: rebuilding it and %s from the history", self.photos.url, self.users.url)
+            self.rebuild(listing, seq=self.next_seq(None, users))
+            photos, users, rebuilt = self.photos.open(), self.users.open(), True
+        caught_up = self.catch_up(listing)
+        if caught_up:
+            photos, users = self.photos.open(), self.users.open()
+        seq = self.next_seq(photos, users)
+        with duckdb_session() as con:
+            con.register("listing", listing)
+            self.photos.view(con, "state", photos)
+            self.erased.view(con, "erased", erased)
+            listed = con.execute("SELECT count(*) FROM listing").fetchall()[0][0]
+            retry = ", ".join(f"'{r}'" for r in RETRYABLE_REASONS)
+            con.execute(f"""
+                CREATE TEMP TABLE work AS
+                SELECT coalesce(l.key, s.photo_key) AS key, l.size, l.modified, s.photo_sha256 AS known_sha,
+                       s.user_id AS state_user, s.answered_on,
+                       CASE WHEN l.key IS NULL THEN 'removed' WHEN s.photo_key IS NULL THEN 'new'
+                            WHEN s.reject_reason IN ({retry}) THEN 'retry' ELSE 'changed' END AS why
+                FROM listing l FULL OUTER JOIN
+                     (SELECT photo_key, user_id, photo_sha256, reject_reason, checked_at, answered_on FROM state) s
+                     ON l.key = s.photo_key
+                WHERE s.photo_key IS NULL OR l.key IS NULL OR s.reject_reason IN ({retry})
+                      OR l.modified IS NULL OR l.modified >= s.checked_at""")
+            # Photos that were in the source when their user was erased: never read again.
+            erased_skipped = con.execute("""
+                DELETE FROM work WHERE why = 'new' AND EXISTS (
+                    SELECT 1 FROM erased e WHERE e.user_id = split_part(work.key, '/', 1)
+                    AND (work.modified IS NULL OR work.modified <= e.erased_at))""").fetchall()[0][0]
+            removed = con.sql("SELECT key AS photo_key, state_user AS user_id, answered_on FROM work "
+                                  "WHERE why = 'removed'").to_arrow_table()
+            to_read = con.sql("SELECT key, size, modified, known_sha, why, answered_on FROM work "
+                                  "WHERE why <> 'removed' ORDER BY modified NULLS FIRST, key").to_arrow_table()
+            users_total = behind = 0
+            if users is not None:
+                name, version = model_ref(model)
+                self.users.view(con, "users", users)
+                users_total, behind = _user_counts(con, model)
+                if behind and refresh_budget:
+                    # The photos behind the oldest answers from another model (still listed,
+                    # not already read tonight for another reason).
+                    refresh = con.sql("""
+                        WITH stale AS (
+                            SELECT photo_key, answered_at, answered_on FROM users
+                            WHERE (model_name IS DISTINCT FROM $1 OR model_version IS DISTINCT FROM $2)
+                              AND photo_key NOT IN (SELECT key FROM work)
+                            ORDER BY answered_at, user_id LIMIT $3)
+                        SELECT l.key, l.size, l.modified, NULL::VARCHAR AS known_sha, 'refresh' AS why,
+                               r.answered_on
+                        FROM stale r JOIN listing l ON l.key = r.photo_key
+                        ORDER BY r.answered_at, l.key""", params=[name, version, refresh_budget]).to_arrow_table()
+                    to_read = pa.concat_tables([to_read, refresh.cast(to_read.schema)])
+        return NightPlan(seq=seq, model=model, to_read=to_read, removed=removed, listed=listed + excluded,
+                         excluded=excluded, erased_skipped=erased_skipped,
+                         unchanged=listed - (to_read.num_rows - _count(to_read, "refresh")) - erased_skipped,
+                         users=users_total, behind=behind, refresh_budget=refresh_budget, caught_up=caught_up,
+                         rebuilt=rebuilt)
+
+    def user_counts(self, model: str) -> tuple[int, int]:
+        """(users with an answer, those answered by another model than `model`)."""
+        with duckdb_session() as con:
+            self.users.view(con, "users", self.users.open())
+            return _user_counts(con, model)
+
+    def history_exists(self) -> bool:
+        return bool(published_files(self.store))
+
+    # -- applying a night -------------------------------------------------------------------
+
+    def apply(self, rows: pa.Table, objects, seq: int, checked_at: datetime | None,
+              touched: pa.Table | None = None, removed: pa.Table | None = None,
+              partitions: pa.Table | None = None, before_commit=lambda: None) -> Applied:
+        """Apply a night to `_state/photos` and `users`: its history `rows` (with `dt`), the
+        photos read again with the same bytes (`touched`: key, size, modified; checked at
+        `checked_at`), and the photos gone from the source (`removed`: photo_key, user_id).
+        `objects` gives the size and upload time of the answered photos (the night's plan
+        or listing); answered photos no longer in it are not kept. `partitions` (key,
+        answered_on of the known keys) prunes the MERGE; without it they are looked up.
+        `before_commit` runs before each of the two commits (it raises to stop)."""
+        report = Applied()
+        photos_table = self.photos.open_or_create()
+        with duckdb_session() as con:
+            con.register("night_rows", rows)
+            con.register("objects", objects)
+            upserts = con.sql("""
+                SELECT r.photo_key, r.user_id, o.size, o.modified AS uploaded_at, r.photo_sha256, r.status,
+                       r.reject_reason, r.gender, r.p_male, r.confidence, r.model_name, r.model_version,
+                       r.scored_at AS answered_at, r.scored_at AS checked_at, r.run_id,
+                       CAST(r.dt AS DATE) AS answered_on
+                FROM night_rows r JOIN objects o ON o.key = r.photo_key
+                QUALIFY row_number() OVER (PARTITION BY r.photo_key ORDER BY r.scored_at DESC) = 1
+                """).to_arrow_table().cast(PHOTOS_SCHEMA)
+        parts = [_with_op(upserts, "upsert")]
+        if touched is not None and touched.num_rows:
+            parts.append(_with_op(_state_rows(touched.num_rows, photo_key=touched["key"], user_id=_user_of(touched["key"]),
+                                              size=touched["size"],
+                                              uploaded_at=touched["modified"],
+                                              checked_at=pa.array([checked_at] * touched.num_rows, TIMESTAMP)),
+                                  "touch"))
+        if removed is not None and removed.num_rows:
+            parts.append(_with_op(_state_rows(removed.num_rows, photo_key=removed["photo_key"],
+                                              user_id=removed["user_id"]), "delete"))
+        source = pa.concat_tables(parts)
+        report.photos_upserted, report.photos_removed = upserts.num_rows, (removed.num_rows if removed else 0)
+        if not source.num_rows:
+            return report
+        if partitions is None:
+            with duckdb_session() as con:
+                self.photos.view(con, "state", photos_table)
+                partitions = _rows_where(con, "state", "photo_key", source["photo_key"], ["photo_key", "answered_on"])
+        old = sorted({str(d) for d in partitions["answered_on"].to_pylist() if d is not None})
+        if self.photos.applied(photos_table, seq):
+            report.skipped = True
+        elif old:
+            before_commit()
+            self.photos.merge(photos_table, source, "photo_key", old, seq)
+        else:  # only new keys: nothing to match
+            before_commit()
+            self.photos.append(upserts, seq)
+        users = sorted({u for u in source["user_id"].to_pylist() if u is not None})
+        self._apply_users(users, seq, report, before_commit)
+        return report
+
+    def _apply_users(self, user_ids: list[str], seq: int, report: Applied, before_commit=lambda: None) -> None:
+        """Recompute the rule for `user_ids` from the state and MERGE their rows."""
+        users_table = self.users.open_or_create()
+        if not user_ids or self.users.applied(users_table, seq):
+            return
+        ids = pa.array(user_ids, pa.string())
+        with duckdb_session() as con:
+            self.photos.view(con, "state", self.photos.open())
+            self.users.view(con, "users", users_table)
+            rows = answers(con, _rows_where(con, "state", "user_id", ids, PHOTOS_SCHEMA.names))
+            existing = _rows_where(con, "users", "user_id", ids, ["user_id", "answered_on"])
+        gone = pc.filter(existing["user_id"], pc.invert(pc.is_in(existing["user_id"], rows["user_id"])))
+        source = pa.concat_tables([_with_op(rows, "upsert"),
+                                   _with_op(_user_rows(len(gone), user_id=gone), "delete")])
+        old = sorted({str(d) for d in existing["answered_on"].to_pylist() if d is not None})
+        if old or rows.num_rows:
+            before_commit()
+        if old:
+            self.users.merge(users_table, source, "user_id", old, seq)
+        elif rows.num_rows:
+            self.users.append(rows, seq)
+        report.users_upserted, report.users_removed = rows.num_rows, len(gone)
+
+    # -- rebuilding from the history ----------------------------------------------------------
+
+    def rebuild(self, listing, seq: int, replace: bool = False) -> tuple[int, int]:
+        """`_state/photos` and `users` from scratch: the history's latest answer per key
+        still in `listing`, minus what erasures removed; returns (photos, users). Tables of
+        ours are replaced in one commit each; anything else under their names stays an
+        error unless `replace` (`rebuild-users --replace`) deletes it first."""
+        for table in (self.photos, self.users):
+            try:
+                table.open()
+            except TableError:
+                if not replace:
+                    raise
+                log.warning("removing %s to rebuild it", table.url)
+                with_retries(lambda t=table: self.store.fs.rm(self.store.path(t.key), recursive=True),
+                             f"removing {table.url}")
+        erased = self.erased.open()
+        history = history_dataset(self.store)
+        with duckdb_session() as con:
+            con.register("listing", listing)
+            con.register("history", history if history is not None else _empty_history())
+            self.erased.view(con, "erased", erased)
+            state = con.sql("""
+                WITH latest AS (
+                    SELECT * FROM history
+                    QUALIFY row_number() OVER (PARTITION BY photo_key ORDER BY scored_at DESC, run_id DESC) = 1)
+                SELECT h.photo_key, h.user_id, l.size, l.modified AS uploaded_at, h.photo_sha256, h.status,
+                       h.reject_reason, h.gender, h.p_male, h.confidence, h.model_name, h.model_version,
+                       h.scored_at AS answered_at, h.scored_at AS checked_at, h.run_id,
+                       CAST(h.dt AS DATE) AS answered_on
+                FROM latest h JOIN listing l ON l.key = h.photo_key
+                WHERE NOT EXISTS (SELECT 1 FROM erased e WHERE e.user_id = h.user_id
+                                  AND h.scored_at <= e.erased_at)""").to_arrow_table().cast(PHOTOS_SCHEMA)
+            users = answers(con, state)
+        mode = "overwrite"
+        self.photos.create(state, seq=seq, mode=mode)
+        self.users.create(users, seq=seq, mode=mode)
+        for marker in self._pending():  # everything published is in the rebuilt tables
+            self.end(marker["seq"], marker["run_id"])
+        log.info("rebuilt %s (%d photos) and %s (%d users) from the history", self.photos.url, state.num_rows,
+                 self.users.url, users.num_rows)
+        return state.num_rows, users.num_rows
+
+
+def _user_counts(con, model: str) -> tuple[int, int]:
+    if not model:  # the run's model is not known: nobody counts as behind
+        return con.execute("SELECT count(*) FROM users").fetchall()[0][0], 0
+    name, version = model_ref(model)
+    return tuple(con.execute("SELECT count(*), count(*) FILTER (WHERE model_name IS DISTINCT FROM $1 "
+                             "OR model_version IS DISTINCT FROM $2) FROM users", [name, version]).fetchall()[0])
+
+
+def _count(to_read: pa.Table, why: str) -> int:
+    return int(pc.sum(pc.cast(pc.equal(to_read["why"], why), pa.int64())).as_py() or 0)
+
+
+def _user_of(keys: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """The first path segment of each key (the user id of a valid key)."""
+    return pc.list_element(pc.split_pattern(keys, "/", max_splits=1), 0)
+
+
+def drop_users(listing: pa.Table, user_ids: list[str]) -> tuple[pa.Table, int]:
+    """The listing without the photos of `user_ids` (an opt-out list), and how many left."""
+    if not user_ids or not listing.num_rows:
+        return listing, 0
+    keep = pc.invert(pc.is_in(_user_of(listing["key"]), pa.array(sorted(set(user_ids)), pa.string())))
+    kept = listing.filter(keep)
+    return kept, listing.num_rows - kept.num_rows
+
+
+def _empty_history() -> pa.Table:
+    return PREDICTIONS_SCHEMA.append(pa.field("dt", pa.string())).empty_table()
+
+
+def history_dataset(store: Store) -> ds.Dataset | None:
+    """The published history as one Arrow dataset (with `dt`), or None when there is none."""
+    files = published_files(store)
+    if not files:
+        return None
+    return ds.dataset([store.path(k) for k in files], filesystem=store.fs, format="parquet",
+                      schema=PREDICTIONS_SCHEMA.append(pa.field("dt", pa.string())),
+                      partitioning=ds.partitioning(pa.schema([("dt", pa.string())]), flavor="hive"),
+                      partition_base_dir=store.path(DATASET))
+
+
+def read_history_files(store: Store, keys: list[str]) -> pa.Table:
+    """Rows of some history files, with their `dt`."""
+    tables = []
+    for key in keys:
+        table = pq.read_table(io.BytesIO(store.read(key))).cast(PREDICTIONS_SCHEMA)
+        day = re.search(r"dt=(\d{4}-\d{2}-\d{2})", key).group(1)
+        tables.append(table.append_column("dt", pa.array([day] * table.num_rows, pa.string())))
+    return pa.concat_tables(tables) if tables else _empty_history()
+
+
+def rows_table(rows: list[PhotoResult], scoring_date: date) -> pa.Table:
+    from core.predictions import to_table
+
+    table = to_table(rows)
+    return table.append_column("dt", pa.array([scoring_date.isoformat()] * table.num_rows, pa.string()))
+
+
+def _rows_where(con, relation: str, column: str, values, columns: list[str]) -> pa.Table:
+    """The rows of `relation` whose `column` is in `values` (one columnar scan)."""
+    con.register("_wanted", pa.table({"value": pa.array(values, pa.string()) if not isinstance(
+        values, (pa.Array, pa.ChunkedArray)) else values}))
+    try:
+        return con.sql(f"SELECT {', '.join(columns)} FROM {relation} "
+                       f"WHERE {column} IN (SELECT value FROM _wanted)").to_arrow_table()
+    finally:
+        con.unregister("_wanted")
+
+
+def _state_rows(count: int, **columns) -> pa.Table:
+    data = {name: columns.get(name, pa.nulls(count, f.type)) for name, f in zip(PHOTOS_SCHEMA.names, PHOTOS_SCHEMA)}
+    return pa.table(data).cast(PHOTOS_SCHEMA.set(0, pa.field("photo_key", pa.string())))
+
+
+def _user_rows(count: int, **columns) -> pa.Table:
+    schema = USERS.schema
+    data = {name: columns.get(name, pa.nulls(count, f.type)) for name, f in zip(schema.names, schema)}
+    return pa.table(data).cast(schema.set(0, pa.field("user_id", pa.string())))
+
+
+def _with_op(table: pa.Table, op: str) -> pa.Table:
+    table = pa.table({name: table[name] for name in table.column_names})
+    schema = pa.schema([pa.field(f.name, f.type) for f in table.schema])  # nullable for the concat
+    return table.cast(schema).append_column(OP, pa.array([op] * table.num_rows, pa.string()))
+
+
+@dataclass
+class Erasure:
+    """What `forget` removed, and where the erased users' photos still are."""
+
+    users: int
+    erased_at: datetime
+    rows_removed: int = 0  # history rows
+    files_read: int = 0
+    files_rewritten: int = 0
+    files_deleted: int = 0
+    photos_removed: int = 0  # rows of _state/photos
+    users_removed: int = 0  # rows of the users table
+    vacuumed: int = 0  # files Delta kept for time travel, deleted
+    source_keys: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def erase_from_history(store: Store, user_ids: list[str], workers: int = 16) -> tuple[int, int, int, int]:
+    """Remove the rows of `user_ids` from every history file in one pass: each file's
+    user_id column is read (concurrently), and only files that hold one of them are
+    rewritten (atomically) or deleted. Returns (rows removed, files read, rewritten, deleted)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    wanted = pa.array(sorted(set(user_ids)), pa.string())
+    files = published_files(store)
+
+    def holds(key: str) -> bool:
+        def read() -> pa.Table:
+            with store.fs.open(store.path(key), "rb") as handle:
+                return pq.read_table(handle, columns=["user_id"])
+        return bool(pc.any(pc.is_in(with_retries(read, f"reading {key}")["user_id"], wanted)).as_py())
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        affected = [key for key, hit in zip(files, pool.map(holds, files)) if hit]
+    removed = rewritten = deleted = 0
+    for key in affected:
+        table = pq.read_table(io.BytesIO(store.read(key)))
+        keep = pc.fill_null(pc.invert(pc.is_in(table["user_id"], wanted)), True)
+        remaining = table.filter(keep)
+        removed += table.num_rows - remaining.num_rows
+        if remaining.num_rows:
+            buffer = io.BytesIO()
+            pq.write_table(remaining.cast(PREDICTIONS_SCHEMA), buffer, compression="zstd")
+            store.write_atomic(key, buffer.getvalue())
+            rewritten += 1
+        else:
+            with_retries(lambda k=key: store.fs.rm_file(store.path(k)), f"removing {key}")
+            deleted += 1
+    return removed, len(files), rewritten, deleted
+
+
+def erase(state: OutputState, user_ids: list[str], erased_at: datetime, source: Store | None = None) -> Erasure:
+    """Erase users in one pass: a tombstone each first (so that no later run reads the
+    photos they have in the source now), then their rows out of every history file, the
+    photo state and the users table, then VACUUM of both tables so that the rewritten
+    files are gone from storage, not only from the current version."""
+    import time
+
+    started = time.perf_counter()
+    ids = sorted(set(user_ids))
+    if not ids:
+        raise ValueError("no user id to erase")
+    report = Erasure(users=len(ids), erased_at=erased_at)
+    id_table = pa.table({"user_id": pa.array(ids, pa.string())})
+    state.erased.open_or_create()
+    state.erased.append(pa.table({"user_id": id_table["user_id"],
+                                  "erased_at": pa.array([erased_at] * len(ids), TIMESTAMP)}), None)
+    photos = state.photos.open()
+    with duckdb_session() as con:
+        state.photos.view(con, "state", photos)
+        keys = _rows_where(con, "state", "user_id", id_table["user_id"], ["photo_key"])["photo_key"].to_pylist()
+    report.source_keys = sorted(keys) if source is None else _keys_under(source, ids)
+    report.rows_removed, report.files_read, report.files_rewritten, report.files_deleted = \
+        erase_from_history(state.store, ids)
+    for table, attr in ((state.photos, "photos_removed"), (state.users, "users_removed")):
+        delta = table.open()
+        if delta is None:
+            continue
+        metrics = table.delete_matching(delta, id_table, "user_id")
+        setattr(report, attr, int(metrics.get("num_target_rows_deleted", 0)))
+        report.vacuumed += len(table.vacuum(table.open()))
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _keys_under(source: Store, user_ids: list[str]) -> list[str]:
+    """The objects under `{source}/{user_id}/` for each user (listed concurrently)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def under(user: str) -> list[str]:
+        try:
+            return [o.key for o in source.list_objects(user)]
+        except FileNotFoundError:
+            return []
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return sorted(k for keys in pool.map(under, user_ids) for k in keys)
+
+
+def output_status(state: OutputState) -> dict:
+    """The history (files, rows, reject and `unknown` rates per day, reasons, models) and
+    the users table (users, genders, models), in columns: nothing per row in Python."""
+    store = state.store
+    history = history_dataset(store)
+    with duckdb_session() as con:
+        con.register("history", history if history is not None else _empty_history())
+        days = con.sql("""SELECT dt, count(*) AS rows,
+                                 round(avg(CASE WHEN status = 'rejected' THEN 1 ELSE 0 END), 4) AS reject_rate,
+                                 round(avg(CASE WHEN gender = 'unknown' THEN 1 ELSE 0 END), 4) AS unknown_rate
+                          FROM history GROUP BY dt ORDER BY dt""").fetchall()
+        reasons = con.sql("SELECT reject_reason, count(*) FROM history WHERE reject_reason IS NOT NULL "
+                          "GROUP BY ALL ORDER BY 2 DESC, 1").fetchall()
+        models = con.sql("SELECT model_name || '@' || model_version, count(*) FROM history "
+                         "WHERE model_name IS NOT NULL GROUP BY ALL ORDER BY 1").fetchall()
+        users_table = state.users.open()
+        state.users.view(con, "users", users_table)
+        genders = dict(con.sql("SELECT gender, count(*) FROM users GROUP BY ALL").fetchall())
+        by_model = con.sql("SELECT model_name || '@' || model_version, count(*) FROM users GROUP BY ALL "
+                           "ORDER BY 2 DESC, 1").fetchall()
+        total = sum(n for _, n in by_model)
+    return {
+        "files": len(published_files(store)),
+        "rows": sum(d[1] for d in days),
+        "partitions": [{"dt": str(dt), "rows": n, "reject_rate": float(r), "unknown_rate": float(u)}
+                       for dt, n, r, u in days],
+        "reject_reasons": {str(k): int(v) for k, v in reasons},
+        "models": [{"model": m, "rows": int(n)} for m, n in models],
+        "users": {"table": state.users.url, "exists": users_table is not None, "users": int(total),
+                  "genders": {g: int(genders.get(g, 0)) for g in ("female", "male", "unknown")},
+                  "models": [{"model": m, "users": int(n), "share": round(n / total, 4)} for m, n in by_model]},
+    }

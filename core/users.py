@@ -1,0 +1,86 @@
+"""The recommender's table: one current answer per user, and the rule that picks it.
+
+`{output}/users/` is a Delta table with one row per user who has a usable answer. The
+rule, written down once (here) and applied to the photos the pipeline knows of a user
+(see core.state: every photo still in the source, with its latest answer):
+
+1. The user's newest photo by upload time that was *scored* gives the answer (its gender,
+   p_male and confidence, from the model that scored it). `unknown` (under the abstain
+   threshold) is an answer too.
+2. A newer photo that was rejected does not take the answer away: `newest_photo_key` and
+   `newest_reject_reason` say that the newest photo was rejected, and why.
+3. A photo no longer in the source backs nothing: the user falls back to their next newest
+   scored photo, or leaves the table.
+
+Ties in upload time go to the later answer, then to the larger key. The table is
+partitioned by `answered_on` (the day of the answer's run), so a night's MERGE rewrites
+only the days of the users it changes.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from core.delta import TableSpec
+
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+USERS_SCHEMA_VERSION = 1
+
+USERS_SCHEMA = pa.schema([
+    pa.field("user_id", pa.string(), nullable=False),
+    pa.field("gender", pa.string()),
+    pa.field("p_male", pa.float32()),
+    pa.field("confidence", pa.float32()),
+    pa.field("photo_key", pa.string()),
+    pa.field("photo_sha256", pa.string()),
+    pa.field("uploaded_at", TIMESTAMP),
+    pa.field("answered_at", TIMESTAMP),
+    pa.field("model_name", pa.string()),
+    pa.field("model_version", pa.string()),
+    pa.field("photos_seen", pa.int32()),
+    pa.field("newest_photo_key", pa.string()),
+    pa.field("newest_reject_reason", pa.string()),
+    pa.field("run_id", pa.string()),
+    pa.field("schema_version", pa.int16()),
+    pa.field("answered_on", pa.date32()),
+])
+
+USERS = TableSpec(
+    name="gender-pipeline users", schema=USERS_SCHEMA, partition_by=("answered_on",),
+    stats_columns=("gender", "p_male", "confidence", "uploaded_at", "answered_at", "model_name", "model_version"),
+    description="One current gender answer per user, kept by gender-pipeline's nightly-scoring flow.")
+
+# "Newest first": by upload time, then the later answer, then the larger key.
+NEWEST_FIRST = "uploaded_at DESC NULLS LAST, answered_at DESC, photo_key DESC"
+
+# The rule, over a relation `photos` with the photo state's columns.
+ANSWERS_SQL = f"""
+WITH known AS (
+    SELECT *,
+           row_number() OVER (PARTITION BY user_id ORDER BY {NEWEST_FIRST}) AS newest,
+           count(*) OVER (PARTITION BY user_id) AS photos_seen
+    FROM photos WHERE user_id IS NOT NULL
+),
+scored AS (
+    SELECT *, row_number() OVER (PARTITION BY user_id ORDER BY {NEWEST_FIRST}) AS rank
+    FROM known WHERE status = 'scored'
+)
+SELECT a.user_id, a.gender, a.p_male, a.confidence, a.photo_key, a.photo_sha256, a.uploaded_at,
+       a.answered_at, a.model_name, a.model_version, CAST(a.photos_seen AS INTEGER) AS photos_seen,
+       n.photo_key AS newest_photo_key,
+       CASE WHEN n.status = 'rejected' THEN n.reject_reason END AS newest_reject_reason,
+       a.run_id, CAST({USERS_SCHEMA_VERSION} AS SMALLINT) AS schema_version, a.answered_on
+FROM scored a JOIN known n ON n.user_id = a.user_id AND n.newest = 1
+WHERE a.rank = 1
+"""
+
+
+def answers(con, photos) -> pa.Table:
+    """The users' rows that the rule gives for `photos` (an Arrow table or dataset with the
+    photo state's columns, every known photo of each user in it)."""
+    con.register("photos", photos)
+    try:
+        table = con.sql(ANSWERS_SQL).to_arrow_table()
+    finally:
+        con.unregister("photos")
+    return table.select(USERS_SCHEMA.names).cast(USERS_SCHEMA)
