@@ -98,6 +98,8 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
         except StopRequested:
             return stopped(stop, "before taking the output lock; nothing was written")
         futures, timings, users = [], {}, None
+        # The concrete NAME@VERSION: every shard loads it (a long-lived worker that cached the
+        # model of an earlier night must not answer with it after a promotion).
         production = resolved_model(registry, model, endpoint_url)
         tag_run(scoring_date=day.isoformat(), model=production)
         try:
@@ -109,7 +111,7 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
             scoring_started = time.perf_counter()
             shards = split_listing(listing, shard_size)
             futures = score_shard.map(shards, unmapped(source), unmapped(output), unmapped(endpoint_url),
-                                      unmapped(registry), unmapped(model), unmapped(device), unmapped(options),
+                                      unmapped(registry), unmapped(production), unmapped(device), unmapped(options),
                                       unmapped(run_id), unmapped(day), unmapped(compile), unmapped(lease.ref()))
             finish_all(futures)
             results = futures.result() if not stop.requested else []
@@ -130,8 +132,7 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
     if not any(r.rows for r in results):
         logger.info("nothing new to score under %s: no file written", source)
     answered = next((row for r in results for row in r.rows if row.model_name), None)
-    used = (f"{answered.model_name}@{answered.model_version}" if answered
-            else resolved_model(registry, model, endpoint_url))
+    used = f"{answered.model_name}@{answered.model_version}" if answered else production
     # The publish and suite times are inside "score"; the report separates them.
     timings["score"] -= sum(r.suite_seconds + r.publish_seconds for r in results)
     return report_run(results, listing, used, source, output, day, run_id, timings,

@@ -1,12 +1,11 @@
 import json
 from datetime import date
 
-import pandas as pd
-
+from core.predictions import to_table, write_predictions
+from core.state import OutputState, listing_table, output_status
+from core.storage import ObjectInfo, Store
 from gender_pipeline.cli import main
-from core.predictions import dataset_status, forget_user, to_table, write_predictions
-from core.storage import Store
-from tests.test_storage_and_predictions import row
+from tests.test_storage_and_predictions import T0, row
 
 
 def lake(tmp_path):
@@ -14,33 +13,41 @@ def lake(tmp_path):
     write_predictions(store, to_table([row("ann/a.jpg", "h1"), row("bob/b.jpg", "h2")]), date(2026, 1, 1), "part-1")
     write_predictions(store, to_table([row("ann/c.jpg", "h3")]), date(2026, 1, 2), "part-2")
     write_predictions(store, to_table([row("cy/d.jpg", "h4", "rejected", "no_face")]), date(2026, 1, 2), "part-3")
+    listing = [ObjectInfo(k, 1, T0) for k in ("ann/a.jpg", "bob/b.jpg", "ann/c.jpg", "cy/d.jpg")]
+    OutputState(store).rebuild(listing_table(listing), seq=1)
     return store
-
-
-def test_forget_removes_a_user_everywhere_and_reports_it(tmp_path):
-    store = lake(tmp_path)
-    removed = forget_user(store, "ann")
-    assert sorted((r["rows_removed"], r["rows_left"]) for r in removed) == [(1, 0), (1, 1)]
-    frame = pd.read_parquet(str(tmp_path / "lake" / "predictions"))
-    assert "ann" not in set(frame["user_id"]) and sorted(frame["user_id"]) == ["bob", "cy"]
-    assert not (tmp_path / "lake" / "predictions" / "dt=2026-01-02" / "part-2.parquet").exists()
-    leftovers = [p.name for p in (tmp_path / "lake").rglob("_*")]
-    assert leftovers == []
-    assert forget_user(store, "ann") == []  # idempotent
 
 
 def test_forget_and_status_from_the_cli(tmp_path, capsys):
     lake(tmp_path)
-    assert main(["forget", "--user-id", "bob", "--output", str(tmp_path / "lake")]) == 0
-    assert json.loads(capsys.readouterr().out)["rows_removed"] == 1
+    assert main(["forget", "--user-id", "bob", "--user-id", "ann", "--output", str(tmp_path / "lake")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rows_removed"] == 3 and report["history_files_deleted"] == 2
+    assert report["history_files_rewritten"] == 0 and report["users_table_rows_removed"] == 2
+    assert report["source_objects"] == ["ann/a.jpg", "ann/c.jpg", "bob/b.jpg"]
+    assert not (tmp_path / "lake" / "predictions" / "dt=2026-01-01" / "part-1.parquet").exists()
+    assert [p.name for p in (tmp_path / "lake").rglob("_tmp-*")] == []
     assert main(["status", "--output", str(tmp_path / "lake")]) == 0
     status = json.loads(capsys.readouterr().out)
-    assert status["rows"] == 3 and status["files"] == 3
-    assert [p["dt"] for p in status["partitions"]] == ["2026-01-01", "2026-01-02"]
-    assert status["partitions"][1]["reject_rate"] == 0.5
+    assert status["rows"] == 1 and status["files"] == 1
+    assert [p["dt"] for p in status["partitions"]] == ["2026-01-02"]
+    assert status["partitions"][0]["reject_rate"] == 1.0
     assert status["reject_reasons"] == {"no_face": 1}
-    assert status["models"] == [{"model": "m@1", "rows": 2}]
+    assert status["models"] == []  # the rejected row names no model
+    assert status["users"]["users"] == 0
 
 
-def test_status_of_an_empty_output(tmp_path):
-    assert dataset_status(Store(str(tmp_path)))["rows"] == 0
+def test_status_of_the_history_and_the_users(tmp_path):
+    status = output_status(OutputState(lake(tmp_path)))
+    assert status["rows"] == 4 and [p["rows"] for p in status["partitions"]] == [2, 2]
+    assert status["users"]["users"] == 2 and status["users"]["genders"] == {"female": 0, "male": 2, "unknown": 0}
+    assert status["users"]["models"] == [{"model": "m@1", "users": 2, "share": 1.0}]
+
+
+def test_forget_needs_an_id(tmp_path, capsys):
+    lake(tmp_path)
+    empty = tmp_path / "none.txt"
+    empty.write_text("\n# nobody\n")
+    assert main(["forget", "--users-from", str(empty), "--output", str(tmp_path / "lake")]) == 2
+    assert "needs --user-id" in capsys.readouterr().err
+    assert main(["forget", "--users-from", str(tmp_path / "missing.txt"), "--output", str(tmp_path / "lake")]) == 3

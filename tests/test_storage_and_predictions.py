@@ -5,8 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from core import storage as storage_module
-from core.predictions import (PREDICTIONS_SCHEMA, PhotoResult, diff_against_dataset,
-                               read_predictions, to_table, write_predictions)
+from core.predictions import PREDICTIONS_SCHEMA, PhotoResult, to_table, write_predictions
+from core.state import OutputState, listing_table
 from core.storage import ObjectInfo, StorageError, Store, with_retries
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -49,27 +49,24 @@ def test_readers_skip_unpublished_temporaries(tmp_path):
     store = Store(str(tmp_path))
     write_predictions(store, to_table([row("a/1.jpg", "h1")]), date(2026, 1, 2), "part-1")
     (tmp_path / "predictions" / "dt=2026-01-02" / "_tmp-part-2.parquet").write_bytes(b"half a file")
-    assert len(read_predictions(store)) == 1
     assert len(pd.read_parquet(str(tmp_path / "predictions"))) == 1
 
 
-def test_read_predictions_on_an_empty_output(tmp_path):
-    assert len(read_predictions(Store(str(tmp_path / "nothing")))) == 0
-
-
-def test_diff_skips_unchanged_and_rereads_modified_or_retryable():
-    existing = to_table([row("a/1.jpg", "h1"), row("b/2.jpg", "h2"),
-                         row("c/3.jpg", None, "rejected", "read_error"),
-                         row("loose.jpg", None, "rejected", "bad_key")]).to_pandas()
+def test_the_plan_skips_unchanged_and_rereads_modified_or_retryable(tmp_path):
+    store = Store(str(tmp_path / "lake"))
+    write_predictions(store, to_table([row("a/1.jpg", "h1"), row("b/2.jpg", "h2"),
+                                       row("c/3.jpg", None, "rejected", "read_error"),
+                                       row("loose.jpg", None, "rejected", "bad_key")]), date(2026, 1, 1), "part-1")
     objects = [ObjectInfo("a/1.jpg", 10, T0 - timedelta(hours=1)),   # unchanged: skipped
                ObjectInfo("loose.jpg", 10, T0 - timedelta(hours=1)),  # answered unread: skipped
                ObjectInfo("b/2.jpg", 10, T0 + timedelta(hours=1)),   # touched since: read, hash decides
                ObjectInfo("c/3.jpg", 10, T0 - timedelta(hours=1)),   # failed read last time: read
                ObjectInfo("d/4.jpg", 10, None)]                      # new
-    diff = diff_against_dataset(objects, existing)
-    assert [o.key for o in diff.to_read] == ["b/2.jpg", "c/3.jpg", "d/4.jpg"]
-    assert diff.skipped_unchanged == 2
-    assert diff.known_hashes["b/2.jpg"] == {"h2"} and "c/3.jpg" not in diff.known_hashes
+    plan = OutputState(store).plan(listing_table(objects), "m@1")  # the state is built from the history
+    assert plan.rebuilt
+    assert sorted(o.key for o in plan.objects()) == ["b/2.jpg", "c/3.jpg", "d/4.jpg"]
+    assert plan.unchanged == 2
+    assert plan.known_hashes() == {"b/2.jpg": {"h2"}}
 
 
 def test_memory_store_lists_reads_and_writes():
