@@ -32,6 +32,16 @@ def build_uploads(root: str) -> dict[str, str]:
     return known
 
 
+def show_users(lake: str) -> None:
+    from deltalake import DeltaTable
+
+    users = DeltaTable(os.path.join(lake, "users")).to_pandas().sort_values("user_id")
+    print(f"\nUsers table: {lake}/users  (DeltaTable('{lake}/users').to_pandas()), one answer per user:")
+    counts = users["gender"].value_counts()
+    print(f"  {len(users)} users: " + ", ".join(f"{g} {int(counts.get(g, 0))}" for g in ("female", "male", "unknown"))
+          + f"; answered by {', '.join(sorted(set(users['model_name'] + '@' + users['model_version'])))}")
+
+
 def show_answers(lake: str, known: dict[str, str]) -> None:
     import pandas as pd
 
@@ -58,6 +68,7 @@ def main() -> int:
     status = cli_main(["score", "--source", uploads, "--output", lake, "--registry", registry])
     if status == 0:
         print(f"\nParquet dataset: {lake}/predictions  (pandas.read_parquet('{lake}/predictions'))")
+        show_users(lake)
         show_answers(lake, known)
     return status
 
