@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from core.processes import cpu_count
-from core.storage import StorageError, Store, with_retries
+from core.storage import TRANSIENT_NAMES, Store, with_retries
 
 APP_ID = "gender-pipeline"  # the app transaction id our commits carry
 # DuckDB's working memory for the bookkeeping joins; beyond it DuckDB spills to disk.
@@ -75,7 +75,9 @@ def _commit(seq: int | None):
 
 
 class Table:
-    """One Delta table of ours at `{store}/{key}`."""
+    """One Delta table of ours at `{store}/{key}`. Reads and writes are retried on transient
+    storage errors; a write that carries a run's sequence number is not repeated when the
+    failed attempt did commit (its app transaction is in the log)."""
 
     def __init__(self, store: Store, key: str, spec: TableSpec) -> None:
         self.store, self.key, self.spec = store, key, spec
@@ -90,21 +92,25 @@ class Table:
         path = self.store.path(self.key)
         return with_retries(lambda: self.store.fs.exists(path), f"checking {self.url}")
 
+    def _load(self):
+        from deltalake import DeltaTable
+
+        return with_retries(lambda: DeltaTable(self.uri, storage_options=self.options), f"reading {self.url}")
+
     def open(self):
         """The table, or None when nothing is there; TableError when what is there is not
         a table of ours or cannot be read."""
-        from deltalake import DeltaTable
         from deltalake.exceptions import DeltaError, TableNotFoundError
 
         self.store.fs.invalidate_cache()
         if not self.exists():
             return None
         try:
-            table = DeltaTable(self.uri, storage_options=self.options)
+            table = self._load()
         except TableNotFoundError:
             raise TableError(f"{self.url} holds files but no Delta table (no _delta_log): not written by "
                              f"gender-pipeline; nothing was changed. Move it away or choose another output.") from None
-        except (DeltaError, OSError, ValueError) as error:
+        except (DeltaError, ValueError) as error:
             raise TableError(f"the Delta table at {self.url} cannot be read ({error}); nothing was changed. "
                              f"Rebuild it with `gender-pipeline rebuild-users --replace`.") from error
         name = table.metadata().name
@@ -121,34 +127,63 @@ class Table:
     def open_or_create(self):
         return self.open() or self.create()
 
+    def _write(self, action, what: str, seq: int | None):
+        """Run a commit, retried on transient errors; with a sequence number, an attempt
+        after a failed one first checks whether the failed one committed after all."""
+        attempts = {"n": 0}
+
+        def attempt():
+            attempts["n"] += 1
+            if attempts["n"] > 1 and seq is not None:
+                current = self._load()
+                if self.applied(current, seq):
+                    return None
+            return action()
+
+        return with_retries(attempt, what)
+
+    def _data(self, data: pa.Table) -> pa.Table:
+        return data.select(self.spec.schema.names).cast(self.spec.schema)
+
     def create(self, data: pa.Table | None = None, seq: int | None = None, mode: str = "error"):
         """Write `data` (or nothing) as a new table version: `error` creates the table,
         `overwrite` replaces an existing table of ours in one commit."""
-        from deltalake import DeltaTable, write_deltalake
+        from deltalake import write_deltalake
 
         configuration = {"delta.dataSkippingStatsColumns": ",".join(self.spec.stats_columns)} \
             if self.spec.stats_columns else None
-        data = data if data is not None else self.spec.schema.empty_table()
-        write_deltalake(self.uri, data.select(self.spec.schema.names).cast(self.spec.schema), mode=mode,
-                        partition_by=list(self.spec.partition_by) or None, name=self.spec.name,
-                        description=self.spec.description, configuration=configuration,
-                        storage_options=self.options, commit_properties=_commit(seq),
-                        schema_mode="overwrite" if mode == "overwrite" else None)
-        return DeltaTable(self.uri, storage_options=self.options)
+        data = self._data(data if data is not None else self.spec.schema.empty_table())
+
+        def write() -> None:
+            write_deltalake(self.uri, data, mode=mode, partition_by=list(self.spec.partition_by) or None,
+                            name=self.spec.name, description=self.spec.description, configuration=configuration,
+                            storage_options=self.options, commit_properties=_commit(seq),
+                            schema_mode="overwrite" if mode == "overwrite" else None)
+
+        try:
+            self._write(write, f"writing {self.url}", seq)
+        except Exception as error:
+            if mode == "error" and "exists" in str(error).lower() and self.open() is not None:
+                pass  # an earlier attempt created it
+            else:
+                raise
+        return self._load()
 
     def append(self, data: pa.Table, seq: int | None) -> None:
         from deltalake import write_deltalake
 
-        write_deltalake(self.uri, data.select(self.spec.schema.names).cast(self.spec.schema), mode="append",
-                        partition_by=list(self.spec.partition_by) or None, storage_options=self.options,
-                        commit_properties=_commit(seq))
+        data = self._data(data)
+        self._write(lambda: write_deltalake(self.uri, data, mode="append",
+                                            partition_by=list(self.spec.partition_by) or None,
+                                            storage_options=self.options, commit_properties=_commit(seq)),
+                    f"appending to {self.url}", seq)
 
     def applied(self, table, seq: int) -> bool:
         """True when this table already holds the commit of run `seq` (or a later one)."""
-        done = table.transaction_version(APP_ID)
+        done = table.transaction_version(APP_ID) if table is not None else None
         return done is not None and done >= seq
 
-    def merge(self, table, source: pa.Table, on: str, partitions: list[str], seq: int | None):
+    def merge(self, source: pa.Table, on: str, partitions: list[str], seq: int | None) -> dict:
         """A MERGE of `source` (our columns plus `_op`: upsert | delete | touch) on `on`,
         pruned to the target partitions in `partitions` (literal values, which delta-rs's
         streamed MERGE needs to skip the other files). Returns delta-rs's metrics."""
@@ -157,26 +192,32 @@ class Table:
         predicate = f"t.{on} = s.{on} AND t.{part} IN ({values})"
         columns = self.spec.schema.names
         upsert = {c: f"s.{c}" for c in columns}
-        merger = table.merge(source, predicate, source_alias="s", target_alias="t",
-                             commit_properties=_commit(seq))
-        merger = merger.when_matched_delete(predicate="s._op = 'delete'")
-        touch = [c for c in columns if c in TOUCH_COLUMNS]
-        if touch:
-            merger = merger.when_matched_update({c: f"s.{c}" for c in touch}, predicate="s._op = 'touch'")
-        merger = merger.when_matched_update(upsert, predicate="s._op = 'upsert'")
-        merger = merger.when_not_matched_insert(upsert, predicate="s._op = 'upsert'")
-        return merger.execute()
+        touch = {c: f"s.{c}" for c in columns if c in TOUCH_COLUMNS}
 
-    def delete_matching(self, table, ids: pa.Table, on: str, seq: int | None = None):
+        def run() -> dict:
+            merger = self._load().merge(source, predicate, source_alias="s", target_alias="t",
+                                        commit_properties=_commit(seq))
+            merger = merger.when_matched_delete(predicate="s._op = 'delete'")
+            if touch:
+                merger = merger.when_matched_update(touch, predicate="s._op = 'touch'")
+            merger = merger.when_matched_update(upsert, predicate="s._op = 'upsert'")
+            merger = merger.when_not_matched_insert(upsert, predicate="s._op = 'upsert'")
+            return merger.execute()
+
+        return self._write(run, f"merging into {self.url}", seq) or {}
+
+    def delete_matching(self, ids: pa.Table, on: str) -> dict:
         """Delete the rows whose `on` is in `ids`: a MERGE, so that the ids never appear in
-        the table's log (a DELETE records its predicate, literals included)."""
-        return (table.merge(ids, f"t.{on} = s.{on}", source_alias="s", target_alias="t",
-                            commit_properties=_commit(seq))
-                .when_matched_delete().execute())
+        the table's log (a DELETE records its predicate, literals included). Retried as a
+        whole: deleting what is gone already deletes nothing."""
+        return self._write(lambda: self._load().merge(ids, f"t.{on} = s.{on}", source_alias="s", target_alias="t")
+                           .when_matched_delete().execute(), f"deleting from {self.url}", None)
 
-    def vacuum(self, table) -> list[str]:
+    def vacuum(self) -> list[str]:
         """Remove every file the current version does not use: what time travel would read."""
-        return table.vacuum(retention_hours=0, dry_run=False, enforce_retention_duration=False)
+        return self._write(lambda: self._load().vacuum(retention_hours=0, dry_run=False,
+                                                       enforce_retention_duration=False),
+                           f"vacuuming {self.url}", None)
 
     def view(self, con, name: str, table) -> None:
         """Make the table's current version (None: an empty table) queryable as `name` in a
@@ -189,16 +230,57 @@ class Table:
             return
         if self.store.protocol not in ("file", "local") and self.store.protocol not in con.list_filesystems():
             con.register_filesystem(self.store.fs)
-        con.read_parquet(files, hive_partitioning=bool(self.spec.partition_by)).create_view(name, replace=True)
+        _retried(lambda: con.read_parquet(files, hive_partitioning=bool(self.spec.partition_by))
+                 .create_view(name, replace=True), f"reading {self.url}")
 
 
 # A `touch` (same bytes seen again) updates only these columns of a photo's state.
 TOUCH_COLUMNS = ("size", "uploaded_at", "checked_at")
 
 
+# Words in a DuckDB error that wraps a storage error worth another try (DuckDB reads
+# remote files through the store's fsspec filesystem, and reports its errors as text).
+_TRANSIENT_TEXT = (*TRANSIENT_NAMES, "ConnectionResetError", "Connection reset", "timed out", "Broken pipe")
+
+
+def _retried(run, what: str):
+    import duckdb
+
+    def attempt():
+        try:
+            return run()
+        except duckdb.Error as error:
+            if any(word in str(error) for word in _TRANSIENT_TEXT):
+                raise ConnectionError(str(error).strip().splitlines()[-1]) from error
+            raise
+
+    return with_retries(attempt, what)
+
+
+class Session:
+    """A DuckDB connection whose queries are retried when a remote read fails for a
+    reason that may pass; results are fetched whole (they are the night's size)."""
+
+    def __init__(self, con) -> None:
+        self.con = con
+
+    def __getattr__(self, name: str):
+        return getattr(self.con, name)
+
+    def execute(self, query: str, params=None):
+        return _retried(lambda: self.con.execute(query, params) if params is not None else self.con.execute(query),
+                        "a bookkeeping query")
+
+    def rows(self, query: str, params=None) -> list[tuple]:
+        return _retried(lambda: self.con.sql(query, params=params).fetchall(), "a bookkeeping query")
+
+    def arrow(self, query: str, params=None) -> pa.Table:
+        return _retried(lambda: self.con.sql(query, params=params).to_arrow_table(), "a bookkeeping query")
+
+
 @contextmanager
-def duckdb_session() -> Iterator:
-    """A DuckDB connection for the bookkeeping joins: bounded memory (spilling to a
+def duckdb_session() -> Iterator[Session]:
+    """A DuckDB session for the bookkeeping joins: bounded memory (spilling to a
     temporary folder beyond it), the cores this process may use."""
     import duckdb
 
@@ -210,11 +292,6 @@ def duckdb_session() -> Iterator:
             con.execute(f"SET temp_directory = '{spill}'")
             con.execute("SET preserve_insertion_order = false")
             con.execute("SET TimeZone = 'UTC'")
-            yield con
+            yield Session(con)
         finally:
             con.close()
-
-
-def storage_failure(what: str, error: Exception) -> StorageError:
-    """delta-rs's errors for an unreachable store, as our storage error."""
-    return StorageError(f"{what}: {error}", transient=True)

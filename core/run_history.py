@@ -68,14 +68,14 @@ def check_listing(listed: int, new: int, previous: list[dict], min_new_photos: i
     return warnings
 
 
-def key_shape_warnings(keys: list[str], bad_keys: int) -> list[str]:
-    """Warnings when the listed keys do not look like {user_id}/{file name}."""
+def key_shape_warnings(listed: int, bad_keys: int, one_user: str | None) -> list[str]:
+    """Warnings when the listed keys do not look like {user_id}/{file name}: most keys have
+    no user id (the source is one folder too deep), or every key has the same one (one
+    folder too high)."""
     warnings = []
-    if keys and bad_keys > len(keys) / 2:
-        warnings.append(f"{bad_keys} of {len(keys)} keys are not {{user_id}}/{{file name}}: is the source one "
+    if listed and bad_keys > listed / 2:
+        warnings.append(f"{bad_keys} of {listed} keys are not {{user_id}}/{{file name}}: is the source one "
                         f"folder too deep?")
-    users = {k.split("/", 1)[0] for k in keys if "/" in k}
-    if len(keys) >= 20 and len(users) == 1:
-        warnings.append(f"all {len(keys)} photos share the user id {next(iter(users))!r}: is the source one "
-                        f"folder too high?")
+    if listed >= 20 and one_user is not None and bad_keys < listed:
+        warnings.append(f"all {listed} photos share the user id {one_user!r}: is the source one folder too high?")
     return warnings

@@ -33,6 +33,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from core.delta import APP_ID, Table, TableError, TableSpec, duckdb_session
+from core.listing import LISTING_SCHEMA, key_sample
 from core.predictions import DATASET, PREDICTIONS_SCHEMA, PhotoResult, RETRYABLE_REASONS, published_files
 from core.storage import ObjectInfo, Store, with_retries
 from core.users import TIMESTAMP, USERS, answers
@@ -68,8 +69,6 @@ ERASED = TableSpec(name="gender-pipeline erasures", schema=ERASED_SCHEMA, stats_
                    description="Users erased by `gender-pipeline forget`: their photos then in the source are "
                                "never read again.")
 
-LISTING_SCHEMA = pa.schema([pa.field("key", pa.string(), nullable=False), pa.field("size", pa.int64()),
-                            pa.field("modified", TIMESTAMP)])
 PENDING = "_state/pending"
 OP = "_op"
 
@@ -78,6 +77,31 @@ def listing_table(objects: list[ObjectInfo]) -> pa.Table:
     """A listing as Arrow (key, size, modified)."""
     return pa.table({"key": [o.key for o in objects], "size": [o.size for o in objects],
                      "modified": [o.modified for o in objects]}, schema=LISTING_SCHEMA)
+
+
+@dataclass
+class SourceListing:
+    """The night's listing (an Arrow table or dataset of key, size, modified: a spool on
+    disk for a large source) and the opted-out users whose photos are left out of it."""
+
+    data: object
+    excluded: tuple[str, ...] = ()
+
+    def view(self, con, name: str) -> None:
+        """`name` in a DuckDB session: the listing without the opted-out users' photos."""
+        con.register(f"{name}_all", self.data)
+        con.register(f"{name}_excluded", pa.table({"user_id": pa.array(sorted(set(self.excluded)), pa.string())}))
+        con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM {name}_all "
+                    f"WHERE split_part(key, '/', 1) NOT IN (SELECT user_id FROM {name}_excluded)")
+
+
+def _register(con, name: str, data) -> None:
+    """A listing (or a table with a `key` column) as `name`, and `{name}_all` unfiltered."""
+    (data if isinstance(data, SourceListing) else SourceListing(data)).view(con, name)
+
+
+# A key without a usable user id: no '/', an empty segment, or a '.' or '..' segment.
+BAD_KEY_SQL = r"(NOT contains(key, '/') OR regexp_matches(key, '(^|/)(\.|\.\.)?(/|$)'))"
 
 
 @dataclass
@@ -97,6 +121,8 @@ class NightPlan:
     refresh_budget: int = 0
     caught_up: list[str] = field(default_factory=list)  # runs whose published rows were applied late
     rebuilt: bool = False
+    bad_keys: int = 0  # listed keys that are not {user_id}/{file name}
+    one_user: str | None = None  # the user id every listed key shares, when they all share one
 
     @property
     def refresh(self) -> int:
@@ -212,11 +238,10 @@ class OutputState:
 
     # -- the night's plan -----------------------------------------------------------------
 
-    def plan(self, listing, model: str, refresh_budget: int = 10_000, excluded: int = 0) -> NightPlan:
+    def plan(self, listing: SourceListing, model: str, refresh_budget: int = 10_000) -> NightPlan:
         """Catch up, (re)build what is missing, and join the listing with the state.
 
-        `listing` is an Arrow table or dataset (key, size, modified) without the photos of
-        opted-out users (`excluded` of them were left out). The photos to read are the new
+        The photos of opted-out users are left out of `listing`. The photos to read are the new
         ones, the changed ones (modified since their bytes were last checked), the ones
         whose last read failed (`read_error`), and up to `refresh_budget` photos that back
         an answer from another model than `model`, oldest answers first. Photos that were
@@ -234,10 +259,13 @@ class OutputState:
             photos, users = self.photos.open(), self.users.open()
         seq = self.next_seq(photos, users)
         with duckdb_session() as con:
-            con.register("listing", listing)
+            _register(con, "listing", listing)
             self.photos.view(con, "state", photos)
             self.erased.view(con, "erased", erased)
-            listed = con.execute("SELECT count(*) FROM listing").fetchall()[0][0]
+            everything = con.rows(f"SELECT count(*), count(*) FILTER (WHERE {BAD_KEY_SQL}), "
+                                  "min(split_part(key, '/', 1)), max(split_part(key, '/', 1)) FROM listing_all")[0]
+            listed = con.rows("SELECT count(*) FROM listing")[0][0]
+            excluded = everything[0] - listed
             retry = ", ".join(f"'{r}'" for r in RETRYABLE_REASONS)
             con.execute(f"""
                 CREATE TEMP TABLE work AS
@@ -255,10 +283,10 @@ class OutputState:
                 DELETE FROM work WHERE why = 'new' AND EXISTS (
                     SELECT 1 FROM erased e WHERE e.user_id = split_part(work.key, '/', 1)
                     AND (work.modified IS NULL OR work.modified <= e.erased_at))""").fetchall()[0][0]
-            removed = con.sql("SELECT key AS photo_key, state_user AS user_id, answered_on FROM work "
-                                  "WHERE why = 'removed'").to_arrow_table()
-            to_read = con.sql("SELECT key, size, modified, known_sha, why, answered_on FROM work "
-                                  "WHERE why <> 'removed' ORDER BY modified NULLS FIRST, key").to_arrow_table()
+            removed = con.arrow("SELECT key AS photo_key, state_user AS user_id, answered_on FROM work "
+                                "WHERE why = 'removed'")
+            to_read = con.arrow("SELECT key, size, modified, known_sha, why, answered_on FROM work "
+                                "WHERE why <> 'removed' ORDER BY modified NULLS FIRST, key")
             users_total = behind = 0
             if users is not None:
                 name, version = model_ref(model)
@@ -267,7 +295,7 @@ class OutputState:
                 if behind and refresh_budget:
                     # The photos behind the oldest answers from another model (still listed,
                     # not already read tonight for another reason).
-                    refresh = con.sql("""
+                    refresh = con.arrow("""
                         WITH stale AS (
                             SELECT photo_key, answered_at, answered_on FROM users
                             WHERE (model_name IS DISTINCT FROM $1 OR model_version IS DISTINCT FROM $2)
@@ -276,13 +304,25 @@ class OutputState:
                         SELECT l.key, l.size, l.modified, NULL::VARCHAR AS known_sha, 'refresh' AS why,
                                r.answered_on
                         FROM stale r JOIN listing l ON l.key = r.photo_key
-                        ORDER BY r.answered_at, l.key""", params=[name, version, refresh_budget]).to_arrow_table()
+                        ORDER BY r.answered_at, l.key""", [name, version, refresh_budget])
                     to_read = pa.concat_tables([to_read, refresh.cast(to_read.schema)])
-        return NightPlan(seq=seq, model=model, to_read=to_read, removed=removed, listed=listed + excluded,
+        return NightPlan(seq=seq, model=model, to_read=to_read, removed=removed, listed=everything[0],
                          excluded=excluded, erased_skipped=erased_skipped,
                          unchanged=listed - (to_read.num_rows - _count(to_read, "refresh")) - erased_skipped,
                          users=users_total, behind=behind, refresh_budget=refresh_budget, caught_up=caught_up,
-                         rebuilt=rebuilt)
+                         rebuilt=rebuilt, bad_keys=everything[1],
+                         one_user=everything[2] if everything[2] is not None and everything[2] == everything[3] else None)
+
+    def key_sample(self, count: int) -> list[str]:
+        """`count` keys that cut the known keys into about equal ranges (a random sample
+        of 4,096, sorted): where concurrent listers of the source start."""
+        photos = self.photos.open()
+        if photos is None or count < 1:
+            return []
+        with duckdb_session() as con:
+            self.photos.view(con, "state", photos)
+            sample = [k for (k,) in con.rows("SELECT photo_key FROM state USING SAMPLE 4096 ROWS")]
+        return key_sample(sample, count)
 
     def user_counts(self, model: str) -> tuple[int, int]:
         """(users with an answer, those answered by another model than `model`)."""
@@ -309,15 +349,15 @@ class OutputState:
         photos_table = self.photos.open_or_create()
         with duckdb_session() as con:
             con.register("night_rows", rows)
-            con.register("objects", objects)
-            upserts = con.sql("""
+            _register(con, "objects", objects)
+            upserts = con.arrow("""
                 SELECT r.photo_key, r.user_id, o.size, o.modified AS uploaded_at, r.photo_sha256, r.status,
                        r.reject_reason, r.gender, r.p_male, r.confidence, r.model_name, r.model_version,
                        r.scored_at AS answered_at, r.scored_at AS checked_at, r.run_id,
                        CAST(r.dt AS DATE) AS answered_on
                 FROM night_rows r JOIN objects o ON o.key = r.photo_key
                 QUALIFY row_number() OVER (PARTITION BY r.photo_key ORDER BY r.scored_at DESC) = 1
-                """).to_arrow_table().cast(PHOTOS_SCHEMA)
+                """).cast(PHOTOS_SCHEMA)
         parts = [_with_op(upserts, "upsert")]
         if touched is not None and touched.num_rows:
             parts.append(_with_op(_state_rows(touched.num_rows, photo_key=touched["key"], user_id=_user_of(touched["key"]),
@@ -341,7 +381,7 @@ class OutputState:
             report.skipped = True
         elif old:
             before_commit()
-            self.photos.merge(photos_table, source, "photo_key", old, seq)
+            self.photos.merge(source, "photo_key", old, seq)
         else:  # only new keys: nothing to match
             before_commit()
             self.photos.append(upserts, seq)
@@ -367,7 +407,7 @@ class OutputState:
         if old or rows.num_rows:
             before_commit()
         if old:
-            self.users.merge(users_table, source, "user_id", old, seq)
+            self.users.merge(source, "user_id", old, seq)
         elif rows.num_rows:
             self.users.append(rows, seq)
         report.users_upserted, report.users_removed = rows.num_rows, len(gone)
@@ -391,10 +431,10 @@ class OutputState:
         erased = self.erased.open()
         history = history_dataset(self.store)
         with duckdb_session() as con:
-            con.register("listing", listing)
+            _register(con, "listing", listing)
             con.register("history", history if history is not None else _empty_history())
             self.erased.view(con, "erased", erased)
-            state = con.sql("""
+            state = con.arrow("""
                 WITH latest AS (
                     SELECT * FROM history
                     QUALIFY row_number() OVER (PARTITION BY photo_key ORDER BY scored_at DESC, run_id DESC) = 1)
@@ -404,7 +444,7 @@ class OutputState:
                        CAST(h.dt AS DATE) AS answered_on
                 FROM latest h JOIN listing l ON l.key = h.photo_key
                 WHERE NOT EXISTS (SELECT 1 FROM erased e WHERE e.user_id = h.user_id
-                                  AND h.scored_at <= e.erased_at)""").to_arrow_table().cast(PHOTOS_SCHEMA)
+                                  AND h.scored_at <= e.erased_at)""").cast(PHOTOS_SCHEMA)
             users = answers(con, state)
         mode = "overwrite"
         self.photos.create(state, seq=seq, mode=mode)
@@ -418,10 +458,10 @@ class OutputState:
 
 def _user_counts(con, model: str) -> tuple[int, int]:
     if not model:  # the run's model is not known: nobody counts as behind
-        return con.execute("SELECT count(*) FROM users").fetchall()[0][0], 0
+        return con.rows("SELECT count(*) FROM users")[0][0], 0
     name, version = model_ref(model)
-    return tuple(con.execute("SELECT count(*), count(*) FILTER (WHERE model_name IS DISTINCT FROM $1 "
-                             "OR model_version IS DISTINCT FROM $2) FROM users", [name, version]).fetchall()[0])
+    return tuple(con.rows("SELECT count(*), count(*) FILTER (WHERE model_name IS DISTINCT FROM $1 "
+                          "OR model_version IS DISTINCT FROM $2) FROM users", [name, version])[0])
 
 
 def _count(to_read: pa.Table, why: str) -> int:
@@ -431,15 +471,6 @@ def _count(to_read: pa.Table, why: str) -> int:
 def _user_of(keys: pa.ChunkedArray | pa.Array) -> pa.Array:
     """The first path segment of each key (the user id of a valid key)."""
     return pc.list_element(pc.split_pattern(keys, "/", max_splits=1), 0)
-
-
-def drop_users(listing: pa.Table, user_ids: list[str]) -> tuple[pa.Table, int]:
-    """The listing without the photos of `user_ids` (an opt-out list), and how many left."""
-    if not user_ids or not listing.num_rows:
-        return listing, 0
-    keep = pc.invert(pc.is_in(_user_of(listing["key"]), pa.array(sorted(set(user_ids)), pa.string())))
-    kept = listing.filter(keep)
-    return kept, listing.num_rows - kept.num_rows
 
 
 def _empty_history() -> pa.Table:
@@ -479,8 +510,7 @@ def _rows_where(con, relation: str, column: str, values, columns: list[str]) -> 
     con.register("_wanted", pa.table({"value": pa.array(values, pa.string()) if not isinstance(
         values, (pa.Array, pa.ChunkedArray)) else values}))
     try:
-        return con.sql(f"SELECT {', '.join(columns)} FROM {relation} "
-                       f"WHERE {column} IN (SELECT value FROM _wanted)").to_arrow_table()
+        return con.arrow(f"SELECT {', '.join(columns)} FROM {relation} WHERE {column} IN (SELECT value FROM _wanted)")
     finally:
         con.unregister("_wanted")
 
@@ -580,9 +610,9 @@ def erase(state: OutputState, user_ids: list[str], erased_at: datetime, source: 
         delta = table.open()
         if delta is None:
             continue
-        metrics = table.delete_matching(delta, id_table, "user_id")
+        metrics = table.delete_matching(id_table, "user_id")
         setattr(report, attr, int(metrics.get("num_target_rows_deleted", 0)))
-        report.vacuumed += len(table.vacuum(table.open()))
+        report.vacuumed += len(table.vacuum())
     report.seconds = time.perf_counter() - started
     return report
 
@@ -608,19 +638,19 @@ def output_status(state: OutputState) -> dict:
     history = history_dataset(store)
     with duckdb_session() as con:
         con.register("history", history if history is not None else _empty_history())
-        days = con.sql("""SELECT dt, count(*) AS rows,
+        days = con.rows("""SELECT dt, count(*) AS rows,
                                  round(avg(CASE WHEN status = 'rejected' THEN 1 ELSE 0 END), 4) AS reject_rate,
                                  round(avg(CASE WHEN gender = 'unknown' THEN 1 ELSE 0 END), 4) AS unknown_rate
-                          FROM history GROUP BY dt ORDER BY dt""").fetchall()
-        reasons = con.sql("SELECT reject_reason, count(*) FROM history WHERE reject_reason IS NOT NULL "
-                          "GROUP BY ALL ORDER BY 2 DESC, 1").fetchall()
-        models = con.sql("SELECT model_name || '@' || model_version, count(*) FROM history "
-                         "WHERE model_name IS NOT NULL GROUP BY ALL ORDER BY 1").fetchall()
+                          FROM history GROUP BY dt ORDER BY dt""")
+        reasons = con.rows("SELECT reject_reason, count(*) FROM history WHERE reject_reason IS NOT NULL "
+                           "GROUP BY ALL ORDER BY 2 DESC, 1")
+        models = con.rows("SELECT model_name || '@' || model_version, count(*) FROM history "
+                          "WHERE model_name IS NOT NULL GROUP BY ALL ORDER BY 1")
         users_table = state.users.open()
         state.users.view(con, "users", users_table)
-        genders = dict(con.sql("SELECT gender, count(*) FROM users GROUP BY ALL").fetchall())
-        by_model = con.sql("SELECT model_name || '@' || model_version, count(*) FROM users GROUP BY ALL "
-                           "ORDER BY 2 DESC, 1").fetchall()
+        genders = dict(con.rows("SELECT gender, count(*) FROM users GROUP BY ALL"))
+        by_model = con.rows("SELECT model_name || '@' || model_version, count(*) FROM users GROUP BY ALL "
+                            "ORDER BY 2 DESC, 1")
         total = sum(n for _, n in by_model)
     return {
         "files": len(published_files(store)),

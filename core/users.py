@@ -80,7 +80,7 @@ def answers(con, photos) -> pa.Table:
     photo state's columns, every known photo of each user in it)."""
     con.register("photos", photos)
     try:
-        table = con.sql(ANSWERS_SQL).to_arrow_table()
+        table = con.arrow(ANSWERS_SQL)
     finally:
         con.unregister("photos")
     return table.select(USERS_SCHEMA.names).cast(USERS_SCHEMA)

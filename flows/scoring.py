@@ -39,7 +39,8 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
                     lock_wait_seconds: float = 0, front_end: Literal["auto", "cpu", "gpu"] = "auto",
                     min_new_photos: NonNegativeInt = 0, max_listing_drop: float = 0.9,
                     file_links: str = "none", refresh_budget: NonNegativeInt = 10_000,
-                    exclude_users: str | None = None) -> dict:
+                    exclude_users: str | None = None, listing: str = "list",
+                    listing_fanout: PositiveInt | None = None) -> dict:
     """Score the photos uploaded since the last run and publish one Parquet row per photo.
 
     Args:
@@ -78,6 +79,10 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
             first; 0 turns it off.
         exclude_users: A text file (path or URL), one user id per line: those users' photos
             are never read and they have no row in the users table.
+        listing: How the source is listed: list (the store itself; on S3, concurrent key
+            ranges), or inventory:URL (an S3 Inventory report's manifest.json or its folder:
+            no LIST calls, up to a day stale).
+        listing_fanout: Concurrent LIST calls on S3 (default 16).
     """
     started = time.perf_counter()
     warm_up_expectations()  # Great Expectations' start-up overlaps with the lock and the listing
@@ -104,12 +109,13 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
         tag_run(scoring_date=day.isoformat(), model=production)
         try:
             with stop.interruptible(), timed(timings, "list"):
-                listing = list_new_photos(source, output, endpoint_url, listed_at, max_photos, min_new_photos,
-                                          max_listing_drop, production, refresh_budget, exclude_users, run_id, day)
+                found = list_new_photos(source, output, endpoint_url, listed_at, max_photos, min_new_photos,
+                                        max_listing_drop, production, refresh_budget, exclude_users, run_id, day,
+                                        listing, listing_fanout)
             with stop.interruptible(), timed(timings, "listing_suite"):
-                check_photo_metadata_task(listing)
+                check_photo_metadata_task(found)
             scoring_started = time.perf_counter()
-            shards = split_listing(listing, shard_size)
+            shards = split_listing(found, shard_size)
             futures = score_shard.map(shards, unmapped(source), unmapped(output), unmapped(endpoint_url),
                                       unmapped(registry), unmapped(production), unmapped(device), unmapped(options),
                                       unmapped(run_id), unmapped(day), unmapped(compile), unmapped(lease.ref()))
@@ -118,7 +124,7 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
             timings["score"] = time.perf_counter() - scoring_started
             if not stop.requested:
                 with timed(timings, "users"):
-                    users = update_users_table(output, endpoint_url, listing, results, run_id, day, lease.ref())
+                    users = update_users_table(output, endpoint_url, found, results, run_id, day, lease.ref())
         except Exception:
             if not stop.requested:
                 raise
@@ -135,5 +141,5 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
     used = f"{answered.model_name}@{answered.model_version}" if answered else production
     # The publish and suite times are inside "score"; the report separates them.
     timings["score"] -= sum(r.suite_seconds + r.publish_seconds for r in results)
-    return report_run(results, listing, used, source, output, day, run_id, timings,
+    return report_run(results, found, used, source, output, day, run_id, timings,
                       time.perf_counter() - started, endpoint_url, file_links, users)

@@ -112,6 +112,12 @@ def _add_scoring(parser: argparse.ArgumentParser, required: bool) -> None:
                              "0: off)")
     parser.add_argument("--exclude-users", default=None, metavar="URL",
                         help="a text file, one user id per line: those users are never scored (an opt-out list)")
+    parser.add_argument("--listing", default="list", metavar="list|inventory:URL",
+                        help="how the source is listed: list (the store; on S3, concurrent key ranges) or "
+                             "inventory:URL (an S3 Inventory report's manifest.json or folder: no LIST calls, up to "
+                             "a day stale)")
+    parser.add_argument("--listing-fanout", type=_positive, default=None,
+                        help="concurrent LIST calls on S3 (default 16)")
     _add_storage(parser)
 
 
@@ -181,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild.add_argument("--source", required=True, help="URL or path of the uploads: {user_id}/{file}")
     rebuild.add_argument("--output", required=True, help="the output's URL or path (as given to score)")
     rebuild.add_argument("--exclude-users", default=None, metavar="URL", help="the opt-out list, as for score")
+    rebuild.add_argument("--listing", default="list", help="list (the source itself) or inventory:URL, as for score")
     rebuild.add_argument("--replace", action="store_true",
                          help="delete a damaged or foreign table under users/ or _state/photos/ first")
     rebuild.add_argument("--lock-wait", type=float, default=0,
@@ -245,8 +252,9 @@ def _forget(args: argparse.Namespace) -> int:
 
 
 def _rebuild_users(args: argparse.Namespace) -> int:
+    from core.listing import ListingSpec, list_source
     from core.locking import acquire
-    from core.state import OutputState, drop_users, listing_table
+    from core.state import OutputState, SourceListing
     from core.storage import StorageError, Store, read_lines, storage_options
 
     options = storage_options(args.endpoint_url)
@@ -255,10 +263,11 @@ def _rebuild_users(args: argparse.Namespace) -> int:
         raise StorageError(f"source {args.source} does not exist", transient=False)
     lease = acquire(store, f"rebuild-users-{os.getpid()}", wait_seconds=args.lock_wait)
     try:
-        excluded = read_lines(args.exclude_users, options) if args.exclude_users else []
-        listing, _ = drop_users(listing_table(source.list_objects()), excluded)
+        excluded = tuple(read_lines(args.exclude_users, options)) if args.exclude_users else ()
         state = OutputState(store)
-        photos, users = state.rebuild(listing, seq=state.next_seq(None, None), replace=args.replace)
+        with list_source(source, ListingSpec.parse(args.listing)) as spool:
+            photos, users = state.rebuild(SourceListing(spool.dataset(), excluded), seq=state.next_seq(None, None),
+                                          replace=args.replace)
     finally:
         lease.release()
     print(json.dumps({"photos": photos, "users": users, "table": state.users.url}, indent=2))
@@ -332,6 +341,9 @@ def _score(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 0:
         print("gender-pipeline: --workers must be 0 or more", file=sys.stderr)
         return EXIT_USAGE
+    from core.listing import ListingSpec
+
+    ListingSpec.parse(args.listing, args.listing_fanout)  # a bad --listing is exit 2 before anything starts
     summary = with_task_runner(nightly_scoring, args)(
         source=args.source, output=args.output, registry=args.registry, model=args.model,
         scoring_date=args.date, batch_size=args.batch_size, device=args.device,
@@ -340,7 +352,8 @@ def _score(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels, max_photos=args.max_photos, shard_size=args.shard_size,
         lock_lease_seconds=args.lock_lease, lock_wait_seconds=args.lock_wait, front_end=args.front_end,
         min_new_photos=args.min_new_photos, max_listing_drop=args.max_listing_drop, file_links=args.file_links,
-        refresh_budget=args.refresh_budget, exclude_users=args.exclude_users)
+        refresh_budget=args.refresh_budget, exclude_users=args.exclude_users, listing=args.listing,
+        listing_fanout=args.listing_fanout)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
@@ -385,7 +398,8 @@ def _serve(args: argparse.Namespace) -> int:
                     "lock_wait_seconds": args.lock_wait, "front_end": args.front_end,
                     "min_new_photos": args.min_new_photos, "max_listing_drop": args.max_listing_drop,
                     "file_links": args.file_links, "refresh_budget": args.refresh_budget,
-                    "exclude_users": args.exclude_users},
+                    "exclude_users": args.exclude_users, "listing": args.listing,
+                    "listing_fanout": args.listing_fanout},
         tags=["scoring"])
     return 0
 

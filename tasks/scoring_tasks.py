@@ -27,7 +27,8 @@ from core.scoring import ScoringOptions, ScoringStats, merge_stats, score_object
 from core.locking import Lease, LeaseRef, acquire
 from tasks.run_control import retry_unless_stopped
 from core.stopping import STOP, StopRequested
-from core.state import Applied, NightPlan, OutputState, drop_users, listing_table, rows_table
+from core.listing import ListingSpec, list_source
+from core.state import Applied, NightPlan, OutputState, SourceListing, rows_table
 from core.storage import ObjectInfo, StorageError, Store, read_lines, retry_if_transient, storage_options
 from core.run_history import ERASURES, check_listing, key_shape_warnings, recent_runs, record_run
 from core.summary import rejected_rows, render_markdown, summarize
@@ -73,7 +74,8 @@ def list_new_photos(source: str, output: str, endpoint_url: str | None, listed_a
                     max_photos: int | None = None, min_new_photos: int = 0,
                     max_listing_drop: float = 0.9, model: str | None = None, refresh_budget: int = 10_000,
                     exclude_users: str | None = None, run_id: str | None = None,
-                    scoring_date: date | None = None) -> Listing:
+                    scoring_date: date | None = None, listing: str = "list",
+                    listing_fanout: int | None = None) -> Listing:
     """List the source, join it with what the output already answered, and check that the
     listing looks like the source's (a wrong prefix fails here instead of looking like a
     quiet night). The photos to read: new, changed, a failed read, and up to
@@ -85,22 +87,28 @@ def list_new_photos(source: str, output: str, endpoint_url: str | None, listed_a
     source_store, output_store = Store(source, options), Store(output, options)
     if not source_store.exists():
         raise StorageError(f"source {source} does not exist", transient=False)
-    objects = source_store.list_objects()
-    listing, excluded = drop_users(listing_table(objects), read_lines(exclude_users, options) if exclude_users else [])
-    plan = OutputState(output_store).plan(listing, model if model and "@" in model else "", refresh_budget,
-                                          excluded)
+    spec = ListingSpec.parse(listing, listing_fanout)
+    state = OutputState(output_store)
+    # Concurrent S3 listers start at keys spread over what the output already knows.
+    boundaries = (state.key_sample(2 * (spec.fanout or 16))
+                  if spec.kind == "list" and source_store.protocol in ("s3", "s3a") else None)
+    excluded = tuple(read_lines(exclude_users, options)) if exclude_users else ()
+    with list_source(source_store, spec, boundaries, check=STOP.check) as spool:
+        logger.info("listed %d objects under %s%s", spool.rows, source,
+                    f" (S3 Inventory report {spec.url})" if spec.kind == "inventory" else "")
+        plan = state.plan(SourceListing(spool.dataset(), excluded), model if model and "@" in model else "",
+                          refresh_budget)
     for run in plan.caught_up:
         logger.warning("applied the published rows of run %s, which stopped before updating the users table", run)
     new = plan.to_read.num_rows - plan.refresh
-    logger.info("listed %d objects under %s; %d unchanged since answered; %d to read%s%s%s", plan.listed, source,
-                plan.unchanged, new, f"; {plan.excluded} of opted-out users" if plan.excluded else "",
+    logger.info("%d unchanged since answered; %d to read%s%s%s", plan.unchanged, new, f"; {plan.excluded} of opted-out users" if plan.excluded else "",
                 f"; {plan.erased_skipped} of erased users" if plan.erased_skipped else "",
                 f"; {plan.removed.num_rows} gone from the source" if plan.removed.num_rows else "")
     recent = recent_runs(output_store)
     since = str(recent[-1]["listed_at"]) if recent else ""
     erasures = [r for r in recent_runs(output_store, 100, ERASURES) if str(r["listed_at"]) > since]
     warnings = check_listing(plan.listed, new, recent, min_new_photos, max_listing_drop)
-    warnings += key_shape_warnings([o.key for o in objects], sum(user_of(o.key) is None for o in objects))
+    warnings += key_shape_warnings(plan.listed, plan.bad_keys, plan.one_user)
     to_read = plan.objects()
     waiting = 0
     if max_photos is not None and new > max_photos:

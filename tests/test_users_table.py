@@ -10,7 +10,7 @@ from deltalake import DeltaTable
 
 from core.delta import TableError, duckdb_session
 from core.predictions import PhotoResult, to_table, write_predictions
-from core.state import OutputState, drop_users, erase, listing_table, rows_table
+from core.state import OutputState, SourceListing, erase, listing_table, rows_table
 from core.storage import ObjectInfo, Store
 from core.users import answers
 
@@ -49,9 +49,8 @@ class Lake:
         self.night += 1
         day = date(2026, 3, self.night)
         at = T0 + timedelta(days=self.night - 1)
-        listing, dropped = drop_users(listing_table([ObjectInfo(k, 10, t) for k, t in objects.items()]),
-                                      list(excluded))
-        plan = self.state.plan(listing, model, budget, dropped)
+        listing = SourceListing(listing_table([ObjectInfo(k, 10, t) for k, t in objects.items()]), tuple(excluded))
+        plan = self.state.plan(listing, model, budget)
         run_id = f"run{self.night}"
         rows, same = [], []
         for item in plan.to_read.to_pylist():
