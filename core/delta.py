@@ -26,7 +26,7 @@ from core.storage import TRANSIENT_NAMES, Store, with_retries
 
 APP_ID = "gender-pipeline"  # the app transaction id our commits carry
 # DuckDB's working memory for the bookkeeping joins; beyond it DuckDB spills to disk.
-DUCKDB_MEMORY = os.environ.get("GENDER_PIPELINE_DUCKDB_MEMORY", "512MB")
+DUCKDB_MEMORY = os.environ.get("GENDER_PIPELINE_DUCKDB_MEMORY", "256MB")
 
 
 class TableError(RuntimeError):
@@ -218,6 +218,18 @@ class Table:
         return self._write(lambda: self._load().vacuum(retention_hours=0, dry_run=False,
                                                        enforce_retention_duration=False),
                            f"vacuuming {self.url}", None)
+
+    def compact(self, retention_hours: int = 168) -> dict:
+        """Merge small files (each night adds some), checkpoint the log, and vacuum files
+        older than `retention_hours` that no version newer than that uses."""
+        metrics = with_retries(lambda: self._load().optimize.compact(), f"compacting {self.url}")
+        with_retries(lambda: self._load().create_checkpoint(), f"checkpointing {self.url}")
+        removed = with_retries(lambda: self._load().vacuum(retention_hours=retention_hours, dry_run=False,
+                                                           enforce_retention_duration=False),
+                               f"vacuuming {self.url}")
+        with_retries(lambda: self._load().cleanup_metadata(), f"cleaning the log of {self.url}")
+        return {"files_added": metrics.get("numFilesAdded", 0), "files_removed": metrics.get("numFilesRemoved", 0),
+                "vacuumed": len(removed)}
 
     def view(self, con, name: str, table) -> None:
         """Make the table's current version (None: an empty table) queryable as `name` in a

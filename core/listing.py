@@ -83,6 +83,8 @@ class Spool:
 
     def add(self, record_batch: pa.RecordBatch) -> None:
         if record_batch.num_rows:
+            if record_batch.schema != LISTING_SCHEMA:
+                record_batch = record_batch.cast(LISTING_SCHEMA)
             self._writer.write_batch(record_batch)
             self.rows += record_batch.num_rows
 
@@ -285,14 +287,15 @@ class S3Lister:
         s3 = S3Store(self.bucket, client_options=client_options, **options)
 
         def fetch(after: str) -> Page:
-            stream = obstore.list(s3, prefix=self.prefix.rstrip("/") or None,
-                                  offset=self.prefix + after if after else None, chunk_size=PAGE,
-                                  return_arrow=True)
             try:
+                stream = obstore.list(s3, prefix=self.prefix.rstrip("/") or None,
+                                      offset=self.prefix + after if after else None, chunk_size=PAGE,
+                                      return_arrow=True)
                 chunk = pa.record_batch(next(iter(stream)))
-            except obstore.exceptions.InvalidPathError:
+            except (obstore.exceptions.InvalidPathError, ValueError):
                 # object_store refuses keys with '.', '..' or empty segments or control
-                # characters; such a page is listed by botocore, and its keys answered bad_key.
+                # characters (in a page, or as the key to start after); such a page is
+                # listed by botocore, and its keys are answered bad_key.
                 return self._s3fs_fetch(after)
             except StopIteration:
                 return Page(pa.array([], pa.string()), pa.array([], pa.int64()), pa.array([], TIMESTAMP), False)

@@ -36,6 +36,7 @@ from core.delta import APP_ID, Table, TableError, TableSpec, duckdb_session
 from core.listing import LISTING_SCHEMA, key_sample
 from core.predictions import DATASET, PREDICTIONS_SCHEMA, PhotoResult, RETRYABLE_REASONS, published_files
 from core.storage import ObjectInfo, Store, with_retries
+from core.timing import timed
 from core.users import TIMESTAMP, USERS, answers
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,17 @@ class SourceListing:
     excluded: tuple[str, ...] = ()
 
     def view(self, con, name: str) -> None:
-        """`name` in a DuckDB session: the listing without the opted-out users' photos."""
-        con.register(f"{name}_all", self.data)
+        """`name` in a DuckDB session: the listing without the opted-out users' photos
+        (`{name}_all` with them). A path is a local Parquet file (the spool), read by
+        DuckDB itself."""
+        if isinstance(self.data, str):
+            con.execute(f"CREATE OR REPLACE TEMP VIEW {name}_all AS SELECT * FROM read_parquet($path)".replace(
+                "$path", "'" + self.data.replace("'", "''") + "'"))
+        else:
+            con.register(f"{name}_all", self.data)
+        if not self.excluded:
+            con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM {name}_all")
+            return
         con.register(f"{name}_excluded", pa.table({"user_id": pa.array(sorted(set(self.excluded)), pa.string())}))
         con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM {name}_all "
                     f"WHERE split_part(key, '/', 1) NOT IN (SELECT user_id FROM {name}_excluded)")
@@ -100,8 +110,10 @@ def _register(con, name: str, data) -> None:
     (data if isinstance(data, SourceListing) else SourceListing(data)).view(con, name)
 
 
-# A key without a usable user id: no '/', an empty segment, or a '.' or '..' segment.
-BAD_KEY_SQL = r"(NOT contains(key, '/') OR regexp_matches(key, '(^|/)(\.|\.\.)?(/|$)'))"
+# A key without a usable user id: no '/', an empty segment, or a '.' or '..' segment
+# (core.scoring.user_of, in SQL).
+BAD_KEY_SQL = ("(NOT contains(key, '/') OR contains('/' || key || '/', '//') OR contains('/' || key || '/', '/./') "
+               "OR contains('/' || key || '/', '/../'))")
 
 
 @dataclass
@@ -121,7 +133,7 @@ class NightPlan:
     refresh_budget: int = 0
     caught_up: list[str] = field(default_factory=list)  # runs whose published rows were applied late
     rebuilt: bool = False
-    bad_keys: int = 0  # listed keys that are not {user_id}/{file name}
+    bad_keys: int = 0  # listed keys that are not {user_id}/{file name} (estimated from a sample)
     one_user: str | None = None  # the user id every listed key shares, when they all share one
 
     @property
@@ -238,15 +250,18 @@ class OutputState:
 
     # -- the night's plan -----------------------------------------------------------------
 
-    def plan(self, listing: SourceListing, model: str, refresh_budget: int = 10_000) -> NightPlan:
+    def plan(self, listing, model: str, refresh_budget: int = 10_000) -> NightPlan:
         """Catch up, (re)build what is missing, and join the listing with the state.
 
-        The photos of opted-out users are left out of `listing`. The photos to read are the new
+        `listing` is a SourceListing (or an Arrow table or dataset): the photos of its
+        opted-out users are left out. The photos to read are the new
         ones, the changed ones (modified since their bytes were last checked), the ones
         whose last read failed (`read_error`), and up to `refresh_budget` photos that back
         an answer from another model than `model`, oldest answers first. Photos that were
         in the source when their user was erased are never read again.
         """
+        if not isinstance(listing, SourceListing):
+            listing = SourceListing(listing)
         photos, users = self.photos.open(), self.users.open()
         erased = self.erased.open()
         rebuilt = False
@@ -262,10 +277,13 @@ class OutputState:
             _register(con, "listing", listing)
             self.photos.view(con, "state", photos)
             self.erased.view(con, "erased", erased)
-            everything = con.rows(f"SELECT count(*), count(*) FILTER (WHERE {BAD_KEY_SQL}), "
-                                  "min(split_part(key, '/', 1)), max(split_part(key, '/', 1)) FROM listing_all")[0]
-            listed = con.rows("SELECT count(*) FROM listing")[0][0]
-            excluded = everything[0] - listed
+            total = con.rows("SELECT count(*) FROM listing_all")[0][0]
+            excluded = (total - con.rows("SELECT count(*) FROM listing")[0][0]) if listing.excluded else 0
+            listed = total - excluded
+            # The key shapes, for the warnings, from a sample: the share of keys without a
+            # user id, and whether every key has the same one.
+            shapes = con.rows(f"SELECT count(*), count(*) FILTER (WHERE {BAD_KEY_SQL}), min(split_part(key, '/', 1)), "
+                              "max(split_part(key, '/', 1)) FROM (SELECT key FROM listing_all USING SAMPLE 100000 ROWS)")[0]
             retry = ", ".join(f"'{r}'" for r in RETRYABLE_REASONS)
             con.execute(f"""
                 CREATE TEMP TABLE work AS
@@ -306,12 +324,12 @@ class OutputState:
                         FROM stale r JOIN listing l ON l.key = r.photo_key
                         ORDER BY r.answered_at, l.key""", [name, version, refresh_budget])
                     to_read = pa.concat_tables([to_read, refresh.cast(to_read.schema)])
-        return NightPlan(seq=seq, model=model, to_read=to_read, removed=removed, listed=everything[0],
+        return NightPlan(seq=seq, model=model, to_read=to_read, removed=removed, listed=total,
                          excluded=excluded, erased_skipped=erased_skipped,
                          unchanged=listed - (to_read.num_rows - _count(to_read, "refresh")) - erased_skipped,
                          users=users_total, behind=behind, refresh_budget=refresh_budget, caught_up=caught_up,
-                         rebuilt=rebuilt, bad_keys=everything[1],
-                         one_user=everything[2] if everything[2] is not None and everything[2] == everything[3] else None)
+                         rebuilt=rebuilt, bad_keys=round(total * shapes[1] / shapes[0]) if shapes[0] else 0,
+                         one_user=shapes[2] if shapes[2] is not None and shapes[2] == shapes[3] else None)
 
     def key_sample(self, count: int) -> list[str]:
         """`count` keys that cut the known keys into about equal ranges (a random sample
@@ -323,6 +341,11 @@ class OutputState:
             self.photos.view(con, "state", photos)
             sample = [k for (k,) in con.rows("SELECT photo_key FROM state USING SAMPLE 4096 ROWS")]
         return key_sample(sample, count)
+
+    def compact(self, retention_hours: int = 168) -> dict:
+        """Compact the tables (the weekly upkeep; see flows/maintenance.py)."""
+        return {table.key: table.compact(retention_hours) for table in (self.photos, self.users, self.erased)
+                if table.open() is not None}
 
     def user_counts(self, model: str) -> tuple[int, int]:
         """(users with an answer, those answered by another model than `model`)."""
@@ -337,14 +360,26 @@ class OutputState:
 
     def apply(self, rows: pa.Table, objects, seq: int, checked_at: datetime | None,
               touched: pa.Table | None = None, removed: pa.Table | None = None,
-              partitions: pa.Table | None = None, before_commit=lambda: None) -> Applied:
+              partitions: pa.Table | None = None, before_commit=lambda: None,
+              timings: dict | None = None) -> Applied:
         """Apply a night to `_state/photos` and `users`: its history `rows` (with `dt`), the
         photos read again with the same bytes (`touched`: key, size, modified; checked at
         `checked_at`), and the photos gone from the source (`removed`: photo_key, user_id).
         `objects` gives the size and upload time of the answered photos (the night's plan
         or listing); answered photos no longer in it are not kept. `partitions` (key,
         answered_on of the known keys) prunes the MERGE; without it they are looked up.
-        `before_commit` runs before each of the two commits (it raises to stop)."""
+        `before_commit` runs before each of the two commits (it raises to stop); `timings`
+        (when given) adds the seconds of the photo state's and the users table's updates."""
+        with timed(timings, "photo_state"):
+            report, source = self._apply_photos(rows, objects, seq, checked_at, touched, removed, partitions,
+                                                before_commit)
+        if source is not None:
+            users = sorted({u for u in source["user_id"].to_pylist() if u is not None})
+            with timed(timings, "users_table"):
+                self._apply_users(users, seq, report, before_commit)
+        return report
+
+    def _apply_photos(self, rows, objects, seq, checked_at, touched, removed, partitions, before_commit):
         report = Applied()
         photos_table = self.photos.open_or_create()
         with duckdb_session() as con:
@@ -371,7 +406,7 @@ class OutputState:
         source = pa.concat_tables(parts)
         report.photos_upserted, report.photos_removed = upserts.num_rows, (removed.num_rows if removed else 0)
         if not source.num_rows:
-            return report
+            return report, None
         if partitions is None:
             with duckdb_session() as con:
                 self.photos.view(con, "state", photos_table)
@@ -385,9 +420,7 @@ class OutputState:
         else:  # only new keys: nothing to match
             before_commit()
             self.photos.append(upserts, seq)
-        users = sorted({u for u in source["user_id"].to_pylist() if u is not None})
-        self._apply_users(users, seq, report, before_commit)
-        return report
+        return report, source
 
     def _apply_users(self, user_ids: list[str], seq: int, report: Applied, before_commit=lambda: None) -> None:
         """Recompute the rule for `user_ids` from the state and MERGE their rows."""

