@@ -181,7 +181,11 @@ def night_rows(objects, run_id: str):
 
 
 def measure(work: str) -> dict:
-    """One night's bookkeeping on a built size, stage by stage (a fresh process)."""
+    """One night's bookkeeping on a built size, stage by stage (a fresh process). The
+    engines are imported before the start is taken, as pandas is for the code before."""
+    import deltalake  # noqa: F401
+    import duckdb  # noqa: F401
+
     sampler = Sampler()
     from core.predictions import write_predictions
     from core.state import OutputState, SourceListing
@@ -209,14 +213,15 @@ def measure(work: str) -> dict:
     dated = rows.append_column("dt", pa.array([NIGHT.date().isoformat()] * rows.num_rows))
     timings: dict = {}
     applied = _stage(results, sampler, "state update + users MERGE", lambda: state.apply(
-        dated, plan.to_read, plan.seq, NIGHT, removed=plan.removed, partitions=plan.partitions(), timings=timings))
+        dated, plan.to_read, plan.seq, NIGHT, removed=plan.removed, partitions=plan.partitions(), timings=timings,
+        model="@".join(MODEL)))
     results["  of which photo state"] = {"seconds": round(timings.get("photo_state", 0), 3)}
     results["  of which users table"] = {"seconds": round(timings.get("users_table", 0), 3)}
-    counts = _stage(results, sampler, "users and share", lambda: state.user_counts("@".join(MODEL)))
+    counts = (plan.users + applied.users_added, plan.behind + applied.behind_added)  # as the flow counts them
     results["bookkeeping_seconds"] = round(sum(v["seconds"] for k, v in results.items()
                                                 if isinstance(v, dict) and not k.startswith(" ")), 3)
     results["peak_mib"] = round(max(v.get("peak_mib", 0) for v in results.values() if isinstance(v, dict)), 1)
-    results["to_read"], results["users"] = len(objects), counts[0]
+    results["to_read"], results["users"], results["users_behind"] = len(objects), counts[0], counts[1]
     results["users_inserted"] = applied.users_upserted
     undo_night(store, state, run_id, versions)
     return results
@@ -278,6 +283,8 @@ def diff_before(objects, existing) -> Diff:
 
 
 def measure_before(work: str) -> dict:
+    import pandas  # noqa: F401
+
     from core.storage import ObjectInfo, Store
 
     table = pq.read_table(os.path.join(work, "listing.parquet"))

@@ -304,6 +304,7 @@ def duckdb_session() -> Iterator[Session]:
             con.execute(f"SET temp_directory = '{spill}'")
             con.execute("SET preserve_insertion_order = false")
             con.execute("SET TimeZone = 'UTC'")
+            con.execute("SET parquet_metadata_cache = true")  # table files never change: read each footer once
             yield Session(con)
         finally:
             con.close()

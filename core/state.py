@@ -133,7 +133,7 @@ class NightPlan:
     refresh_budget: int = 0
     caught_up: list[str] = field(default_factory=list)  # runs whose published rows were applied late
     rebuilt: bool = False
-    bad_keys: int = 0  # listed keys that are not {user_id}/{file name} (estimated from a sample)
+    bad_keys: int = 0  # listed keys that are not {user_id}/{file name} (estimated from the first 100,000)
     one_user: str | None = None  # the user id every listed key shares, when they all share one
 
     @property
@@ -148,14 +148,15 @@ class NightPlan:
 
     def objects(self) -> list[ObjectInfo]:
         """The photos to read, new ones first (oldest upload first), then the refresh."""
-        rows = self.to_read.to_pylist()
-        return [ObjectInfo(r["key"], int(r["size"] or 0), r["modified"]) for r in rows]
+        columns = [self.to_read[name].to_pylist() for name in ("key", "size", "modified")]
+        return [ObjectInfo(key, int(size or 0), modified) for key, size, modified in zip(*columns)]
 
     def known_hashes(self) -> dict[str, set[str]]:
         """Content already answered for the changed keys: the same bytes are not scored twice.
         Refreshed photos are scored again whatever their bytes."""
-        return {r["key"]: {r["known_sha"]} for r in self.to_read.to_pylist()
-                if r["known_sha"] and r["why"] != "refresh"}
+        known = self.to_read.filter(pc.and_(pc.is_valid(self.to_read["known_sha"]),
+                                            pc.not_equal(self.to_read["why"], "refresh")))
+        return {key: {sha} for key, sha in zip(known["key"].to_pylist(), known["known_sha"].to_pylist())}
 
 
 @dataclass
@@ -167,6 +168,8 @@ class Applied:
     users_upserted: int = 0
     users_removed: int = 0
     skipped: bool = False  # already applied by an earlier attempt
+    users_added: int = 0  # change in the number of users with an answer
+    behind_added: int = 0  # change in the number of them answered by another model than the night's
 
 
 def model_ref(model: str) -> tuple[str, str]:
@@ -280,10 +283,10 @@ class OutputState:
             total = con.rows("SELECT count(*) FROM listing_all")[0][0]
             excluded = (total - con.rows("SELECT count(*) FROM listing")[0][0]) if listing.excluded else 0
             listed = total - excluded
-            # The key shapes, for the warnings, from a sample: the share of keys without a
-            # user id, and whether every key has the same one.
+            # The key shapes, for the warnings, from the first 100,000 keys listed: the share
+            # of keys without a user id, and whether every key has the same one.
             shapes = con.rows(f"SELECT count(*), count(*) FILTER (WHERE {BAD_KEY_SQL}), min(split_part(key, '/', 1)), "
-                              "max(split_part(key, '/', 1)) FROM (SELECT key FROM listing_all USING SAMPLE 100000 ROWS)")[0]
+                              "max(split_part(key, '/', 1)) FROM (SELECT key FROM listing_all LIMIT 100000)")[0]
             retry = ", ".join(f"'{r}'" for r in RETRYABLE_REASONS)
             con.execute(f"""
                 CREATE TEMP TABLE work AS
@@ -361,7 +364,7 @@ class OutputState:
     def apply(self, rows: pa.Table, objects, seq: int, checked_at: datetime | None,
               touched: pa.Table | None = None, removed: pa.Table | None = None,
               partitions: pa.Table | None = None, before_commit=lambda: None,
-              timings: dict | None = None) -> Applied:
+              timings: dict | None = None, model: str = "") -> Applied:
         """Apply a night to `_state/photos` and `users`: its history `rows` (with `dt`), the
         photos read again with the same bytes (`touched`: key, size, modified; checked at
         `checked_at`), and the photos gone from the source (`removed`: photo_key, user_id).
@@ -369,70 +372,87 @@ class OutputState:
         or listing); answered photos no longer in it are not kept. `partitions` (key,
         answered_on of the known keys) prunes the MERGE; without it they are looked up.
         `before_commit` runs before each of the two commits (it raises to stop); `timings`
-        (when given) adds the seconds of the photo state's and the users table's updates."""
-        with timed(timings, "photo_state"):
-            report, source = self._apply_photos(rows, objects, seq, checked_at, touched, removed, partitions,
-                                                before_commit)
-        if source is not None:
-            users = sorted({u for u in source["user_id"].to_pylist() if u is not None})
-            with timed(timings, "users_table"):
-                self._apply_users(users, seq, report, before_commit)
+        (when given) adds the seconds of the photo state's and the users table's updates.
+
+        The touched users' photos are read from the state once, before its MERGE: their
+        users' rows before and after the night follow from the rule, when the users table
+        is in step with the state (both last committed by the same run). Otherwise (a run
+        that died between the two commits) the users' rows are read from both tables."""
+        report = Applied()
+        photos_table, users_table = self.photos.open_or_create(), self.users.open_or_create()
+        in_step = (not self.photos.applied(photos_table, seq)
+                   and photos_table.transaction_version(APP_ID) == users_table.transaction_version(APP_ID))
+        with duckdb_session() as con, timed(timings, "photo_state"):
+            changes, upserts = self._changes(con, rows, objects, checked_at, touched, removed)
+            report.photos_upserted, report.photos_removed = upserts.num_rows, (removed.num_rows if removed else 0)
+            if not changes.num_rows:
+                return report
+            user_ids = pa.array(sorted({u for u in changes["user_id"].to_pylist() if u is not None}), pa.string())
+            before = after = None
+            if in_step and len(user_ids):
+                self.photos.view(con, "state", photos_table)
+                before = _rows_where(con, "state", "user_id", user_ids, PHOTOS_SCHEMA.names)
+                after = _after(con, before, changes)
+            if partitions is None:
+                self.photos.view(con, "state", photos_table)
+                partitions = _rows_where(con, "state", "photo_key", changes["photo_key"], ["photo_key", "answered_on"])
+            old = sorted({str(d) for d in partitions["answered_on"].to_pylist() if d is not None})
+            if self.photos.applied(photos_table, seq):
+                report.skipped = True
+            elif old:
+                before_commit()
+                self.photos.merge(changes, "photo_key", old, seq)
+            else:  # only new keys: nothing to match
+                before_commit()
+                self.photos.append(upserts, seq)
+        with timed(timings, "users_table"):
+            if not len(user_ids):
+                return report
+            if self.users.applied(self.users.open(), seq):
+                report.skipped = True
+                return report
+            with duckdb_session() as con:
+                if before is not None:
+                    existing, rows_now = answers(con, before), answers(con, after)
+                else:
+                    self.photos.view(con, "state", self.photos.open())
+                    self.users.view(con, "users", users_table)
+                    rows_now = answers(con, _rows_where(con, "state", "user_id", user_ids, PHOTOS_SCHEMA.names))
+                    existing = _rows_where(con, "users", "user_id", user_ids,
+                                           ["user_id", "answered_on", "model_name", "model_version"])
+            self._merge_users(existing, rows_now, seq, report, before_commit, model)
         return report
 
-    def _apply_photos(self, rows, objects, seq, checked_at, touched, removed, partitions, before_commit):
-        report = Applied()
-        photos_table = self.photos.open_or_create()
-        with duckdb_session() as con:
-            con.register("night_rows", rows)
-            _register(con, "objects", objects)
-            upserts = con.arrow("""
-                SELECT r.photo_key, r.user_id, o.size, o.modified AS uploaded_at, r.photo_sha256, r.status,
-                       r.reject_reason, r.gender, r.p_male, r.confidence, r.model_name, r.model_version,
-                       r.scored_at AS answered_at, r.scored_at AS checked_at, r.run_id,
-                       CAST(r.dt AS DATE) AS answered_on
-                FROM night_rows r JOIN objects o ON o.key = r.photo_key
-                QUALIFY row_number() OVER (PARTITION BY r.photo_key ORDER BY r.scored_at DESC) = 1
-                """).cast(PHOTOS_SCHEMA)
+    def _changes(self, con, rows, objects, checked_at, touched, removed) -> tuple[pa.Table, pa.Table]:
+        """The night's changes to the photo state (its columns plus `_op`), and the upserts."""
+        con.register("night_rows", rows)
+        _register(con, "objects", objects)
+        upserts = con.arrow("""
+            SELECT r.photo_key, r.user_id, o.size, o.modified AS uploaded_at, r.photo_sha256, r.status,
+                   r.reject_reason, r.gender, r.p_male, r.confidence, r.model_name, r.model_version,
+                   r.scored_at AS answered_at, r.scored_at AS checked_at, r.run_id,
+                   CAST(r.dt AS DATE) AS answered_on
+            FROM night_rows r JOIN objects o ON o.key = r.photo_key
+            QUALIFY row_number() OVER (PARTITION BY r.photo_key ORDER BY r.scored_at DESC) = 1
+            """).cast(PHOTOS_SCHEMA)
         parts = [_with_op(upserts, "upsert")]
         if touched is not None and touched.num_rows:
-            parts.append(_with_op(_state_rows(touched.num_rows, photo_key=touched["key"], user_id=_user_of(touched["key"]),
-                                              size=touched["size"],
+            parts.append(_with_op(_state_rows(touched.num_rows, photo_key=touched["key"],
+                                              user_id=_user_of(touched["key"]), size=touched["size"],
                                               uploaded_at=touched["modified"],
                                               checked_at=pa.array([checked_at] * touched.num_rows, TIMESTAMP)),
                                   "touch"))
         if removed is not None and removed.num_rows:
             parts.append(_with_op(_state_rows(removed.num_rows, photo_key=removed["photo_key"],
                                               user_id=removed["user_id"]), "delete"))
-        source = pa.concat_tables(parts)
-        report.photos_upserted, report.photos_removed = upserts.num_rows, (removed.num_rows if removed else 0)
-        if not source.num_rows:
-            return report, None
-        if partitions is None:
-            with duckdb_session() as con:
-                self.photos.view(con, "state", photos_table)
-                partitions = _rows_where(con, "state", "photo_key", source["photo_key"], ["photo_key", "answered_on"])
-        old = sorted({str(d) for d in partitions["answered_on"].to_pylist() if d is not None})
-        if self.photos.applied(photos_table, seq):
-            report.skipped = True
-        elif old:
-            before_commit()
-            self.photos.merge(source, "photo_key", old, seq)
-        else:  # only new keys: nothing to match
-            before_commit()
-            self.photos.append(upserts, seq)
-        return report, source
+        return pa.concat_tables(parts), upserts
 
-    def _apply_users(self, user_ids: list[str], seq: int, report: Applied, before_commit=lambda: None) -> None:
-        """Recompute the rule for `user_ids` from the state and MERGE their rows."""
-        users_table = self.users.open_or_create()
-        if not user_ids or self.users.applied(users_table, seq):
-            return
-        ids = pa.array(user_ids, pa.string())
-        with duckdb_session() as con:
-            self.photos.view(con, "state", self.photos.open())
-            self.users.view(con, "users", users_table)
-            rows = answers(con, _rows_where(con, "state", "user_id", ids, PHOTOS_SCHEMA.names))
-            existing = _rows_where(con, "users", "user_id", ids, ["user_id", "answered_on"])
+    def _merge_users(self, existing: pa.Table, rows: pa.Table, seq: int, report: Applied, before_commit,
+                     model: str) -> None:
+        """One MERGE of the users' rows `rows` over their `existing` ones (in the partitions
+        those sit in); users that have no row any more are deleted."""
+        report.users_added = rows.num_rows - existing.num_rows
+        report.behind_added = _behind(rows, model) - _behind(existing, model)
         gone = pc.filter(existing["user_id"], pc.invert(pc.is_in(existing["user_id"], rows["user_id"])))
         source = pa.concat_tables([_with_op(rows, "upsert"),
                                    _with_op(_user_rows(len(gone), user_id=gone), "delete")])
@@ -495,6 +515,31 @@ def _user_counts(con, model: str) -> tuple[int, int]:
     name, version = model_ref(model)
     return tuple(con.rows("SELECT count(*), count(*) FILTER (WHERE model_name IS DISTINCT FROM $1 "
                           "OR model_version IS DISTINCT FROM $2) FROM users", [name, version])[0])
+
+
+def _after(con, before: pa.Table, changes: pa.Table) -> pa.Table:
+    """The users' photos once the night's changes are in: what the state's MERGE makes of
+    `before` (the same rows, computed here rather than read back)."""
+    con.register("before_night", before)
+    con.register("night_changes", changes)
+    columns = ", ".join(PHOTOS_SCHEMA.names)
+    touched = ", ".join(f"c.{c}" if c in ("size", "uploaded_at", "checked_at") else f"b.{c}"
+                        for c in PHOTOS_SCHEMA.names)
+    return con.arrow(f"""
+        SELECT {columns} FROM before_night
+        WHERE photo_key NOT IN (SELECT photo_key FROM night_changes)
+        UNION ALL SELECT {columns} FROM night_changes WHERE _op = 'upsert'
+        UNION ALL SELECT {touched} FROM before_night b JOIN night_changes c
+                  ON c.photo_key = b.photo_key AND c._op = 'touch'""").cast(PHOTOS_SCHEMA)
+
+
+def _behind(users: pa.Table, model: str) -> int:
+    """How many of `users` are answered by another model than `model` (none when unknown)."""
+    if not model or not users.num_rows:
+        return 0
+    name, version = model_ref(model)
+    same = pc.and_(pc.equal(users["model_name"], name), pc.equal(users["model_version"], version))
+    return users.num_rows - int(pc.sum(pc.cast(pc.fill_null(same, False), pa.int64())).as_py() or 0)
 
 
 def _count(to_read: pa.Table, why: str) -> int:

@@ -217,9 +217,12 @@ def update_users_table(output: str, endpoint_url: str | None, listing: Listing, 
                            time.perf_counter() - started)
     applied = state.apply(rows_table(rows, scoring_date), plan.to_read, plan.seq, listing.listed_at,
                           touched=touched.select(["key", "size", "modified"]), removed=plan.removed,
-                          partitions=plan.partitions(), before_commit=still_ours)
+                          partitions=plan.partitions(), before_commit=still_ours, model=plan.model)
     state.end(plan.seq, run_id)
-    users, behind = state.user_counts(plan.model)
+    # The counts of the plan (taken under the same lock), moved by what this night changed
+    # (counted again when an earlier attempt of this step had committed part of it).
+    users, behind = (state.user_counts(plan.model) if applied.skipped else
+                     (plan.users + applied.users_added, plan.behind + applied.behind_added))
     update = UsersUpdate(applied, users, behind, plan.model, plan.refresh_budget, time.perf_counter() - started)
     logger.info("users table %s: %d users (%d answered or changed tonight, %d removed); %s answers %d of them",
                 state.users.url, users, applied.users_upserted, applied.users_removed, plan.model or "?",

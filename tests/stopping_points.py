@@ -75,7 +75,7 @@ def _patch(stage: str) -> None:
             lambda self, temp, data: (slow if "/predictions/" in temp else original)(self, temp, data))
     elif stage == "users":  # the photo state is committed; the users table's MERGE is next
         cls = core.state.OutputState
-        cls._apply_users = _slow(cls._apply_users, stage, 60)
+        cls._merge_users = _slow(cls._merge_users, stage, 60)
     elif stage == "extraction":
         _REAL["chip"], models.chips._chip_job = models.chips._chip_job, slow_chip
     elif stage == "training":  # slow batches; the marker comes once epoch 1 is checkpointed

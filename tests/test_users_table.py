@@ -179,16 +179,16 @@ def test_answers_move_to_the_production_model_within_the_budget(tmp_path):
 def test_a_failure_between_the_two_writes_is_caught_up_by_the_next_run(tmp_path, monkeypatch):
     lake = Lake(tmp_path / "lake")
     photos = {"ann/a.jpg": T0 - timedelta(hours=1), "bob/b.jpg": T0 - timedelta(hours=1)}
-    original = OutputState._apply_users
+    original = OutputState._merge_users
 
     def crash(*args, **kwargs):
         raise RuntimeError("MERGE failed")
 
-    monkeypatch.setattr(OutputState, "_apply_users", crash)
+    monkeypatch.setattr(OutputState, "_merge_users", crash)
     with pytest.raises(RuntimeError, match="MERGE failed"):
         lake.run(photos, lambda k, w, r, at: scored(k, 0.9, r, at))
     assert DeltaTable(lake.state.photos.uri).to_pandas().shape[0] == 2  # the state has them, users not
-    monkeypatch.setattr(OutputState, "_apply_users", original)
+    monkeypatch.setattr(OutputState, "_merge_users", original)
     plan = lake.run(photos, lambda *a: pytest.fail("published rows are not read again"))
     assert plan.caught_up == ["run1"] and sorted(users_frame(lake.state).index) == ["ann", "bob"]
     assert not (tmp_path / "lake" / "_state" / "pending").exists() or \
