@@ -18,6 +18,7 @@ Where it comes from:
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import queue
 import shutil
@@ -25,6 +26,7 @@ import tempfile
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -33,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from core.processes import cpu_count, kill_pool, quiet_worker
 from core.storage import StorageError, Store, _kind, modified_time, with_retries
 
 log = logging.getLogger(__name__)
@@ -145,13 +148,50 @@ def iter_listing(store: Store, spec: ListingSpec = ListingSpec(),
 
 # -- local folders ------------------------------------------------------------------------
 
-def iter_local(root: str) -> Iterator[pa.RecordBatch]:
+LOCAL_CHUNK = 5000  # top-level folders (users) per job of the parallel walk
+
+
+def iter_local(root: str, workers: int | None = None) -> Iterator[pa.RecordBatch]:
     """Every file under `root` (symbolic links to files included, links to folders not
-    followed), depth first, in batches."""
+    followed), in batches. The top-level folders (one per user) are walked by a pool of
+    processes, one per core, when there are many: the walk is mostly system calls, which
+    one Python process makes one at a time."""
     if not os.path.isdir(root):
         raise StorageError(f"source {root} does not exist", transient=False)
+    folders, keys, sizes, modified = [], [], [], []
+    with os.scandir(root) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                folders.append((f"{entry.name}/", entry.path))
+            else:
+                _add_file(entry, "", keys, sizes, modified)
+    if keys:
+        yield _local_batch(keys, sizes, modified)
+    chunks = [folders[i:i + LOCAL_CHUNK] for i in range(0, len(folders), LOCAL_CHUNK)]
+    workers = min(workers or cpu_count(), len(chunks))
+    if workers <= 1 or multiprocessing.current_process().daemon:
+        for chunk in chunks:
+            yield from _walk(chunk)
+        return
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=quiet_worker, initargs=(os.getpid(),))
+    try:
+        for found in pool.map(_walk_all, chunks):
+            yield found
+    except BaseException:
+        kill_pool(pool)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _walk_all(folders: list[tuple[str, str]]) -> pa.RecordBatch:
+    batches = list(_walk(folders, limit=None))
+    return pa.concat_batches(batches) if batches else _local_batch([], [], [])
+
+
+def _walk(folders: list[tuple[str, str]], limit: int | None = BATCH) -> Iterator[pa.RecordBatch]:
     keys, sizes, modified = [], [], []
-    stack = [("", root)]
+    stack = list(reversed(folders))
     while stack:
         prefix, folder = stack.pop()
         try:
@@ -163,20 +203,23 @@ def iter_local(root: str) -> Iterator[pa.RecordBatch]:
                 if entry.is_dir(follow_symlinks=False):
                     stack.append((f"{prefix}{entry.name}/", entry.path))
                     continue
-                try:
-                    info = entry.stat()
-                except FileNotFoundError:
-                    continue
-                if not entry.is_file():
-                    continue
-                keys.append(prefix + entry.name)
-                sizes.append(info.st_size)
-                modified.append(info.st_mtime_ns // 1000)
-                if len(keys) >= BATCH:
+                _add_file(entry, prefix, keys, sizes, modified)
+                if limit is not None and len(keys) >= limit:
                     yield _local_batch(keys, sizes, modified)
                     keys, sizes, modified = [], [], []
     if keys:
         yield _local_batch(keys, sizes, modified)
+
+
+def _add_file(entry, prefix: str, keys: list, sizes: list, modified: list) -> None:
+    try:
+        info = entry.stat()
+    except FileNotFoundError:
+        return
+    if entry.is_file():
+        keys.append(prefix + entry.name)
+        sizes.append(info.st_size)
+        modified.append(info.st_mtime_ns // 1000)
 
 
 def _local_batch(keys, sizes, micros) -> pa.RecordBatch:

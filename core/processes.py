@@ -12,6 +12,7 @@ import ctypes
 import os
 import signal
 import sys
+from concurrent.futures import ProcessPoolExecutor
 
 PR_SET_PDEATHSIG = 1
 
@@ -58,3 +59,14 @@ def _exec_tied(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _exec_tied(sys.argv[1:])
+
+
+def kill_pool(pool: ProcessPoolExecutor) -> None:
+    """End a process pool now: its workers are killed, not waited for (a photo being
+    decoded may take seconds). Python 3.11 has no public way to do this."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for process in processes:
+        process.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.join(timeout=5)

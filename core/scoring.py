@@ -27,7 +27,7 @@ import numpy as np
 from core.decoding import TOO_LARGE, DecodedPhoto, DecodeLimits, Rejection, decode_photo
 from core.faces import NO_FACE, FaceFrontEnd, Framing
 from core.predictions import PhotoResult, gender_of
-from core.processes import cpu_count, quiet_worker
+from core.processes import cpu_count, kill_pool, quiet_worker
 from core.stopping import STOP, result_unless_stopped
 from core.timing import timed
 from core.storage import ObjectInfo, Store
@@ -343,17 +343,6 @@ class _Preparer:
             self.pool.submit(_ping).result(timeout=300)
         except BrokenProcessPool as error:
             raise RuntimeError("decoder worker processes cannot start; see the worker's error above") from error
-
-
-def kill_pool(pool: ProcessPoolExecutor) -> None:
-    """End a process pool now: its workers are killed, not waited for (a photo being
-    decoded may take seconds). Python 3.11 has no public way to do this."""
-    processes = list((getattr(pool, "_processes", None) or {}).values())
-    for process in processes:
-        process.kill()
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
-        process.join(timeout=5)
 
 
 def gpu_front_end(options: ScoringOptions, predictor: FaceModel):

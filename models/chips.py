@@ -21,7 +21,8 @@ from models.datasets import DatasetError, LabelledSet
 from core.decoding import DecodeLimits
 from core.faces import Framing
 from core.processes import cpu_count
-from core.scoring import face_chip, init_face_worker, kill_pool, worker_threads
+from core.processes import kill_pool
+from core.scoring import face_chip, init_face_worker, worker_threads
 from core.stopping import STOP, result_unless_stopped
 from core.storage import Store
 

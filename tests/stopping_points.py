@@ -58,7 +58,9 @@ def _patch(stage: str) -> None:
     import core.storage
 
     if stage == "listing":
-        core.storage.Store.list_objects = _slow(core.storage.Store.list_objects, stage, 60)
+        import core.listing
+
+        core.listing.iter_listing = _slow(core.listing.iter_listing, stage, 60)
     elif stage == "suite":
         tasks.scoring_tasks.check_photo_metadata = _slow(tasks.scoring_tasks.check_photo_metadata, stage, 60)
     elif stage == "reading":
