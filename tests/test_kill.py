@@ -52,7 +52,8 @@ def test_killed_runs_then_a_rerun_leave_one_row_per_photo(uploads, tmp_path):
     # The users table caught up with what the killed runs published: it equals a rebuild.
     from deltalake import DeltaTable
 
-    from core.state import OutputState, listing_table
+    from core.listing import list_source
+    from core.state import OutputState, SourceListing
     from core.storage import Store
 
     def users():
@@ -61,7 +62,8 @@ def test_killed_runs_then_a_rerun_leave_one_row_per_photo(uploads, tmp_path):
     kept = users()
     assert sorted(kept["user_id"]) == ["ada", "bea", "cy", "dee"]
     state = OutputState(Store(str(output)))
-    state.rebuild(listing_table(Store(str(source)).list_objects()), seq=1000)
+    with list_source(Store(str(source))) as spool:  # the listing the runs and rebuild-users use
+        state.rebuild(SourceListing(spool.close().path), seq=1000)
     pd.testing.assert_frame_equal(users(), kept)
 
 
