@@ -29,6 +29,7 @@ from core.faces import NO_FACE, FaceFrontEnd, Framing
 from core.predictions import PhotoResult, gender_of
 from core.processes import cpu_count, kill_pool, quiet_worker
 from core.stopping import STOP, result_unless_stopped
+from core import timeline
 from core.timing import timed
 from core.storage import ObjectInfo, Store
 
@@ -242,6 +243,7 @@ def _read_ahead(store: Store, objects: list[ObjectInfo], chunk: int, out: queue.
                 return
             keys = [o.key for o in objects[start:start + chunk]]
             started = time.perf_counter()
+            timeline.mark("first photo read")
             found = [(key, data, None if isinstance(data, BaseException) else hashlib.sha256(data).hexdigest())
                      for key, data in store.read_many(keys).items()]
             seconds["read"] += time.perf_counter() - started
@@ -419,6 +421,7 @@ def score_objects(store: Store, objects: list[ObjectInfo], known_hashes: dict[st
                 face_box=prepared.box)))
         stats.scored += len(batch)
         batch.clear()
+        timeline.mark("first photo answered")
 
     def find_faces() -> None:
         """GPU front end: the decoded photos' faces in one batch; when the batch fails on

@@ -18,6 +18,7 @@ from models.registry import DEFAULT_MODEL
 from core.decoding import DecodeLimits
 from core.scoring import ScoringOptions
 from core.expectations import warm_up as warm_up_expectations
+from core import timeline
 from core.timing import timed
 from tasks.run_control import finish_all, resolved_model, scoring_run_name, stoppable_run, stopped, tag_run
 from tasks.scoring_tasks import (check_photo_metadata_task, list_new_photos, lock_output, report_run,
@@ -85,6 +86,7 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
         listing_fanout: Concurrent LIST calls on S3 (default 16).
     """
     started = time.perf_counter()
+    timeline.mark("flow run started")
     warm_up_expectations()  # Great Expectations' start-up overlaps with the lock and the listing
     logger = get_run_logger()
     run_id = str(flow_run.id or "local")
@@ -112,6 +114,7 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
                 found = list_new_photos(source, output, endpoint_url, listed_at, max_photos, min_new_photos,
                                         max_listing_drop, production, refresh_budget, exclude_users, run_id, day,
                                         listing, listing_fanout)
+            timeline.mark("source listed")
             with stop.interruptible(), timed(timings, "listing_suite"):
                 check_photo_metadata_task(found)
             scoring_started = time.perf_counter()

@@ -4,11 +4,14 @@ forget a user, summarise the dataset."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
 import sys
 from datetime import date
+
+from core import timeline
 
 # Offline by default: no telemetry from Prefect's server or from Great Expectations.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -427,59 +430,35 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def start_temporary_prefect_server() -> str:
-    """Prefect's temporary server for this process, started so that it ends with it, however
-    it ends (the kernel's parent-death signal; Prefect's own would outlive a SIGKILL).
-    Prefect's client finds it as its ephemeral server. Returns its API URL."""
-    import subprocess
-    from unittest import mock
+    """A temporary Prefect server for this command (and the Dask workers it starts), tied to
+    this process; returns its API URL once it answers."""
+    from gender_pipeline.server import TemporaryServer
 
-    from prefect.server.api import server as server_module
-
-    from core.processes import tied_command
-
-    class TiedServer(server_module.SubprocessASGIServer):
-        def _run_uvicorn_command(self):
-            popen = subprocess.Popen
-
-            def tied_popen(args, **kwargs):
-                return popen(tied_command(list(args)), **kwargs)
-
-            # Only the one Popen of Prefect's method is wrapped, at start-up, in the main thread.
-            with mock.patch.object(server_module.subprocess, "Popen", tied_popen):
-                return super()._run_uvicorn_command()
-
-    server = TiedServer()
-    server.start()
-    return server.api_url
+    server = TemporaryServer()
+    server.wait()
+    return server.use()
 
 
-def _needs_temporary_server(command: str) -> bool:
-    if command not in ("score", "serve", "retrain"):
-        return False
-    from prefect.settings import PREFECT_API_URL
+HANDLERS = {"score": _score, "serve": _serve, "retrain": _retrain, "evaluate": _evaluate, "promote": _promote,
+            "forget": _forget, "status": _status, "fetch-models": _fetch_models, "rebuild-users": _rebuild_users,
+            "compact": _compact}
+# Commands that run a Prefect flow, and the module that holds it.
+FLOWS = {"score": "flows.scoring", "serve": "flows.scoring", "retrain": "flows.retrain"}
 
-    return not PREFECT_API_URL.value()
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from prefect.exceptions import CancelledRun
-
-    from models.registry import RegistryError
+def _failure(error: Exception) -> tuple[str, int] | None:
+    """What a user can fix: the message prefix and the exit status (subclasses first);
+    None for anything else. The classes are imported here, once something failed."""
+    from core.delta import TableError
     from core.expectations import ExpectationsFailed
     from core.locking import OutputLocked
     from core.model_files import ModelFetchError, ModelFileMissing
-    from core.delta import TableError
     from core.run_history import ListingLooksWrong
     from core.storage import StorageError
-
     from models.datasets import DatasetError
     from models.networks import PretrainedWeightsUnavailable
+    from models.registry import RegistryError
 
-    handlers = {"score": _score, "serve": _serve, "retrain": _retrain, "evaluate": _evaluate,
-                "promote": _promote, "forget": _forget, "status": _status, "fetch-models": _fetch_models,
-                "rebuild-users": _rebuild_users, "compact": _compact}
-    # What a user can fix, the message prefix, and the exit status; subclasses first.
     failures = [
         (OutputLocked, "", EXIT_LOCKED),
         ((ModelFileMissing, ModelFetchError), "", EXIT_USAGE),
@@ -490,28 +469,53 @@ def main(argv: list[str] | None = None) -> int:
         (DatasetError, "dataset problem: ", EXIT_USAGE),
         ((PretrainedWeightsUnavailable, RegistryError, ValueError), "", EXIT_USAGE),
     ]
+    return next(((prefix, status) for kinds, prefix, status in failures if isinstance(error, kinds)), None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    timeline.mark("arguments parsed")
+    server = None
+    if args.command in FLOWS and not os.environ.get("PREFECT_API_URL"):
+        from gender_pipeline.server import TemporaryServer
+
+        # It boots on another core while this process imports; it stops at exit, after
+        # Prefect has sent its last logs (atexit runs the handlers registered later first).
+        server = TemporaryServer()
     try:
         if args.command == "score":
             from core.expectations import warm_up
 
-            warm_up()  # Great Expectations starts while Prefect does
-        if _needs_temporary_server(args.command):
-            start_temporary_prefect_server()
-        return handlers[args.command](args)
-    except CancelledRun as error:
-        from core.stopping import STOP
+            warm_up()  # Great Expectations' start-up, while Prefect's
+        if server is not None:
+            from gender_pipeline.server import configured_api_url
 
-        print(f"gender-pipeline: run {error}", file=sys.stderr)
-        return 128 + STOP.signum if STOP.signum else EXIT_STOPPED
+            if configured_api_url():  # a server configured in the Prefect profile: use that one
+                server.stop()
+                server = None
+        if args.command in FLOWS:
+            importlib.import_module(FLOWS[args.command])
+        if server is not None:
+            server.use()
+            server.wait()
+            timeline.mark("temporary Prefect server answers")
+        return HANDLERS[args.command](args)
     except KeyboardInterrupt:
         print("gender-pipeline: interrupted", file=sys.stderr)
         return 130
     except Exception as error:
-        for kinds, prefix, status in failures:
-            if isinstance(error, kinds):
-                print(f"gender-pipeline: {prefix}{error}", file=sys.stderr)
-                return status
-        raise
+        if type(error).__name__ == "CancelledRun":
+            from core.stopping import STOP
+
+            print(f"gender-pipeline: run {error}", file=sys.stderr)
+            return 128 + STOP.signum if STOP.signum else EXIT_STOPPED
+        known = _failure(error)
+        if known is None:
+            raise
+        prefix, status = known
+        print(f"gender-pipeline: {prefix}{error}", file=sys.stderr)
+        return status
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,7 +6,10 @@ male logit per chip; calibration and abstention are applied the same way for all
 
 from __future__ import annotations
 
+import glob
 import logging
+import os
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,15 +22,26 @@ log = logging.getLogger(__name__)
 
 def resolve_device(device: str) -> str:
     """'auto' means CUDA when a GPU is visible, else CPU; 'cuda' without a GPU is an error."""
-    import torch
-
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    if device == "cpu":
+        return device
+    available = _cuda_available()
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+        return "cuda" if available else "cpu"
+    if not available:
         raise ValueError("--device cuda was asked for but no CUDA device is visible")
     return device
+
+
+def _cuda_available() -> bool:
+    """torch.cuda.is_available(), without importing torch (seconds) where no NVIDIA
+    device node exists: a machine without one has no CUDA device to find."""
+    if sys.platform == "linux" and not glob.glob("/dev/nvidia[0-9]*") and not os.path.exists("/dev/dxg"):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @dataclass
