@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import struct
 import warnings
 from dataclasses import dataclass
@@ -145,7 +146,11 @@ def decode_photo(data: bytes, limits: DecodeLimits = DecodeLimits(),
         try:
             return _decode(data, fmt, limits, jpeg_device)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            return Rejection(DECOMPRESSION_BOMB, str(error), format=fmt)
+            # Pillow's message quotes its own limit; the one that applies is ours.
+            found = re.search(r"\((\d+) pixels\)", str(error))
+            size = f"{int(found.group(1)):,} pixels" if found else "its size"
+            return Rejection(DECOMPRESSION_BOMB, f"{size} > limit {limits.max_pixels:,} (refused before decoding)",
+                             format=fmt)
         except UnidentifiedImageError as error:
             return Rejection(CORRUPT, f"{fmt} header could not be parsed: {error}", format=fmt)
         except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError,

@@ -22,6 +22,14 @@ class SuiteReport:
     evaluated: int
     failures: list[str]
 
+    @property
+    def passed(self) -> int:
+        return self.evaluated - len(self.failures)
+
+    def as_dict(self) -> dict:
+        return {"suite": self.suite, "success": self.success, "evaluated": self.evaluated, "passed": self.passed,
+                "failures": list(self.failures)}
+
     def text(self) -> str:
         head = f"{self.suite}: {'passed' if self.success else 'FAILED'} ({self.evaluated} expectations)"
         return "\n".join([head, *(f"  - {f}" for f in self.failures)])
@@ -51,9 +59,14 @@ def _context():
 
 @lru_cache(maxsize=1)
 def _new_context():
+    import logging
+
     import great_expectations as gx
 
     from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    # Its "temporary directory for ephemeral docs site" line is noise in a run's log.
+    logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)

@@ -52,7 +52,10 @@ def check_listing(listed: int, new: int, previous: list[dict], min_new_photos: i
     Guards: fewer than `min_new_photos` new photos; fewer objects listed than
     (1 - `max_listing_drop`) of what the previous run listed (1 turns this off)."""
     warnings = []
-    last = next((r for r in reversed(previous) if r.get("listed")), None)
+    # Only a night that completed tells what the source holds (a failed one may have failed
+    # precisely because its listing looked wrong).
+    last = next((r for r in reversed(previous) if r.get("listed") and r.get("outcome", "completed") == "completed"),
+                None)
     if new < min_new_photos:
         raise ListingLooksWrong(f"{new} new photos, fewer than --min-new-photos {min_new_photos}: nothing was "
                                 f"scored. Check the source, or lower the guard.")

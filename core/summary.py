@@ -70,7 +70,10 @@ def headline(summary: dict) -> str:
     if summary["new"] == 0 and not refreshed:
         since = f" since the run of {summary['last_run_at'][:16].replace('T', ' ')} UTC" if summary.get(
             "last_run_at") else ""
-        return (f"Nothing new{since}: {summary['listed']} photos listed, all answered before; "
+        if not summary["listed"]:
+            return (f"The source is empty: no photo listed, no file written. {summary['model']} would have "
+                    f"answered.{erased}")
+        return (f"Nothing new{since}: the {summary['listed']} photos listed were all answered before; "
                 f"no file written. {summary['model']} would have answered.{erased}")
     what = f"{summary['new']} new photos"
     if refreshed:
@@ -96,10 +99,93 @@ def users_line(summary: dict) -> str | None:
             f"{users['behind']} still have another model's answer: {left}")
 
 
+def outcome(summary: dict) -> tuple[str, str]:
+    """The run's outcome tag and the one-line message of its final state."""
+    warnings = summary.get("warnings") or []
+    if summary["new"] or summary.get("refreshed"):
+        what = f"{summary['new']} new" + (f", {summary['refreshed']} re-scored" if summary.get("refreshed") else "")
+        message = f"{what}: {summary['scored']} scored, {summary['rejected']} rejected"
+        tag = "scored"
+    elif not summary["listed"]:
+        message, tag = "the source is empty: nothing listed", "nothing-new"
+    else:
+        last = summary.get("last_run_at")
+        message = "nothing new" + (f" since {str(last)[:16].replace('T', ' ')} UTC" if last else "")
+        tag = "nothing-new"
+    alarms = summary.get("alarms") or []
+    if warnings or alarms:
+        notes = warnings + alarms
+        message = f"completed with {len(notes)} warning{'s' if len(notes) > 1 else ''}: {notes[0]}" + (
+            f" ({message})" if tag == "scored" else "")
+        tag = "warnings"
+    return tag, message
+
+
+def suites_line(summary: dict) -> str | None:
+    """Both data checks' verdicts in one line."""
+    parts = []
+    for key, name in (("listing_suite_report", "listing"), ("rows_suite_report", "rows")):
+        report = summary.get(key)
+        if not report:
+            continue
+        if report["success"]:
+            parts.append(f"{name}: {report['passed']} of {report['evaluated']} expectations passed"
+                         + (f" ({report['runs']} shards)" if report.get("runs", 1) > 1 else ""))
+        else:
+            parts.append(f"{name}: FAILED " + "; ".join(report["failures"]))
+    return "; ".join(parts) or None
+
+
+def model_lines(summary: dict) -> list[str]:
+    """What an operator needs to read the answers, from the model card."""
+    card = summary.get("model_card")
+    if not card:
+        return []
+    framing = card.get("framing") or {}
+    lines = [f"kind {card.get('kind')}; faces found by {framing.get('detector', 'retinaface')}, framed as "
+             f"{framing.get('kind')} ({framing.get('size')} px, padding {framing.get('padding')})",
+             f"abstains (answers `unknown`) under {card['abstain_threshold']:.3f} confidence"
+             + (f" ({summary['genders']['unknown']} photos tonight)" if summary.get("genders", {}).get("unknown")
+                else "")]
+    trained = card.get("trained_on")
+    accuracy = card.get("accuracy")
+    lines.append(f"trained on {trained}" + (f"; held-out accuracy {accuracy}" if accuracy else ""))
+    return lines
+
+
+def alarms(record: dict, previous: list[dict], at_least: int = 3) -> list[str]:
+    """Where tonight's reject rate, `unknown` rate or female share falls outside the range of
+    the previous nights that answered photos (at least `at_least` of them)."""
+    def rates(run: dict) -> dict:
+        rows, scored = run.get("rows", 0), run.get("scored", 0)
+        decided = run.get("female", 0) + run.get("male", 0)
+        return {"reject rate": run.get("rejected", 0) / rows if rows else None,
+                "unknown rate": run.get("unknown", 0) / scored if scored else None,
+                "female share": run.get("female", 0) / decided if decided else None}
+
+    history = [rates(r) for r in previous if r.get("rows") and r.get("outcome", "completed") == "completed"]
+    if len(history) < at_least or not record.get("rows"):
+        return []
+    found = []
+    for name, value in rates(record).items():
+        past = [h[name] for h in history if h[name] is not None]
+        if value is None or len(past) < at_least:
+            continue
+        low, high = min(past), max(past)
+        if value < low:
+            found.append(f"{name} {100 * value:.1f}% is {100 * (low - value):.1f} points under the last "
+                         f"{len(past)} nights' range ({100 * low:.1f}–{100 * high:.1f}%)")
+        elif value > high:
+            found.append(f"{name} {100 * value:.1f}% is {100 * (value - high):.1f} points over the last "
+                         f"{len(past)} nights' range ({100 * low:.1f}–{100 * high:.1f}%)")
+    return found
+
+
 def render_text(summary: dict) -> str:
     """The one-screen summary the CLI prints."""
     lines = [headline(summary)]
     lines += [f"WARNING      {w}" for w in summary.get("warnings", [])]
+    lines += [f"ALARM        {a}" for a in summary.get("alarms", [])]
     lines.append(f"listed       {summary['listed']:>8}   new {summary['new']}, unchanged {summary['skipped_unchanged']}")
     if summary["rows"]:
         lines.append(f"rows written {summary['rows']:>8}   scored {summary['scored']}, rejected {summary['rejected']}")
@@ -118,6 +204,10 @@ def render_text(summary: dict) -> str:
                                  (("list", "list"), ("listing_suite", "listing suite"), ("score", "scoring"),
                                   ("predictions_suite", "predictions suite"), ("publish", "publish"),
                                   ("users", "users table"))))
+    if suites_line(summary):
+        lines.append(f"data checks  {suites_line(summary)}")
+    for number, line in enumerate(model_lines(summary)):
+        lines.append(f"{'model' if number == 0 else '':<12} {summary['model'] + ': ' if number == 0 else ''}{line}")
     written = summary.get("written") or []
     lines.append(f"output       {', '.join(written) if written else 'nothing new: no file written'}")
     if users_line(summary):
@@ -132,7 +222,9 @@ def render_markdown(summary: dict, source: str, output: str) -> str:
              f"`{source}` → `{output}`", "", headline(summary), ""]
     for warning in summary.get("warnings", []):
         parts.append(f"> **Warning:** {warning}")
-    if summary.get("warnings"):
+    for alarm in summary.get("alarms", []):
+        parts.append(f"> **Alarm:** {alarm}")
+    if summary.get("warnings") or summary.get("alarms"):
         parts.append("")
     if summary["rows"]:
         g = summary["genders"]
@@ -140,12 +232,16 @@ def render_markdown(summary: dict, source: str, output: str) -> str:
                   f"| scored | {summary['scored']} |", f"| rejected | {summary['rejected']} |",
                   *(f"| rejected: {k} | {v} |" for k, v in summary["reject_reasons"].items()),
                   *(f"| {k} | {v} |" for k, v in g.items() if v), ""]
+    if suites_line(summary):
+        parts += [f"**Data checks**: {suites_line(summary)}.", ""]
+    if model_lines(summary):
+        parts += [f"**Model** {summary['model']}: " + "; ".join(model_lines(summary)) + ".", ""]
     if summary["scored"]:
         parts += ["**p_male of the scored photos**", "", "```", bars(summary["p_male_histogram"]), "```", ""]
     users = summary.get("users")
     if users:
         parts += [f"**Users table** (`{users['table']}`, one current answer per user): {users_line(summary)}.", "",
-                  "```python", f'DeltaTable("{users["table"]}").to_pandas()  # from deltalake import DeltaTable',
+                  "```python", "from deltalake import DeltaTable", f'DeltaTable("{users["table"]}").to_pandas()',
                   "```", ""]
     parts += _time_table(summary)
     parts += _trend_table(summary)
@@ -155,7 +251,32 @@ def render_markdown(summary: dict, source: str, output: str) -> str:
         parts += ["**Files written** (copy a URL; readers skip the `_`-prefixed temporaries):", ""]
         parts += [f"- `{url}`" for url in written]
         parts += ["", "```python", f'pd.read_parquet("{root}")  # every day, with a dt column', "```",
-                  "```sql", f"SELECT * FROM read_parquet('{root}/*/*.parquet', hive_partitioning = true);", "```"]
+                  "```sql", "SELECT *", f"FROM read_parquet('{root}/*/*.parquet',", "                  hive_partitioning = true);",
+                  "```"]
+    return "\n".join(parts)
+
+
+def render_failure_markdown(summary: dict, source: str, output: str) -> str:
+    """The report of a run that failed or was cancelled: what was listed, what failed and
+    why, what was (not) written."""
+    title = "FAILED" if summary["outcome"] == "failed" else "CANCELLED"
+    parts = [f"## Nightly scoring {title}, {summary['scoring_date']}", f"`{source}` → `{output}`", "",
+             f"**{summary['message']}**", ""]
+    if summary.get("listed") is not None:
+        parts.append(f"- listed: {summary['listed']} photos under the source, {summary.get('new', 0)} new to read")
+    else:
+        parts.append("- the source was not listed")
+    parts.append(f"- stage: {summary.get('stage', '?')}")
+    written = summary.get("written") or []
+    parts.append(f"- written: {len(written)} shard file(s) published before the end" if written else
+                 "- written: nothing (no history file, the users table unchanged)")
+    parts += [f"  - `{url}`" for url in written]
+    if written:
+        parts.append("- the next run applies the published rows to the users table first, and reads every other "
+                     "photo again")
+    parts += [f"- model: {summary.get('model', '?')}", ""]
+    parts += _time_table(summary) if summary.get("timings") else []
+    parts += _trend_table(summary)
     return "\n".join(parts)
 
 
@@ -164,13 +285,13 @@ def _time_table(summary: dict) -> list[str]:
     if not wall:
         return []
     timings = summary.get("timings", {})
-    rate = f" ({summary['rows'] / wall:.2f} photos/s)" if summary["rows"] else ""
+    rate = f" ({summary['rows'] / wall:.2f} photos/s)" if summary.get("rows") else ""
     rows = [f"**Where the time went**: {wall:.1f} s in all{rate}.", "", "| stage | seconds |", "| --- | --- |"]
     rows += [f"| {name} | {timings[key]:.2f} |" for key, name in STAGES if key in timings]
     other = wall - sum(timings.get(key, 0) for key, _ in STAGES)
     rows.append(f"| other (Prefect, lock, this report) | {max(0.0, other):.2f} |")
     inside = summary.get("stage_seconds", {})
-    if summary["new"] and any(inside.get(k) for k in WORKER_STAGES):
+    if summary.get("new") and any(inside.get(k) for k in WORKER_STAGES):
         rows += ["", "Inside scoring (seconds summed over the worker processes working at once): "
                  + ", ".join(f"{k} {inside.get(k, 0):.1f}" for k in WORKER_STAGES) + "."]
     return rows + [""]
@@ -181,9 +302,13 @@ def _trend_table(summary: dict) -> list[str]:
     if len(runs) < 2:
         return []
     rows = [f"**The last {len(runs)} runs of this output**", "",
-            "| listed at (UTC) | listed | new | rows | rejected | unknown |", "| --- | --- | --- | --- | --- | --- |"]
+            "| listed at (UTC) | outcome | listed | new | rows | rejected | unknown | female | seconds | photos/s "
+            "| model |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run in runs:
-        rows.append(f"| {str(run.get('listed_at', ''))[:16].replace('T', ' ')} | {run.get('listed', 0)} | "
-                    f"{run.get('new', 0)} | {run.get('rows', 0)} | {_rate(run.get('rejected', 0), run.get('rows', 0))} "
-                    f"| {_rate(run.get('unknown', 0), run.get('scored', 0))} |")
+        wall, count = run.get("wall_seconds") or 0, run.get("rows", 0)
+        decided = run.get("female", 0) + run.get("male", 0)
+        rows.append(f"| {str(run.get('listed_at', ''))[:16].replace('T', ' ')} | {run.get('outcome', 'completed')} "
+                    f"| {run.get('listed', '—')} | {run.get('new', 0)} | {count} | {_rate(run.get('rejected', 0), count)} "
+                    f"| {_rate(run.get('unknown', 0), run.get('scored', 0))} | {_rate(run.get('female', 0), decided)} "
+                    f"| {wall:.0f} | {f'{count / wall:.1f}' if wall and count else '—'} | {run.get('model', '')} |")
     return rows + [""]

@@ -11,26 +11,35 @@ from pydantic import NonNegativeInt, PositiveInt
 
 from prefect import flow, get_run_logger, unmapped
 from prefect.runtime import flow_run
+from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from models.predictor import resolve_device
-from models.registry import DEFAULT_MODEL
+from models.registry import PRODUCTION_MODEL
 from core.decoding import DecodeLimits
 from core.scoring import ScoringOptions
 from core.expectations import warm_up as warm_up_expectations
 from core import timeline
 from core.timing import timed
-from tasks.run_control import finish_all, resolved_model, scoring_run_name, stoppable_run, stopped, tag_run
-from tasks.scoring_tasks import (check_photo_metadata_task, list_new_photos, lock_output, report_run,
-                                 score_shard, split_listing, unlock_output, update_users_table)
+from tasks.run_control import (failed, finish_all, one_line, resolved_model, scoring_run_name, stoppable_run,
+                               stopped, tag_run)
+from tasks.scoring_tasks import (check_photo_metadata_task, list_new_photos, lock_output, report_failure,
+                                 report_run, score_shard, split_listing, unlock_output, update_users_table)
 from core.stopping import StopRequested
+
+
+# The nightly schedule, the same for `gender-pipeline serve` and deployments/prefect.yaml
+# (a test holds them together): 02:00 in the shop's time zone, one run at a time.
+NIGHTLY_CRON = "0 2 * * *"
+NIGHTLY_TIMEZONE = "Europe/Berlin"
+NIGHTLY_CONCURRENCY = 1
 
 
 # One shard at a time in this process by default; `--task-runner dask` maps shards over a
 # Dask cluster instead (see gender_pipeline.cli).
 @flow(name="nightly-scoring", description="Score new signup photos and publish predictions to Parquet.",
       task_runner=ThreadPoolTaskRunner(max_workers=1), flow_run_name=scoring_run_name)
-def nightly_scoring(source: str, output: str, registry: str | None = None, model: str = DEFAULT_MODEL,
+def nightly_scoring(source: str, output: str, registry: str | None = None, model: str = PRODUCTION_MODEL,
                     scoring_date: date | None = None, batch_size: PositiveInt | None = None,
                     device: Literal["auto", "cpu", "cuda"] = "auto", workers: NonNegativeInt | None = None,
                     endpoint_url: str | None = None, abstain_threshold: float | None = None,
@@ -50,8 +59,8 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
         output: Where the dataset goes: predictions land in OUTPUT/predictions/dt=YYYY-MM-DD/.
         registry: The model registry (path or URL); default $GENDER_PIPELINE_REGISTRY or
             ~/.gender-pipeline/registry.
-        model: NAME or NAME@VERSION; the default answers with the production model, else the
-            shipped dlib network.
+        model: production (the version promoted to production, else the shipped dlib
+            network), NAME (its production version) or NAME@VERSION.
         scoring_date: The partition date (YYYY-MM-DD); default today in UTC.
         batch_size: Faces per model call; default 64 on a CPU, sized from free memory on a GPU.
         device: Where the model runs: auto (a GPU when there is one), cpu or cuda.
@@ -98,25 +107,43 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
                              abstain_threshold=abstain_threshold, front_end=front_end,
                              jpeg_device="cuda" if gpu_decode and resolve_device(device) == "cuda" else None)
 
+    progress = {"stage": "taking the output lock", "found": None}
+    production = model
+    futures, timings, users, failure = [], {}, None, None
+
+    def on_record(outcome: str, message: str, holds_output: bool = True) -> None:
+        """A failed or cancelled night on the record: its summary and its row in the trend."""
+        written = [f.result().written for f in futures if f.state.is_completed() and f.result().written]
+        report_failure(outcome, message, progress["stage"], source, output, day, run_id, listed_at, production,
+                       endpoint_url, progress["found"], written, timings, time.perf_counter() - started,
+                       holds_output)
+        tag_run(outcome=outcome)
+
     with stoppable_run() as stop:
         try:
             with stop.interruptible():
                 lease = lock_output(output, endpoint_url, run_id, lock_lease_seconds, lock_wait_seconds)
         except StopRequested:
+            on_record("cancelled", f"stopped ({stop.reason}) before taking the output lock", holds_output=False)
             return stopped(stop, "before taking the output lock; nothing was written")
-        futures, timings, users = [], {}, None
+        except Exception as error:  # another run holds the output, or storage is unreachable
+            on_record("failed", one_line(error), holds_output=False)
+            return failed(error)
         # The concrete NAME@VERSION: every shard loads it (a long-lived worker that cached the
         # model of an earlier night must not answer with it after a promotion).
         production = resolved_model(registry, model, endpoint_url)
         tag_run(scoring_date=day.isoformat(), model=production)
         try:
+            progress["stage"] = "listing the source"
             with stop.interruptible(), timed(timings, "list"):
-                found = list_new_photos(source, output, endpoint_url, listed_at, max_photos, min_new_photos,
-                                        max_listing_drop, production, refresh_budget, exclude_users, run_id, day,
-                                        listing, listing_fanout)
+                found = progress["found"] = list_new_photos(
+                    source, output, endpoint_url, listed_at, max_photos, min_new_photos, max_listing_drop,
+                    production, refresh_budget, exclude_users, run_id, day, listing, listing_fanout)
             timeline.mark("source listed")
+            progress["stage"] = "checking the listing (suite)"
             with stop.interruptible(), timed(timings, "listing_suite"):
-                check_photo_metadata_task(found)
+                listing_suite = check_photo_metadata_task(found)
+            progress["stage"] = "scoring"
             scoring_started = time.perf_counter()
             shards = split_listing(found, shard_size)
             futures = score_shard.map(shards, unmapped(source), unmapped(output), unmapped(endpoint_url),
@@ -126,23 +153,32 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
             results = futures.result() if not stop.requested else []
             timings["score"] = time.perf_counter() - scoring_started
             if not stop.requested:
+                progress["stage"] = "updating the users table"
                 with timed(timings, "users"):
                     users = update_users_table(output, endpoint_url, found, results, run_id, day, lease.ref())
-        except Exception:
+        except Exception as error:
             if not stop.requested:
-                raise
+                failure = error
         finally:
             finish_all(futures)  # stop, then let go: no shard of this run can write after this
+            if failure is not None:
+                on_record("failed", one_line(failure))
+            elif stop.requested:
+                on_record("cancelled", f"stopped ({stop.reason}) while {progress['stage']}")
             unlock_output(lease)
         if stop.requested:
             files = [f.result().written for f in futures if f.state.is_completed() and f.result().written]
             return stopped(stop, f"{len(files)} shard file(s) were published before the stop; "
                                  "every other photo is new again for the next run")
+        if failure is not None:
+            return failed(failure)
     if not any(r.rows for r in results):
         logger.info("nothing new to score under %s: no file written", source)
     answered = next((row for r in results for row in r.rows if row.model_name), None)
     used = f"{answered.model_name}@{answered.model_version}" if answered else production
     # The publish and suite times are inside "score"; the report separates them.
     timings["score"] -= sum(r.suite_seconds + r.publish_seconds for r in results)
-    return report_run(results, found, used, source, output, day, run_id, timings,
-                      time.perf_counter() - started, endpoint_url, file_links, users)
+    summary = report_run(results, found, used, source, output, day, run_id, timings, time.perf_counter() - started,
+                         endpoint_url, file_links, users, registry, listing_suite)
+    tag_run(outcome=summary["outcome_tag"])
+    return Completed(message=summary["message"], data=summary)

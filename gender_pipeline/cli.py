@@ -72,8 +72,9 @@ def _add_scoring(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--output", required=required, help="URL or path; Parquet goes to OUTPUT/predictions/")
     parser.add_argument("--registry", default=None,
                         help="model registry URL (default $GENDER_PIPELINE_REGISTRY or ~/.gender-pipeline/registry)")
-    parser.add_argument("--model", type=_model_ref, default="gender-classifier",
-                        help="NAME[@VERSION]; default: the production model, else the dlib baseline")
+    parser.add_argument("--model", type=_model_ref, default="production",
+                        help="production (the default: the promoted version, else the shipped dlib network), "
+                             "NAME or NAME@VERSION")
     parser.add_argument("--batch-size", type=_positive, default=None,
                         help="faces per model call (default: 64 on CPU, sized from free memory on CUDA)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -135,8 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve the nightly-scoring deployment on its schedule")
     _add_scoring(serve, required=True)
-    serve.add_argument("--cron", default="0 2 * * *", help="schedule (default 02:00 every day)")
-    serve.add_argument("--timezone", default="UTC")
+    serve.add_argument("--cron", default="0 2 * * *",
+                       help="the schedule, cron syntax (default 02:00 every day, as in deployments/prefect.yaml)")
+    serve.add_argument("--timezone", default="Europe/Berlin",
+                       help="the schedule's time zone (default Europe/Berlin, as in deployments/prefect.yaml)")
     retrain = commands.add_parser("retrain", help="run the retrain flow: the study, selection, promotion")
     retrain.add_argument("--config", default="configs/celeba_experiment.yaml")
     retrain.add_argument("--data", required=True, help="dataset URL or path")
@@ -155,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage(retrain)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a model on a labelled dataset; prints JSON")
-    evaluate.add_argument("--model", type=_model_ref, default="gender-classifier")
+    evaluate.add_argument("--model", type=_model_ref, default="production",
+                          help="production (the default), NAME or NAME@VERSION")
     evaluate.add_argument("--data", required=True)
     evaluate.add_argument("--format", choices=("celeba", "manifest"), required=True)
     evaluate.add_argument("--registry", default=None)
@@ -409,10 +413,15 @@ def with_task_runner(flow, args: argparse.Namespace):
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from flows.scoring import nightly_scoring
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.deployments.runner import EntrypointType
+
+    from flows.scoring import NIGHTLY_CONCURRENCY, nightly_scoring
 
     nightly_scoring.serve(
-        name="nightly-scoring", cron=args.cron,
+        name="nightly-scoring", schedules=[CronSchedule(cron=args.cron, timezone=args.timezone)],
+        global_limit=NIGHTLY_CONCURRENCY, entrypoint_type=EntrypointType.MODULE_PATH,
+        description=nightly_scoring.description,
         parameters={"source": args.source, "output": args.output, "registry": args.registry,
                     "model": args.model, "batch_size": args.batch_size, "device": args.device,
                     "workers": args.workers, "endpoint_url": args.endpoint_url,
@@ -425,7 +434,7 @@ def _serve(args: argparse.Namespace) -> int:
                     "file_links": args.file_links, "refresh_budget": args.refresh_budget,
                     "exclude_users": args.exclude_users, "listing": args.listing,
                     "listing_fanout": args.listing_fanout},
-        tags=["scoring"])
+        tags=["scoring", "nightly"])
     return 0
 
 
@@ -444,6 +453,32 @@ HANDLERS = {"score": _score, "serve": _serve, "retrain": _retrain, "evaluate": _
             "compact": _compact}
 # Commands that run a Prefect flow, and the module that holds it.
 FLOWS = {"score": "flows.scoring", "serve": "flows.scoring", "retrain": "flows.retrain"}
+
+
+def _quiet_console() -> None:
+    """Log records a run marks `console=False` (an expected failure's traceback) reach the
+    run's logs in Prefect, not this terminal."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    class RunLogsOnly(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return getattr(record, "console", True)
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not any(type(f).__name__ == "RunLogsOnly"
+                                                                  for f in handler.filters):
+            handler.addFilter(RunLogsOnly())
+
+
+def _print_outcome(args: argparse.Namespace, outcome: str, status: int, error: BaseException | None = None) -> None:
+    """`--json`: the outcome on stdout, whatever it is."""
+    if getattr(args, "json", False):
+        record = {"outcome": outcome, "exit_status": status}
+        if error is not None:
+            record.update(error=str(error), kind=type(error).__name__)
+        print(json.dumps(record, indent=2))
 
 
 def _failure(error: Exception) -> tuple[str, int] | None:
@@ -495,25 +530,31 @@ def main(argv: list[str] | None = None) -> int:
                 server = None
         if args.command in FLOWS:
             importlib.import_module(FLOWS[args.command])
+            _quiet_console()
         if server is not None:
             server.use()
             server.wait()
             timeline.mark("temporary Prefect server answers")
         return HANDLERS[args.command](args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:
         print("gender-pipeline: interrupted", file=sys.stderr)
+        _print_outcome(args, "cancelled", 130, error)
         return 130
     except Exception as error:
         if type(error).__name__ == "CancelledRun":
             from core.stopping import STOP
 
             print(f"gender-pipeline: run {error}", file=sys.stderr)
-            return 128 + STOP.signum if STOP.signum else EXIT_STOPPED
+            status = 128 + STOP.signum if STOP.signum else EXIT_STOPPED
+            _print_outcome(args, "cancelled", status, error)
+            return status
         known = _failure(error)
         if known is None:
+            _print_outcome(args, "failed", EXIT_FAILED, error)
             raise
         prefix, status = known
         print(f"gender-pipeline: {prefix}{error}", file=sys.stderr)
+        _print_outcome(args, "failed", status, error)
         return status
 
 

@@ -21,6 +21,9 @@ from core.storage import Store
 BASELINE_NAME = "dlib-gender-v1"
 BASELINE_VERSION = "1"
 DEFAULT_MODEL = "gender-classifier"
+# What scoring uses by default: the version promoted to production (of DEFAULT_MODEL), else
+# the shipped network. The word itself is accepted as a model reference.
+PRODUCTION_MODEL = "production"
 PRODUCTION = "production"
 CARD = "card.json"
 
@@ -88,6 +91,8 @@ class Registry:
     def resolve(self, ref: ModelRef) -> tuple[str, str]:
         """A concrete (name, version). The default model without a production alias
         falls back to the dlib baseline."""
+        if ref.name == PRODUCTION_MODEL and not ref.version:
+            ref = ModelRef(DEFAULT_MODEL)
         if ref.version:
             self.card(ref.name, ref.version)  # raises when absent
             return ref.name, ref.version

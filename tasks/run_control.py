@@ -96,6 +96,40 @@ def stopped(stop: Stop, what: str) -> State:
     return Cancelled(message=message)
 
 
+def expected_failure(error: BaseException) -> bool:
+    """A failure the README lists with its exit status (a wrong listing, a failed data check,
+    storage, a locked output, a foreign table, a bad model or argument): it ends the run with
+    one line; its traceback goes to the run's logs only."""
+    from core.delta import TableError
+    from core.expectations import ExpectationsFailed
+    from core.locking import OutputLocked
+    from core.model_files import ModelFetchError, ModelFileMissing
+    from core.run_history import ListingLooksWrong
+    from core.storage import StorageError
+    from models.registry import RegistryError
+
+    return isinstance(error, (ListingLooksWrong, ExpectationsFailed, StorageError, OutputLocked, TableError,
+                              RegistryError, ModelFileMissing, ModelFetchError, FileNotFoundError, PermissionError))
+
+
+def one_line(error: BaseException) -> str:
+    """The error as one line for a state message (a data check's details go to the logs)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"{type(error).__name__}: {text}"
+
+
+def failed(error: Exception):
+    """The end of a run that failed: for an expected failure, a Failed state with its one
+    line (the traceback in the run's logs only, not on the console); anything else raises,
+    traceback and all."""
+    from prefect.states import Failed
+
+    if not expected_failure(error):
+        raise error
+    get_run_logger().error("%s", one_line(error), exc_info=error, extra={"console": False})
+    return Failed(message=one_line(error), data=error)
+
+
 def resolved_model(registry: str | None, model: str, endpoint_url: str | None) -> str:
     """NAME@VERSION of the model `model` resolves to (the production alias, else the
     shipped network), for reports and tags; `model` itself when it cannot be resolved."""

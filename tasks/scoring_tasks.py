@@ -31,7 +31,8 @@ from core.listing import ListingSpec, list_source
 from core.state import Applied, NightPlan, OutputState, SourceListing, rows_table
 from core.storage import ObjectInfo, StorageError, Store, read_lines, retry_if_transient, storage_options
 from core.run_history import ERASURES, check_listing, key_shape_warnings, recent_runs, record_run
-from core.summary import rejected_rows, render_markdown, summarize
+from core.summary import (alarms, outcome, rejected_rows, render_failure_markdown, render_markdown,
+                          summarize)
 
 
 @dataclass
@@ -128,11 +129,12 @@ def list_new_photos(source: str, output: str, endpoint_url: str | None, listed_a
 
 
 @task(name="check-photo-metadata", cache_policy=NO_CACHE)
-def check_photo_metadata_task(listing: Listing) -> None:
-    """Before inference: the photos to read have unique, contained keys and sane sizes."""
+def check_photo_metadata_task(listing: Listing) -> dict | None:
+    """Before inference: the photos to read have unique, contained keys and sane sizes.
+    Returns the suite's verdict (None when there is nothing to read)."""
     if not listing.objects:
         get_run_logger().info("nothing to read: no listing to check")
-        return
+        return None
     readable = [o for o in listing.objects if user_of(o.key) is not None]
     frame = pd.DataFrame({"photo_key": [o.key for o in readable],
                           "size_bytes": [o.size for o in readable]})
@@ -140,6 +142,7 @@ def check_photo_metadata_task(listing: Listing) -> None:
     get_run_logger().info(report.text())
     if not report.success:
         raise ExpectationsFailed(report)
+    return report.as_dict()
 
 
 @dataclass
@@ -159,6 +162,7 @@ class ShardResult:
     written: str | None
     suite_seconds: float = 0.0  # the predictions suite
     publish_seconds: float = 0.0
+    suite: dict | None = None  # the predictions suite's verdict
 
 
 def split_listing(listing: Listing, shard_size: int) -> list[Shard]:
@@ -268,12 +272,12 @@ def score_shard(shard: Shard, source: str, output: str, endpoint_url: str | None
         checkpoint()
         predictor = _predictor(registry, endpoint_url, model, device, options.abstain_threshold, compile)
         total = len(shard.objects)
-        logger.info("shard %d: %d photos; model %s@%s on %s, batch size %s, framing %s", shard.index, total,
-                    predictor.name, predictor.version, predictor.device, options.batch_size or "auto",
-                    predictor.framing.to_dict())
-        artifact = create_progress_artifact(0.0, key=artifact_key(f"scoring-progress-{shard.index}", output),
-                                            description=f"shard {shard.index} of {output}: photos answered "
-                                                        f"out of {total}")
+        logger.info("shard %d: %d photos; model %s@%s on %s, batch size %d, framing %s", shard.index, total,
+                    predictor.name, predictor.version, predictor.device,
+                    options.batch_size or predictor.auto_batch_size(), predictor.framing.to_dict())
+        # A progress bar while the shard runs; removed when it ends (the summary says the rest).
+        artifact = create_progress_artifact(0.0, description=f"shard {shard.index} of {output}: photos answered "
+                                                             f"out of {total}")
         last = {"t": time.monotonic(), "pct": 0.0}
 
         def progress(done: int, of: int) -> None:
@@ -289,10 +293,10 @@ def score_shard(shard: Shard, source: str, output: str, endpoint_url: str | None
                                     checkpoint=checkpoint)
         logger.info("scored %d, rejected %d, same content skipped %d, %.1f photos/s",
                     stats.scored, stats.rejected, stats.skipped_same_hash, stats.photos_per_second)
-        written, suite_seconds, publish_seconds = None, 0.0, 0.0
+        written, suite_seconds, publish_seconds, suite = None, 0.0, 0.0, None
         if rows:
             started = time.perf_counter()
-            check_rows(rows, output)
+            suite = check_rows(rows, output)
             suite_seconds = time.perf_counter() - started
             logger.info("publishing %d rows", len(rows))
 
@@ -306,14 +310,28 @@ def score_shard(shard: Shard, source: str, output: str, endpoint_url: str | None
                                         f"part-{run_id}-{shard.index:05d}", before_move=still_ours)
             publish_seconds = time.perf_counter() - started
             logger.info("published %d rows to %s", len(rows), written)
-        return ShardResult(rows, stats, written, suite_seconds, publish_seconds)
+        return ShardResult(rows, stats, written, suite_seconds, publish_seconds, suite)
     except StopRequested as error:
         logger.warning("shard %d stopped before publishing: %s", shard.index, error)
         return Cancelled(message=f"stopped before publishing: {error}")
+    finally:
+        if "artifact" in locals():
+            _delete_artifact(artifact)
 
 
-def check_rows(rows: list[PhotoResult], output: str) -> None:
-    """Before publishing: keys present, one row per photo, probabilities valid."""
+def _delete_artifact(artifact_id) -> None:
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.delete_artifact(artifact_id)
+    except Exception as error:  # a leftover progress bar never fails a shard
+        get_run_logger().debug("could not remove the progress artifact: %s", error)
+
+
+def check_rows(rows: list[PhotoResult], output: str) -> dict:
+    """Before publishing: keys present, one row per photo, probabilities valid. Returns the
+    suite's verdict; a failed suite raises (and leaves its report as an artifact)."""
     report = check_predictions(to_table(rows).to_pandas())
     logger = get_run_logger()
     if not report.success:
@@ -322,6 +340,7 @@ def check_rows(rows: list[PhotoResult], output: str) -> None:
                                  description=f"predictions suite failed for {output}: nothing was published")
         raise ExpectationsFailed(report)
     logger.info(report.text())
+    return report.as_dict()
 
 
 def artifact_key(name: str, output: str) -> str:
@@ -346,21 +365,73 @@ def file_link(url: str, how: str, store: Store) -> str | None:
     return how.format(url=url, bucket=bucket, key=key)
 
 
+def model_card_summary(registry: str | None, endpoint_url: str | None, model: str) -> dict | None:
+    """From the model card: what an operator needs to read the answers."""
+    name, _, version = model.partition("@")
+    if not version:
+        return None
+    try:
+        card = Registry(registry, storage_options(endpoint_url)).card(name, version)
+    except Exception:  # a report must not fail the run
+        return None
+    data, metrics = card.get("data") or {}, card.get("metrics") or {}
+    test = metrics.get("test") or {}
+    if data:
+        trained_on = (f"{data.get('faces_used', data.get('images'))} faces of a {data.get('format')} dataset "
+                      f"(fingerprint {str(data.get('fingerprint', ''))[:12]}…)")
+    else:
+        trained_on = card.get("source", "?")
+    if test.get("accuracy") is not None:
+        accuracy = f"{100 * test['accuracy']:.2f}% on {test.get('count')} held-out faces"
+    elif (metrics.get("reported") or {}).get("lfw_accuracy"):
+        accuracy = f"{100 * metrics['reported']['lfw_accuracy']:.0f}% on LFW (reported by its authors)"
+    else:
+        accuracy = None
+    return {"kind": f"{card.get('format')} ({card.get('arch')})", "framing": card.get("framing") or {},
+            "abstain_threshold": float(card.get("abstain_threshold", 0.5)), "trained_on": trained_on,
+            "accuracy": accuracy}
+
+
+def _suites(listing_suite: dict | None, results: list[ShardResult]) -> dict:
+    rows = [r.suite for r in results if r.suite]
+    merged = None
+    if rows:
+        merged = {"suite": "predictions", "success": all(r["success"] for r in rows),
+                  "evaluated": rows[0]["evaluated"], "passed": min(r["passed"] for r in rows),
+                  "failures": [f for r in rows for f in r["failures"]], "runs": len(rows)}
+    return {"listing_suite_report": listing_suite, "rows_suite_report": merged}
+
+
+def run_record(summary: dict, listing_at: datetime, source: str, outcome: str, message: str) -> dict:
+    """What the output keeps of a run (`_runs/`), for the next runs' trend and guards."""
+    genders = summary.get("genders") or {}
+    return {"run_id": summary["run_id"], "listed_at": listing_at.isoformat(), "source": source,
+            "model": summary.get("model"), "outcome": outcome, "message": message,
+            "listed": summary.get("listed"), "new": summary.get("new", 0), "rows": summary.get("rows", 0),
+            "scored": summary.get("scored", 0), "rejected": summary.get("rejected", 0),
+            "unknown": genders.get("unknown", 0), "female": genders.get("female", 0), "male": genders.get("male", 0),
+            "wall_seconds": summary.get("wall_seconds"), "files": summary.get("written") or []}
+
+
 def report_run(results: list[ShardResult], listing: Listing, model: str, source: str, output: str,
                scoring_date: date, run_id: str, timings: dict, wall_seconds: float,
-               endpoint_url: str | None = None, file_links: str = "none", users: UsersUpdate | None = None) -> dict:
+               endpoint_url: str | None = None, file_links: str = "none", users: UsersUpdate | None = None,
+               registry: str | None = None, listing_suite: dict | None = None) -> dict:
     """The run's summary: artifacts on the flow run itself (called from the flow, not from a
-    task), keyed per output, and the run's record beside the dataset for the next runs."""
+    task), keyed per output, and the run's record beside the dataset for the next runs.
+    The summary carries the outcome tag and the one-line message of the final state."""
     rows = [row for result in results for row in result.rows]
     stats = merge_stats([r.stats for r in results])
     timings = {**timings, "predictions_suite": sum(r.suite_seconds for r in results),
                "publish": sum(r.publish_seconds for r in results)}
     summary = summarize(rows, stats, listing.listed, listing.skipped_unchanged)
-    last = listing.recent_runs[-1]["listed_at"] if listing.recent_runs else None
+    previous = [r for r in listing.recent_runs]
+    last = next((r["listed_at"] for r in reversed(previous) if r.get("outcome", "completed") == "completed"), None)
     summary.update(model=model, written=[r.written for r in results if r.written], shards=len(results),
                    warnings=list(listing.warnings), last_run_at=str(last) if last else None, run_id=run_id,
                    scoring_date=scoring_date.isoformat(), timings={k: round(v, 3) for k, v in timings.items()},
-                   wall_seconds=round(wall_seconds, 3))
+                   wall_seconds=round(wall_seconds, 3), model_card=model_card_summary(registry, endpoint_url, model),
+                   **_suites(listing_suite, results))
     plan = listing.plan
     if plan is not None:
         summary.update(new=summary["new"] - plan.refresh, refreshed=plan.refresh, removed=plan.removed.num_rows,
@@ -374,30 +445,62 @@ def report_run(results: list[ShardResult], listing: Listing, model: str, source:
             "share": round((users.users - users.behind) / users.users, 4) if users.users else None,
             "refresh_budget": users.refresh_budget, "nights_left": users.nights_left,
             "upserted": users.applied.users_upserted, "removed": users.applied.users_removed}
-    record = {"run_id": run_id, "listed_at": listing.listed_at.isoformat(), "source": source, "model": model,
-              "listed": listing.listed, "new": summary["new"], "rows": summary["rows"], "scored": summary["scored"],
-              "rejected": summary["rejected"], "unknown": summary["genders"]["unknown"],
-              "wall_seconds": summary["wall_seconds"], "files": summary["written"]}
+    summary["alarms"] = alarms(run_record(summary, listing.listed_at, source, "completed", ""), previous)
+    tag, message = outcome(summary)
+    summary.update(outcome="completed", outcome_tag=tag, message=message)
+    record = run_record(summary, listing.listed_at, source, "completed", message)
     if users is not None:
         record.update(users=users.users, users_behind=users.behind)
     record_run(store, record)
-    summary["recent_runs"] = listing.recent_runs[-9:] + [record]
+    summary["recent_runs"] = previous[-9:] + [record]
 
     create_markdown_artifact(render_markdown(summary, source, output), key=artifact_key("scoring-summary", output),
-                             description=f"nightly scoring of {source} into {output}")
+                             description=f"Nightly scoring of {source} into {output}: {message}")
     create_table_artifact([{"status": "scored", "photos": summary["scored"]},
                            {"status": "rejected", "photos": summary["rejected"]},
                            {"status": "unchanged (skipped)", "photos": summary["skipped_unchanged"]}],
-                          key=artifact_key("scoring-counts", output), description=f"photos by status, {output}")
+                          key=artifact_key("scoring-counts", output),
+                          description=f"Photos by status in this run of {output}")
     rejected = rejected_rows(rows)
     if rejected:
         more = summary["rejected"] - len(rejected)
         create_table_artifact(rejected, key=artifact_key("rejected-photos", output),
-                              description=f"rejected photos of this run, {output}"
+                              description=f"Rejected photos of this run of {output}, with the reason"
                                           + (f" (the first {len(rejected)}; {more} more in the Parquet)" if more else ""))
     for url in summary["written"]:
         link = file_link(url, file_links, store)
         if link:
             create_link_artifact(link, link_text=url, key=artifact_key("predictions-file", output),
-                                 description="a Parquet file written by this run")
+                                 description="A Parquet file written by this run")
+    return summary
+
+
+def report_failure(outcome_name: str, message: str, stage: str, source: str, output: str, scoring_date: date,
+                   run_id: str, listed_at: datetime, model: str, endpoint_url: str | None,
+                   listing: Listing | None = None, written: list[str] | None = None, timings: dict | None = None,
+                   wall_seconds: float = 0.0, holds_output: bool = True) -> dict:
+    """A run that failed or was cancelled is on the record too: a summary on the flow run
+    (what was listed, what failed and why, what was not written) and, while the run holds
+    the output, a row in the output's trend. Never raises: the failure is what matters."""
+    summary = {"run_id": run_id, "scoring_date": scoring_date.isoformat(), "outcome": outcome_name,
+               "message": message, "stage": stage, "model": model, "written": list(written or []),
+               "listed": listing.listed if listing else None,
+               "new": len(listing.objects) if listing else 0, "timings": {k: round(v, 3) for k, v in
+                                                                          (timings or {}).items()},
+               "wall_seconds": round(wall_seconds, 3)}
+    try:
+        store = Store(output, storage_options(endpoint_url))
+        previous = listing.recent_runs if listing else recent_runs(store)
+        record = run_record(summary, listed_at, source, outcome_name, message)
+        if holds_output:
+            record_run(store, record)
+        summary["recent_runs"] = previous[-9:] + [record]
+    except Exception as error:  # storage may be what failed
+        get_run_logger().warning("the failed run could not be recorded beside the output: %s", error)
+    try:
+        create_markdown_artifact(render_failure_markdown(summary, source, output),
+                                 key=artifact_key("scoring-summary", output),
+                                 description=f"Nightly scoring of {source} into {output}: {outcome_name}: {message}")
+    except Exception as error:
+        get_run_logger().warning("the failure report could not be written: %s", error)
     return summary

@@ -1,9 +1,12 @@
 import json
+import os
 
 import pandas as pd
 import pytest
 
 from gender_pipeline.cli import EXIT_STORAGE, EXIT_USAGE, main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -63,8 +66,29 @@ def test_serve_passes_schedule_and_parameters(monkeypatch):
     status = main(["serve", "--source", "s3://b/uploads", "--output", "s3://b/lake", "--cron", "30 1 * * *",
                    "--batch-size", "32"])
     assert status == 0
-    assert seen["name"] == "nightly-scoring" and seen["cron"] == "30 1 * * *"
+    assert seen["name"] == "nightly-scoring"
+    (schedule,) = seen["schedules"]
+    assert (schedule.cron, schedule.timezone) == ("30 1 * * *", "Europe/Berlin")
+    assert seen["global_limit"] == 1 and seen["entrypoint_type"].value == "module_path"
     assert seen["parameters"]["source"] == "s3://b/uploads" and seen["parameters"]["batch_size"] == 32
+
+
+def test_serve_and_the_deployment_file_agree():
+    """`serve` schedules and limits the nightly run as deployments/prefect.yaml does."""
+    import yaml
+
+    from flows.scoring import NIGHTLY_CONCURRENCY, NIGHTLY_CRON, NIGHTLY_TIMEZONE
+    from gender_pipeline.cli import build_parser
+
+    with open(os.path.join(ROOT, "deployments", "prefect.yaml")) as handle:
+        nightly = next(d for d in yaml.safe_load(handle)["deployments"] if d["name"] == "nightly-scoring")
+    (schedule,) = nightly["schedules"]
+    assert (schedule["cron"], schedule["timezone"]) == (NIGHTLY_CRON, NIGHTLY_TIMEZONE)
+    assert nightly["concurrency_limit"] == NIGHTLY_CONCURRENCY
+    assert nightly["entrypoint"] == "flows.scoring.nightly_scoring"
+    serve = build_parser().parse_args(["serve", "--source", "a", "--output", "b"])
+    assert (serve.cron, serve.timezone) == (NIGHTLY_CRON, NIGHTLY_TIMEZONE)
+    assert nightly["parameters"]["model"] == serve.model == "production"
 
 
 def test_demo_tree_has_faces_and_every_broken_kind(tmp_path):

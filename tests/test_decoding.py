@@ -132,3 +132,10 @@ def test_device_jpeg_decoder_downscales_large_photos():
 def test_device_jpeg_decoder_leaves_cmyk_and_broken_files_to_pillow(face_files, broken_files):
     assert decode_photo(face_files["cmyk.jpg"], jpeg_device="cpu").rgb.shape == (600, 512, 3)
     assert decode_photo(broken_files["truncated.jpg"][0], jpeg_device="cpu").reason == "truncated"
+
+
+def test_a_bomb_pillow_refuses_is_described_with_our_limit():
+    result = decode_photo(samples.decompression_bomb_png(), DecodeLimits())
+    assert result.reason == "decompression_bomb"
+    assert "limit 50,000,000" in result.detail and "400,000,000 pixels" in result.detail
+    assert "178956970" not in result.detail and "DOS" not in result.detail

@@ -79,7 +79,11 @@ def test_served_deployment_runs_on_a_real_server(prefect_server, uploads, tmp_pa
                 deployment = client.read_deployment_by_name("nightly-scoring/nightly-scoring")
                 artifacts = client.read_artifacts(
                     artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+        # As deployments/prefect.yaml has it: a clean entrypoint, the schedule's time zone, one run at a time.
         assert deployment.schedules and deployment.schedules[0].schedule.cron == "0 3 * * *"
+        assert deployment.schedules[0].schedule.timezone == "Europe/Berlin"
+        assert deployment.entrypoint == "flows.scoring.nightly_scoring"
+        assert deployment.global_concurrency_limit is not None and deployment.global_concurrency_limit.limit == 1
         keys = {a.key for a in artifacts}
         assert {artifact_key(name, str(output)) for name in ("scoring-counts", "rejected-photos",
                                                              "scoring-summary")} <= keys
