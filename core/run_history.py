@@ -18,7 +18,12 @@ ERASURES = "_erasures"  # one record per `forget` call: when, how many users, wh
 
 
 class ListingLooksWrong(RuntimeError):
-    """The source lists far fewer photos than a guard allows: probably the wrong prefix."""
+    """The source lists far fewer photos than a guard allows: probably the wrong prefix.
+    It says what was listed (`listed` objects, `new` of them to read)."""
+
+    def __init__(self, message: str, listed: int = 0, new: int = 0) -> None:
+        super().__init__(message)
+        self.listed, self.new = listed, new
 
 
 def record_run(store: Store, record: dict, folder: str = FOLDER) -> str:
@@ -58,13 +63,13 @@ def check_listing(listed: int, new: int, previous: list[dict], min_new_photos: i
                 None)
     if new < min_new_photos:
         raise ListingLooksWrong(f"{new} new photos, fewer than --min-new-photos {min_new_photos}: nothing was "
-                                f"scored. Check the source, or lower the guard.")
+                                f"scored. Check the source, or lower the guard.", listed, new)
     if last is not None and listed < (1 - max_listing_drop) * last["listed"]:
         raise ListingLooksWrong(
             f"the source lists {listed} objects, the run of {str(last.get('listed_at', '?'))[:16]} listed "
             f"{last['listed']}: a drop of more than {max_listing_drop:.0%} usually means a wrong prefix or a "
             f"missing mount; nothing was scored. If the photos really were removed, run once with "
-            f"--max-listing-drop 1 (the max_listing_drop parameter).")
+            f"--max-listing-drop 1 (the max_listing_drop parameter).", listed, new)
     if listed == 0:
         warnings.append("the source is empty: no object listed" + (
             "" if last is None else f" (the run of {str(last.get('listed_at', '?'))[:16]} listed {last['listed']})"))

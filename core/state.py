@@ -730,7 +730,12 @@ def output_status(state: OutputState) -> dict:
         by_model = con.rows("SELECT model_name || '@' || model_version, count(*) FROM users GROUP BY ALL "
                             "ORDER BY 2 DESC, 1")
         total = sum(n for _, n in by_model)
+    from core.run_history import ERASURES, recent_runs
+
     return {
+        "output": store.url,
+        "runs": recent_runs(store, 10),
+        "erasures": recent_runs(store, 100, ERASURES),
         "files": len(published_files(store)),
         "rows": sum(d[1] for d in days),
         "partitions": [{"dt": str(dt), "rows": n, "reject_rate": float(r), "unknown_rate": float(u)}

@@ -153,9 +153,10 @@ def model_lines(summary: dict) -> list[str]:
     return lines
 
 
-def alarms(record: dict, previous: list[dict], at_least: int = 3) -> list[str]:
+def alarms(record: dict, previous: list[dict], at_least: int = 3, margin: float = 0.01) -> list[str]:
     """Where tonight's reject rate, `unknown` rate or female share falls outside the range of
-    the previous nights that answered photos (at least `at_least` of them)."""
+    the previous completed nights that answered photos (at least `at_least` of them) by more
+    than `margin` (a point: less is noise)."""
     def rates(run: dict) -> dict:
         rows, scored = run.get("rows", 0), run.get("scored", 0)
         decided = run.get("female", 0) + run.get("male", 0)
@@ -172,10 +173,10 @@ def alarms(record: dict, previous: list[dict], at_least: int = 3) -> list[str]:
         if value is None or len(past) < at_least:
             continue
         low, high = min(past), max(past)
-        if value < low:
+        if value < low - margin:
             found.append(f"{name} {100 * value:.1f}% is {100 * (low - value):.1f} points under the last "
                          f"{len(past)} nights' range ({100 * low:.1f}–{100 * high:.1f}%)")
-        elif value > high:
+        elif value > high + margin:
             found.append(f"{name} {100 * value:.1f}% is {100 * (value - high):.1f} points over the last "
                          f"{len(past)} nights' range ({100 * low:.1f}–{100 * high:.1f}%)")
     return found
@@ -308,7 +309,50 @@ def _trend_table(summary: dict) -> list[str]:
         wall, count = run.get("wall_seconds") or 0, run.get("rows", 0)
         decided = run.get("female", 0) + run.get("male", 0)
         rows.append(f"| {str(run.get('listed_at', ''))[:16].replace('T', ' ')} | {run.get('outcome', 'completed')} "
-                    f"| {run.get('listed', '—')} | {run.get('new', 0)} | {count} | {_rate(run.get('rejected', 0), count)} "
+                    f"| {'—' if run.get('listed') is None else run['listed']} | {run.get('new', 0)} | {count} | {_rate(run.get('rejected', 0), count)} "
                     f"| {_rate(run.get('unknown', 0), run.get('scored', 0))} | {_rate(run.get('female', 0), decided)} "
                     f"| {wall:.0f} | {f'{count / wall:.1f}' if wall and count else '—'} | {run.get('model', '')} |")
     return rows + [""]
+
+
+def render_status(status: dict, days: int = 14) -> str:
+    """`gender-pipeline status` for people: the last run and its outcome, the history, the
+    users table, rates by day, the models."""
+    lines = [f"output       {status['output']}"]
+    runs = status.get("runs") or []
+    if runs:
+        last = runs[-1]
+        when = str(last.get("listed_at", ""))[:16].replace("T", " ")
+        seconds = f", {last['wall_seconds']:.0f} s" if last.get("wall_seconds") else ""
+        lines.append(f"last run     {when} UTC: {last.get('outcome', 'completed')}"
+                     f"{': ' + last['message'] if last.get('message') else ''} (model {last.get('model')}{seconds})")
+    else:
+        lines.append("last run     none recorded")
+    days_seen = len(status["partitions"])
+    lines.append(f"history      {status['rows']:,} rows in {status['files']:,} files over {days_seen} "
+                 f"day{'s' if days_seen != 1 else ''}")
+    users = status["users"]
+    if users["users"]:
+        g = users["genders"]
+        share = ", ".join(f"{m['model']} {100 * m['share']:.1f}%" for m in users["models"])
+        lines.append(f"users        {users['users']:,} with an answer: female {g['female']:,}, male {g['male']:,}, "
+                     f"unknown {g['unknown']:,}; answered by {share}")
+    else:
+        lines.append("users        none with an answer yet")
+    lines.append(f"             {users['table']}")
+    if status["partitions"]:
+        shown = status["partitions"][-days:]
+        lines.append(f"by day       {'dt':<10} {'rows':>8} {'rejected':>9} {'unknown':>8}"
+                     + (f"   (the last {len(shown)} of {len(status['partitions'])})" if len(shown) < len(
+                         status["partitions"]) else ""))
+        lines += [f"             {p['dt']:<10} {p['rows']:>8,} {100 * p['reject_rate']:>8.1f}% "
+                  f"{100 * p['unknown_rate']:>7.1f}%" for p in shown]
+    if status["reject_reasons"]:
+        lines.append("rejected     " + ", ".join(f"{k} {v:,}" for k, v in status["reject_reasons"].items()))
+    if status["models"]:
+        lines.append("models       " + ", ".join(f"{m['model']} {m['rows']:,} rows" for m in status["models"]))
+    erasures = status.get("erasures") or []
+    if erasures:
+        lines.append(f"erasures     {len(erasures)} ({sum(int(e.get('users', 0)) for e in erasures):,} users), "
+                     f"the last {str(erasures[-1].get('listed_at', ''))[:16].replace('T', ' ')} UTC")
+    return "\n".join(lines)

@@ -111,12 +111,12 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
     production = model
     futures, timings, users, failure = [], {}, None, None
 
-    def on_record(outcome: str, message: str, holds_output: bool = True) -> None:
+    def on_record(outcome: str, message: str, holds_output: bool = True, error: Exception | None = None) -> None:
         """A failed or cancelled night on the record: its summary and its row in the trend."""
         written = [f.result().written for f in futures if f.state.is_completed() and f.result().written]
         report_failure(outcome, message, progress["stage"], source, output, day, run_id, listed_at, production,
                        endpoint_url, progress["found"], written, timings, time.perf_counter() - started,
-                       holds_output)
+                       holds_output, error)
         tag_run(outcome=outcome)
 
     with stoppable_run() as stop:
@@ -127,7 +127,7 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
             on_record("cancelled", f"stopped ({stop.reason}) before taking the output lock", holds_output=False)
             return stopped(stop, "before taking the output lock; nothing was written")
         except Exception as error:  # another run holds the output, or storage is unreachable
-            on_record("failed", one_line(error), holds_output=False)
+            on_record("failed", one_line(error), holds_output=False, error=error)
             return failed(error)
         # The concrete NAME@VERSION: every shard loads it (a long-lived worker that cached the
         # model of an earlier night must not answer with it after a promotion).
@@ -162,7 +162,7 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
         finally:
             finish_all(futures)  # stop, then let go: no shard of this run can write after this
             if failure is not None:
-                on_record("failed", one_line(failure))
+                on_record("failed", one_line(failure), error=failure)
             elif stop.requested:
                 on_record("cancelled", f"stopped ({stop.reason}) while {progress['stage']}")
             unlock_output(lease)

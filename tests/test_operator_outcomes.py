@@ -1,0 +1,144 @@
+"""The operator's view, second pass: every night on the record (failed and cancelled ones
+too), outcomes in the runs list, one line for an expected failure, the data checks and the
+model in the summary, a trend with time and alarms, a `status` for people."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from core.summary import alarms, outcome, render_markdown, render_status
+from flows.scoring import nightly_scoring
+from gender_pipeline.cli import EXIT_EXPECTATIONS, main
+from tests.test_operator_view import artifacts_of, by_prefix, flow_run
+from tests.test_stop import ROOT
+
+
+def logs_of(run_id, wanted, seconds=10.0):
+    """The run's log messages once one holds `wanted` (logs reach the API in batches)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    deadline = time.monotonic() + seconds
+    with get_client(sync_client=True) as client:
+        while True:
+            messages = [log.message for log in client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))]
+            if any(wanted in m for m in messages) or time.monotonic() > deadline:
+                return messages
+            time.sleep(0.2)
+
+
+def run(source, output, registry, **kwargs):
+    return nightly_scoring(source=str(source), output=str(output), registry=str(registry), workers=0, **kwargs)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_every_night_is_on_the_record_and_a_failure_is_one_line(uploads, tmp_path, capsys):
+    from prefect.client.orchestration import get_client
+
+    source, files = uploads
+    output, registry = tmp_path / "lake", tmp_path / "registry"
+    first = run(source, output, registry)
+    details = flow_run(first["run_id"])
+    assert details.state.message == f"{len(files)} new: 4 scored, {len(files) - 4} rejected"
+    assert "outcome:scored" in details.tags
+    artifacts = artifacts_of(first["run_id"])
+    assert not [a for a in artifacts if a.type == "progress"], "no leftover progress bar"
+    assert all(a.description for a in artifacts if a.key), "every card says what it is"
+    text = by_prefix(artifacts, "scoring-summary-").data
+    assert "**Data checks**: listing: 5 of 5 expectations passed; rows: 14 of 14 expectations passed" in text
+    assert "abstains (answers `unknown`) under 0.600 confidence" in text and "LFW" in text
+    assert "faces found by retinaface, framed as dlib_chip" in text
+    logs = logs_of(details.id, "batch size 64,")
+    assert any("batch size 64," in m for m in logs) and not any("batch size auto" in m for m in logs)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    capsys.readouterr()
+    status = main(["score", "--source", str(empty), "--output", str(output), "--registry", str(registry),
+                   "--workers", "0", "--json"])
+    out, err = capsys.readouterr()
+    assert status == EXIT_EXPECTATIONS
+    assert json.loads(out) == {**json.loads(out), "outcome": "failed", "exit_status": 4, "kind": "ListingLooksWrong"}
+    assert "Traceback" not in err and "ephemeral docs site" not in err
+    assert err.strip().splitlines()[-1].startswith("gender-pipeline: the listing looks wrong: the source lists 0")
+    with get_client(sync_client=True) as client:
+        failed_run = next(r for r in client.read_flow_runs() if r.state.is_failed())
+    traceback_logged = any("Traceback" in m for m in logs_of(failed_run.id, "Traceback"))
+    assert failed_run.state.message.startswith("ListingLooksWrong: the source lists 0 objects")
+    assert "outcome:failed" in failed_run.tags and traceback_logged, "the traceback is in the run's logs"
+    failure = by_prefix(artifacts_of(failed_run.id), "scoring-summary-").data
+    assert "Nightly scoring FAILED" in failure and "written: nothing" in failure
+    assert "listed: 0 photos" in failure and "stage: listing the source" in failure
+
+    third = run(source, output, registry)
+    details = flow_run(third["run_id"])
+    assert details.state.message.startswith("nothing new since ") and "outcome:nothing-new" in details.tags
+    trend = by_prefix(artifacts_of(third["run_id"]), "scoring-summary-").data
+    assert "| failed |" in trend and trend.count("| completed |") == 2 and "photos/s" in trend
+    records = sorted((output / "_runs").glob("*.json"))
+    assert [json.loads(r.read_text())["outcome"] for r in records] == ["completed", "failed", "completed"]
+
+
+def summary(**values):
+    base = {"new": 10, "refreshed": 0, "scored": 8, "rejected": 2, "listed": 100, "warnings": [], "alarms": [],
+            "rows": 10, "genders": {"female": 4, "male": 3, "unknown": 1}, "reject_reasons": {"no_face": 2},
+            "skipped_unchanged": 90, "model": "m@1", "scoring_date": "2026-03-04", "p_male_histogram": [],
+            "last_run_at": "2026-03-03T02:00:00+00:00"}
+    return {**base, **values}
+
+
+def test_outcome_messages_for_the_runs_list():
+    assert outcome(summary()) == ("scored", "10 new: 8 scored, 2 rejected")
+    assert outcome(summary(new=0, rows=0, scored=0, rejected=0)) == ("nothing-new", "nothing new since 2026-03-03 02:00 UTC")
+    assert outcome(summary(new=0, listed=0)) == ("nothing-new", "the source is empty: nothing listed")
+    tag, message = outcome(summary(warnings=["the source is empty", "x"]))
+    assert tag == "warnings" and message.startswith("completed with 2 warnings: the source is empty")
+
+
+def record(rows, rejected, unknown, female, male):
+    return {"rows": rows, "scored": rows - rejected, "rejected": rejected, "unknown": unknown, "female": female,
+            "male": male}
+
+
+def test_a_night_outside_the_last_nights_range_raises_an_alarm():
+    previous = [record(100, 5, 3, 50, 42), record(100, 6, 4, 48, 42), record(100, 4, 2, 52, 42),
+                {"outcome": "failed", "rows": 0}]
+    assert alarms(record(100, 5, 3, 50, 42), previous) == []
+    found = alarms(record(100, 30, 3, 50, 17), previous)
+    assert found[0] == "reject rate 30.0% is 24.0 points over the last 3 nights' range (4.0–6.0%)"
+    assert found[1].startswith("female share 74.6% is ") and "over" in found[1]
+    assert alarms(record(100, 30, 3, 50, 17), previous[:2]) == []  # too few nights to tell
+
+
+def test_the_empty_source_and_the_sql_read_right():
+    text = render_markdown(summary(new=0, listed=0, rows=0, scored=0, rejected=0,
+                                   written=["/lake/predictions/dt=2026-03-04/part-1.parquet"]), "/up", "/lake")
+    assert "The source is empty: no photo listed" in text and "all answered before" not in text
+    sql = text.split("```sql", 1)[1].split("```", 1)[0]
+    assert max(len(line) for line in sql.splitlines()) <= 80  # not clipped on the right
+
+
+def test_status_reads_as_a_summary_and_json_for_scripts(tmp_path, capsys):
+    from tests.test_forget_and_status import lake
+
+    lake(tmp_path)
+    assert main(["status", "--output", str(tmp_path / "lake")]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"output       {tmp_path / 'lake'}\n")
+    assert "users        2 with an answer: female 0, male 2, unknown 0; answered by m@1 100.0%" in text
+    assert "2026-01-02        2     50.0%" in text and "last run     none recorded" in text
+    assert main(["status", "--output", str(tmp_path / "lake"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == 4
+    # Piped into head: no BrokenPipe traceback.
+    piped = subprocess.run(f"{sys.executable} -m gender_pipeline.cli status --output {tmp_path / 'lake'} | head -1",
+                           shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert piped.stdout.startswith("output") and "Traceback" not in piped.stderr and "Broken" not in piped.stderr
+    assert "the output's URL or path" in subprocess.run(
+        [sys.executable, "-m", "gender_pipeline.cli", "status", "--help"], cwd=ROOT, capture_output=True,
+        text=True).stdout
