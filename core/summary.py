@@ -251,7 +251,7 @@ def render_markdown(summary: dict, source: str, output: str) -> str:
         root = f"{output.rstrip('/')}/predictions"
         parts += ["**Files written** (copy a URL; readers skip the `_`-prefixed temporaries):", ""]
         parts += [f"- `{url}`" for url in written]
-        parts += ["", "```python", f'pd.read_parquet("{root}")  # every day, with a dt column', "```",
+        parts += ["", "```python", "# every day, with a dt column", f'pd.read_parquet("{root}")', "```",
                   "```sql", "SELECT *", f"FROM read_parquet('{root}/*/*.parquet',", "                  hive_partitioning = true);",
                   "```"]
     return "\n".join(parts)
@@ -303,12 +303,12 @@ def _trend_table(summary: dict) -> list[str]:
     if len(runs) < 2:
         return []
     rows = [f"**The last {len(runs)} runs of this output**", "",
-            "| listed at (UTC) | outcome | listed | new | rows | rejected | unknown | female | seconds | photos/s "
+            "| UTC | outcome | listed | new | rows | rejected | unknown | female | seconds | photos/s "
             "| model |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run in runs:
         wall, count = run.get("wall_seconds") or 0, run.get("rows", 0)
         decided = run.get("female", 0) + run.get("male", 0)
-        rows.append(f"| {str(run.get('listed_at', ''))[:16].replace('T', ' ')} | {run.get('outcome', 'completed')} "
+        rows.append(f"| {str(run.get('listed_at', ''))[5:16].replace('T', '&nbsp;')} | {run.get('outcome', 'completed')} "
                     f"| {'—' if run.get('listed') is None else run['listed']} | {run.get('new', 0)} | {count} | {_rate(run.get('rejected', 0), count)} "
                     f"| {_rate(run.get('unknown', 0), run.get('scored', 0))} | {_rate(run.get('female', 0), decided)} "
                     f"| {wall:.0f} | {f'{count / wall:.1f}' if wall and count else '—'} | {run.get('model', '')} |")

@@ -168,6 +168,7 @@ def tag_run(**values: str) -> None:
             run = client.read_flow_run(flow_run.id)
             started_by = ("schedule" if run.auto_scheduled else "deployment") if run.deployment_id else "cli"
             tags = set(run.tags) | {f"{k.replace('_', '-')}:{v}" for k, v in values.items()} | {f"started-by:{started_by}"}
-            client.update_flow_run(flow_run.id, tags=sorted(tags))
+            # The outcome first: the runs list shows the first tags of a run.
+            client.update_flow_run(flow_run.id, tags=sorted(tags, key=lambda t: (not t.startswith("outcome:"), t)))
     except Exception as error:  # tags help people find runs; they never fail one
         get_run_logger().warning("could not tag the flow run: %s", error)

@@ -33,10 +33,21 @@ def test_a_scoring_run_reads_right_in_the_ui(prefect_server, uploads, tmp_path):
                            "--date", "2026-03-04"], cwd=ROOT, env=prefect_server, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    failing = subprocess.run([sys.executable, "-m", "gender_pipeline.cli", "score", "--source", str(empty),
+                              "--output", str(output), "--registry", str(tmp_path / "registry"), "--workers", "0",
+                              "--date", "2026-03-05"], cwd=ROOT, env=prefect_server, capture_output=True, text=True,
+                             timeout=300)
+    assert failing.returncode == 4 and "Traceback" not in failing.stderr
     api = prefect_server["PREFECT_API_URL"]
     with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
-        (run,) = client.read_flow_runs()
-        (summary,) = [a for a in client.read_artifacts() if a.key and a.key.startswith("scoring-summary-")]
+        runs = client.read_flow_runs()
+        (run,) = [r for r in runs if r.state.is_completed()]
+        (failed,) = [r for r in runs if r.state.is_failed()]
+        summaries = [a for a in client.read_artifacts() if a.key and a.key.startswith("scoring-summary-")]
+        (summary,) = [a for a in summaries if a.flow_run_id == run.id]
+        (failure,) = [a for a in summaries if a.flow_run_id == failed.id]
     ui = api.removesuffix("/api")
     with sync_playwright() as playwright:
         browser = launch_browser(playwright)
@@ -58,4 +69,18 @@ def test_a_scoring_run_reads_right_in_the_ui(prefect_server, uploads, tmp_path):
         assert f"{output}/predictions/dt=2026-03-04/part-" in text  # the file's URL, as text
         hrefs = page.eval_on_selector_all("a[href]", "links => links.map(a => a.getAttribute('href'))")
         assert not [h for h in hrefs if h.startswith(str(tmp_path))], "a link the browser cannot open"
+        assert "Data checks: listing: 5 of 5 expectations passed" in text and "abstains" in text
+
+        # The runs list tells the nights apart; a failed night says what happened on its page.
+        page.goto(f"{ui}/v2/runs", wait_until="networkidle")  # the V2 runs list shows tags
+        page.get_by_text(failed.name, exact=False).first.wait_for(timeout=30_000)
+        page.wait_for_timeout(1000)
+        text = page.inner_text("body")
+        assert "outcome:scored" in text and "outcome:failed" in text
+        page.goto(f"{ui}/v2/runs/flow-run/{failed.id}", wait_until="networkidle")
+        page.get_by_text("ListingLooksWrong", exact=False).first.wait_for(timeout=30_000)
+        page.goto(f"{ui}/artifacts/artifact/{failure.id}", wait_until="networkidle")
+        page.get_by_text("Nightly scoring FAILED", exact=False).first.wait_for(timeout=30_000)
+        text = page.inner_text("body")
+        assert "written: nothing" in text and "stage: listing the source" in text and "failed" in text
         browser.close()
