@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -327,7 +327,12 @@ class S3Lister:
             raise StorageError(f"listing {self.store.url}: no usable credentials; set AWS_ACCESS_KEY_ID/"
                                f"AWS_SECRET_ACCESS_KEY or AWS_PROFILE", transient=False)
         options.update(credentials)
-        s3 = S3Store(self.bucket, client_options=client_options, **options)
+        # Few quick retries inside obstore; ours (core.storage.with_retries) come on top, so
+        # an endpoint that refuses connections fails in seconds, not after object_store's
+        # default ten retries.
+        retry = {"max_retries": 2, "retry_timeout": timedelta(seconds=20),
+                 "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=2)}}
+        s3 = S3Store(self.bucket, client_options=client_options, retry_config=retry, **options)
 
         def fetch(after: str) -> Page:
             try:

@@ -489,8 +489,9 @@ def report_failure(outcome_name: str, message: str, stage: str, source: str, out
                                                                           (timings or {}).items()},
                "wall_seconds": round(wall_seconds, 3)}
     try:
+        # A run that never held the output (locked, unreachable) reads and writes nothing there.
         store = Store(output, storage_options(endpoint_url))
-        previous = listing.recent_runs if listing else recent_runs(store)
+        previous = listing.recent_runs if listing else (recent_runs(store) if holds_output else [])
         record = run_record(summary, listed_at, source, outcome_name, message)
         if holds_output:
             record_run(store, record)

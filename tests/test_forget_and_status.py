@@ -27,7 +27,7 @@ def test_forget_and_status_from_the_cli(tmp_path, capsys):
     assert report["source_objects"] == ["ann/a.jpg", "ann/c.jpg", "bob/b.jpg"]
     assert not (tmp_path / "lake" / "predictions" / "dt=2026-01-01" / "part-1.parquet").exists()
     assert [p.name for p in (tmp_path / "lake").rglob("_tmp-*")] == []
-    assert main(["status", "--output", str(tmp_path / "lake")]) == 0
+    assert main(["status", "--output", str(tmp_path / "lake"), "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["rows"] == 1 and status["files"] == 1
     assert [p["dt"] for p in status["partitions"]] == ["2026-01-02"]

@@ -3,13 +3,12 @@ too), outcomes in the runs list, one line for an expected failure, the data chec
 model in the summary, a trend with time and alarms, a `status` for people."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from core.summary import alarms, outcome, render_markdown, render_status
+from core.summary import alarms, outcome, render_markdown
 from flows.scoring import nightly_scoring
 from gender_pipeline.cli import EXIT_EXPECTATIONS, main
 from tests.test_operator_view import artifacts_of, by_prefix, flow_run
@@ -68,7 +67,8 @@ def test_every_night_is_on_the_record_and_a_failure_is_one_line(uploads, tmp_pat
     assert "Traceback" not in err and "ephemeral docs site" not in err
     assert err.strip().splitlines()[-1].startswith("gender-pipeline: the listing looks wrong: the source lists 0")
     with get_client(sync_client=True) as client:
-        failed_run = next(r for r in client.read_flow_runs() if r.state.is_failed())
+        failed_run = next(r for r in client.read_flow_runs() if r.state.is_failed() and str(empty.parent.name) in r.name
+                          and "/empty" in r.name)
     traceback_logged = any("Traceback" in m for m in logs_of(failed_run.id, "Traceback"))
     assert failed_run.state.message.startswith("ListingLooksWrong: the source lists 0 objects")
     assert "outcome:failed" in failed_run.tags and traceback_logged, "the traceback is in the run's logs"

@@ -42,10 +42,11 @@ def test_unreachable_storage_fails_the_run(monkeypatch):
     from core import storage
     from core.storage import StorageError
 
-    from tasks.scoring_tasks import list_new_photos
+    from tasks.scoring_tasks import list_new_photos, lock_output
 
     monkeypatch.setattr(storage, "_sleep", lambda s: None)
     monkeypatch.setattr(list_new_photos, "retry_delay_seconds", [0, 0])
+    monkeypatch.setattr(lock_output, "retry_delay_seconds", [0, 0])
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries; ours are counted below
     import s3fs
 

@@ -111,7 +111,7 @@ def test_a_promotion_then_a_rollback_move_every_user_within_the_budget(uploads, 
     third = run(source, output, registry)
     assert third["refreshed"] == 4 and set(users(output)["model_version"]) == {"1"}
     capsys.readouterr()
-    assert main(["status", "--output", str(output)]) == 0
+    assert main(["status", "--output", str(output), "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["users"]["models"] == [{"model": "gender-classifier@1", "users": 4, "share": 1.0}]
 
