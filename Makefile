@@ -23,7 +23,7 @@ demo: install
 	$(BIN)/python -m gender_pipeline.demo
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
