@@ -128,6 +128,29 @@ def decode_photo(data: bytes, limits: DecodeLimits = DecodeLimits(),
     With `jpeg_device` ("cuda"), plain RGB/grayscale JPEGs are decoded by
     torchvision.io.decode_jpeg on that device (nvJPEG) and downscaled there; anything it
     cannot take falls back to Pillow."""
+    fmt = precheck(data, limits)
+    if isinstance(fmt, Rejection):
+        return fmt
+
+    # Pillow's own bomb guard stays on; the pixel limit below is ours.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return _decode(data, fmt, limits, jpeg_device)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            # Pillow's message quotes its own limit; the one that applies is ours.
+            found = re.search(r"\((\d+) pixels\)", str(error))
+            return _bomb(int(found.group(1)) if found else None, fmt, limits)
+        except UnidentifiedImageError as error:
+            return Rejection(CORRUPT, f"{fmt} header could not be parsed: {error}", format=fmt)
+        except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError,
+                struct.error, ZeroDivisionError, MemoryError, RuntimeError) as error:
+            return _classify_decode_error(error, fmt)
+
+
+def precheck(data: bytes, limits: DecodeLimits = DecodeLimits()) -> str | Rejection:
+    """The checks before any header is read: bytes, signature, accepted format. The
+    format's name, or why the upload is refused."""
     if len(data) == 0:
         return Rejection(EMPTY, "the object has no bytes")
     if len(data) > limits.max_bytes:
@@ -139,23 +162,34 @@ def decode_photo(data: bytes, limits: DecodeLimits = DecodeLimits(),
         return Rejection(UNSUPPORTED_FORMAT, f"{fmt} photos are not accepted", format=fmt)
     if fmt == "HEIF" and not HEIF_AVAILABLE:  # pragma: no cover
         return Rejection(UNSUPPORTED_FORMAT, "HEIF support is not installed", format=fmt)
+    return fmt
 
-    # Pillow's own bomb guard stays on; the pixel limit below is ours.
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            return _decode(data, fmt, limits, jpeg_device)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            # Pillow's message quotes its own limit; the one that applies is ours.
-            found = re.search(r"\((\d+) pixels\)", str(error))
-            size = f"{int(found.group(1)):,} pixels" if found else "its size"
-            return Rejection(DECOMPRESSION_BOMB, f"{size} > limit {limits.max_pixels:,} (refused before decoding)",
-                             format=fmt)
-        except UnidentifiedImageError as error:
-            return Rejection(CORRUPT, f"{fmt} header could not be parsed: {error}", format=fmt)
-        except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError,
-                struct.error, ZeroDivisionError, MemoryError, RuntimeError) as error:
-            return _classify_decode_error(error, fmt)
+
+def _bomb(pixels: int | None, fmt: str, limits: DecodeLimits) -> Rejection:
+    size = f"{pixels:,} pixels" if pixels is not None else "its size"
+    return Rejection(DECOMPRESSION_BOMB, f"{size} > limit {limits.max_pixels:,} (refused before decoding)",
+                     format=fmt)
+
+
+def size_rejection(width: int, height: int, nbytes: int, fmt: str, limits: DecodeLimits) -> Rejection | None:
+    """The rule on a photo's stored size, from its header: None when it may be decoded.
+
+    Above Pillow's own bomb limit the refusal is the one Pillow's guard gives on the CPU
+    path; below it, many pixels from few bytes is a bomb and many pixels from many bytes an
+    honest photo that is too large."""
+    pixels = width * height
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    if pillow_limit is not None and pixels > pillow_limit:
+        return _bomb(pixels, fmt, limits)
+    if pixels > limits.max_pixels:
+        ratio = pixels * 3 / max(nbytes, 1)
+        reason = DECOMPRESSION_BOMB if ratio > limits.bomb_ratio else TOO_LARGE
+        return Rejection(reason, f"{width}x{height} pixels > limit {limits.max_pixels}",
+                         format=fmt, width=width, height=height)
+    if min(width, height) < limits.min_side:
+        return Rejection(TOO_SMALL, f"{width}x{height} is under {limits.min_side} pixels a side",
+                         format=fmt, width=width, height=height)
+    return None
 
 
 def _classify_decode_error(error: BaseException, fmt: str) -> Rejection:
@@ -171,16 +205,9 @@ def _classify_decode_error(error: BaseException, fmt: str) -> Rejection:
 def _decode(data: bytes, fmt: str, limits: DecodeLimits, jpeg_device: str | None) -> DecodedPhoto | Rejection:
     image = Image.open(io.BytesIO(data), formats=None)
     width, height = image.size
-    pixels = width * height
-    if pixels > limits.max_pixels:
-        # Many pixels from few bytes is the signature of a bomb, not of a big photo.
-        ratio = pixels * 3 / max(len(data), 1)
-        reason = DECOMPRESSION_BOMB if ratio > limits.bomb_ratio else TOO_LARGE
-        return Rejection(reason, f"{width}x{height} pixels > limit {limits.max_pixels}",
-                         format=fmt, width=width, height=height)
-    if min(width, height) < limits.min_side:
-        return Rejection(TOO_SMALL, f"{width}x{height} is under {limits.min_side} pixels a side",
-                         format=fmt, width=width, height=height)
+    refused = size_rejection(width, height, len(data), fmt, limits)
+    if refused is not None:
+        return refused
 
     # Only complete files (ending in EOI) go to the device decoder, which may pad a
     # truncated JPEG silently; Pillow rejects those as `truncated`.

@@ -1,4 +1,10 @@
-"""The face front end on a GPU, batched: decoded photos in, aligned chips out, on the device.
+"""The face front end on a GPU, batched: JPEG bytes or decoded photos in, aligned chips out,
+on the device.
+
+JPEG bytes are decoded on the device in one call per batch (`torchvision.io.decode_jpeg`,
+nvJPEG on CUDA; libjpeg-turbo when the device is the CPU, as in the tests), with their EXIF
+orientation, and shrunk there (antialiased) to the working size: their pixels never
+travel to host memory.
 
 Photos are letterboxed to a few fixed sizes (their longest side scaled to `detect_side`,
 padded to multiples of 32, so few shapes reach the GPU), RetinaFace runs in PyTorch on the
@@ -8,12 +14,15 @@ to its chip there (`affine_grid`/`grid_sample`): the chips go straight to the cl
 A `retinaface_5pt` framing is warped from RetinaFace's own points. A `dlib_chip` framing
 (the shipped model's, and that of models trained on it) needs dlib's five landmarks: they
 are found on the CPU copy of the photo inside the mapped box (a millisecond a face) and
-only the warp runs on the device. The same code runs on the CPU for tests.
+only the warp runs on the device. The landmark model reads a small crop around the face,
+copied to the host (the same landmarks as on the whole photo: the model samples pixels
+near the face only). The same code runs on the CPU for tests.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,30 +61,68 @@ class GpuFaceFrontEnd:
             self._landmarks = FaceFrontEnd(detector="hog")  # only its landmark model is used
 
     @torch.inference_mode()
-    def faces(self, images: list[np.ndarray], timings: dict | None = None) -> list[GpuFace | None]:
-        """The largest face of each RGB photo (H x W x 3 uint8, as decoded), or None."""
+    def decode_jpegs(self, payloads: list[bytes], working_side: int,
+                     timings: dict | None = None) -> list[tuple[torch.Tensor, int, int] | None]:
+        """JPEG bytes to working images on the device: (3 x H x W uint8 tensor, original
+        width, original height), EXIF orientation applied, longest side at most
+        `working_side`. One call decodes the batch; when it fails, each photo is tried
+        alone, and one the device decoder refuses comes back as None (for the CPU path)."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        with timed(timings, "decode"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only bytes: decode_jpeg never writes them
+            encoded = [torch.frombuffer(data, dtype=torch.uint8) for data in payloads]
+            try:
+                images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device,
+                                     apply_exif_orientation=True)
+            except RuntimeError as error:
+                log.debug("batch JPEG decode failed (%s); decoding one by one", error)
+                images = []
+                for one in encoded:
+                    try:
+                        images.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=self.device,
+                                                  apply_exif_orientation=True))
+                    except RuntimeError:
+                        images.append(None)
+            return [None if image is None else self._working(image, working_side) for image in images]
+
+    @staticmethod
+    def _working(image: torch.Tensor, side: int) -> tuple[torch.Tensor, int, int]:
+        from torchvision.transforms.v2 import functional as F
+
+        height, width = image.shape[-2:]
+        if max(height, width) > side:
+            factor = side / max(height, width)
+            image = F.resize(image, [max(1, round(height * factor)), max(1, round(width * factor))], antialias=True)
+        return image, int(width), int(height)
+
+    @torch.inference_mode()
+    def faces(self, images: list, timings: dict | None = None) -> list[GpuFace | None]:
+        """The largest face of each photo, or None. A photo is an RGB array (H x W x 3
+        uint8, as decoded on the CPU) or a 3 x H x W uint8 tensor on the device."""
         from core.retinaface import detect_batch, letterbox
 
         with timed(timings, "detect"):
-            on_device = [image_tensor(image).to(self.device, non_blocking=True) for image in images]
+            on_device = [image if isinstance(image, torch.Tensor) else
+                         image_tensor(image).to(self.device, non_blocking=True) for image in images]
             batch, scales, valid = letterbox(on_device, self.detect_side)
             detections = detect_batch(self.model, batch, valid)
         out: list[GpuFace | None] = []
-        for image, rgb, scale, found in zip(on_device, images, scales, detections):
+        for image, scale, found in zip(on_device, scales, detections):
             if len(found.scores) == 0:
                 out.append(None)
                 continue
             boxes = found.boxes / scale
             areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
             best = int(torch.argmax(areas))
-            box = clip_box(hog_box(*boxes[best].tolist()), rgb.shape[1], rgb.shape[0])
-            matrix = self._matrix(rgb, box, found.points[best] / scale, timings)
+            box = clip_box(hog_box(*boxes[best].tolist()), image.shape[2], image.shape[1])
+            matrix = self._matrix(image, box, found.points[best] / scale, timings)
             with timed(timings, "warp"):
                 chip = self._warp(image, matrix)
             out.append(GpuFace(chip, box, len(found.scores)))
         return out
 
-    def _matrix(self, rgb: np.ndarray, box, points: torch.Tensor, timings: dict | None) -> torch.Tensor:
+    def _matrix(self, image: torch.Tensor, box, points: torch.Tensor, timings: dict | None) -> torch.Tensor:
         from core.warp import dlib_chip_matrix, similarity
 
         if self._landmarks is None:
@@ -83,7 +130,7 @@ class GpuFaceFrontEnd:
             return similarity(points.float()[None], target)[0]
         with timed(timings, "landmarks"):
             dlib = self._landmarks._dlib
-            shape = self._landmarks._landmarks(rgb, dlib.rectangle(*box))
+            shape = face_landmarks(self._landmarks, image, box)
             details = dlib.get_face_chip_details(shape, self.framing.size, self.framing.padding)
             r = details.rect
             matrix = dlib_chip_matrix(r.left(), r.top(), r.right(), r.bottom(), details.angle, self.framing.size)
@@ -98,3 +145,20 @@ class GpuFaceFrontEnd:
             return torch.floor(chip + 1e-3)  # dlib's chips are truncated to whole values
         chip = warp_chips(image, matrix[None], self.framing.size, method="antialias", fill=self.framing.fill)[0]
         return chip.round().clamp(0, 255)  # as the CPU path's uint8 chips
+
+
+def face_landmarks(front_end: FaceFrontEnd, image: torch.Tensor, box: tuple[int, int, int, int]):
+    """dlib's five landmarks of the face in `box` of a 3 x H x W image on any device, read
+    from a crop of the face and a face-sized margin on each side (copied to the host):
+    the landmark model's pixel samples stay that close to the face, so the points are those
+    it finds on the whole photo."""
+    dlib = front_end._dlib
+    left, top, right, bottom = box
+    margin = max(right - left, bottom - top) + 1
+    height, width = image.shape[1:]
+    x0, y0 = max(0, left - margin), max(0, top - margin)
+    x1, y1 = min(width, right + margin + 1), min(height, bottom + margin + 1)
+    crop = np.ascontiguousarray(image[:, y0:y1, x0:x1].permute(1, 2, 0).cpu().numpy())
+    shape = front_end._landmarks(crop, dlib.rectangle(left - x0, top - y0, right - x0, bottom - y0))
+    points = dlib.points([dlib.point(p.x + x0, p.y + y0) for p in shape.parts()])
+    return dlib.full_object_detection(dlib.rectangle(*box), points)

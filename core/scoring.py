@@ -24,8 +24,10 @@ from typing import Protocol
 
 import numpy as np
 
+from core import shm
 from core.decoding import TOO_LARGE, DecodedPhoto, DecodeLimits, Rejection, decode_photo
 from core.faces import NO_FACE, FaceFrontEnd, Framing
+from core.headers import inspect
 from core.predictions import PhotoResult, gender_of
 from core.processes import cpu_count, kill_pool, quiet_worker
 from core.stopping import STOP, result_unless_stopped
@@ -103,6 +105,10 @@ class Prepared:
     seconds: dict = field(default_factory=dict)  # per stage: decode, detect, landmarks, warp
     decoded: DecodedPhoto | None = None  # decoded only (GPU front end): its faces are found later
     data: bytes | None = None  # with `decoded`: the bytes, for a retry on the CPU path
+    slot: str | None = None  # the shared-memory slot holding `decoded`'s pixels (rgb is None then)
+    shape: tuple[int, int, int] | None = None
+    image: object = None  # the pixels as a 3 x H x W uint8 tensor on the GPU front end's device
+    on_device: bool = False  # decoded by the device decoder (a photo it finds no face in is checked on the CPU)
 
 
 _frontend: FaceFrontEnd | None = None
@@ -189,6 +195,16 @@ def _prepare_in_worker(key: str, data: bytes, sha256: str) -> Prepared:
     return prepare_photo(key, data, sha256, *_worker_setup)
 
 
+def _decode_into_slot(key: str, data: bytes, sha256: str, slot: str) -> Prepared:
+    """Decode only; the pixels go into the shared-memory slot `slot`, not into the reply."""
+    prepared = _prepare_in_worker(key, data, sha256)
+    decoded = prepared.decoded
+    if decoded is not None and shm.write(slot, decoded.rgb):
+        prepared.slot, prepared.shape = slot, tuple(decoded.rgb.shape)
+        decoded.rgb = None
+    return prepared
+
+
 @dataclass
 class ScoringStats:
     listed: int = 0
@@ -261,12 +277,17 @@ class _Preparer:
 
     def __init__(self, options: ScoringOptions, framing: Framing, workers: int,
                  job: Callable[[str, bytes, str], Prepared] | None = None,
-                 checkpoint: Callable[[], None] = STOP.check, decode_only: bool = False) -> None:
+                 checkpoint: Callable[[], None] = STOP.check, decode_only: bool = False,
+                 device: str | None = None) -> None:
         self.options, self.framing, self.workers, self.decode_only = options, framing, workers, decode_only
         self.job = job or _prepare_in_worker  # an importable function: workers are spawned
         self.checkpoint = checkpoint
         self.pool: ProcessPoolExecutor | None = None
-        self.inflight: deque[tuple[tuple, Future]] = deque()
+        self.inflight: deque[tuple[tuple, Future, str | None]] = deque()
+        # Decoded photos for the GPU front end come back through shared memory, copied
+        # once to `device`.
+        self.device = device
+        self.slots: shm.SlotPool | None = None
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
@@ -278,15 +299,21 @@ class _Preparer:
     def __enter__(self) -> "_Preparer":
         if self.workers > 0:
             self.pool = self._new_pool()
+            if self.decode_only and self.job is _prepare_in_worker:
+                self.slots = shm.SlotPool(self.capacity, shm.slot_bytes(self.options.limits.working_side))
         return self
 
     def __exit__(self, exc_type, *_) -> None:
         if self.pool is None:
             return
-        if exc_type is None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-        else:  # stopping or failing: the photos in flight are not wanted any more
-            kill_pool(self.pool)
+        try:
+            if exc_type is None:
+                self.pool.shutdown(wait=True, cancel_futures=True)
+            else:  # stopping or failing: the photos in flight are not wanted any more
+                kill_pool(self.pool)
+        finally:
+            if self.slots is not None:  # after the workers are gone: nobody writes there any more
+                self.slots.close()
 
     @property
     def capacity(self) -> int:
@@ -297,7 +324,11 @@ class _Preparer:
             key, data, sha = item
             return prepare_photo(key, data, sha, self.framing, self.options.limits,
                                  self.options.detect_side, self.options.jpeg_device, self.decode_only)
-        self.inflight.append((item, self.pool.submit(self.job, *item)))
+        slot = self.slots.acquire() if self.slots is not None else None
+        if slot is not None:
+            self.inflight.append((item, self.pool.submit(_decode_into_slot, *item, slot), slot))
+        else:
+            self.inflight.append((item, self.pool.submit(self.job, *item), None))
         return None
 
     def full(self) -> bool:
@@ -309,15 +340,37 @@ class _Preparer:
     def next_result(self) -> list[Prepared]:
         """The oldest in-flight photo's result; after a worker crash, the photos that were
         in flight are retried one by one, and the one that crashes again is rejected."""
-        item, future = self.inflight.popleft()
+        item, future, slot = self.inflight.popleft()
         try:
-            return [self._wait(future)]
+            return [self._taken(self._wait(future), slot)]
         except BrokenProcessPool:
-            suspects = [item] + [i for i, _ in self.inflight]
+            suspects = [item] + [i for i, _, _ in self.inflight]
+            if self.slots is not None:
+                for held in [slot] + [h for _, _, h in self.inflight]:
+                    self.slots.release(held)
             self.inflight.clear()
             log.warning("a decoder worker crashed; retrying %d photos one at a time", len(suspects))
             self._restart()
             return [self._isolated(s) for s in suspects]
+
+    def _taken(self, prepared: Prepared, slot: str | None) -> Prepared:
+        """The photo's pixels out of its shared-memory slot, copied once onto the device
+        (a tensor, 3 x H x W); the slot is free again."""
+        if slot is None:
+            return prepared
+        try:
+            if prepared.slot is not None:
+                import torch
+
+                pixels = torch.from_numpy(self.slots.view(prepared.slot, prepared.shape))
+                if self.device is None or self.device == "cpu":
+                    prepared.image = pixels.permute(2, 0, 1).contiguous()
+                else:
+                    prepared.image = pixels.to(self.device).permute(2, 0, 1)
+                prepared.slot = None
+            return prepared
+        finally:
+            self.slots.release(slot)
 
     def _restart(self) -> None:
         assert self.pool is not None
@@ -398,6 +451,7 @@ def score_objects(store: Store, objects: list[ObjectInfo], known_hashes: dict[st
     results: list[PhotoResult] = []
     batch: list[Prepared] = []
     decoded: list[Prepared] = []  # GPU front end: photos decoded, faces not yet found
+    jpegs: list[tuple[str, bytes, str]] = []  # GPU front end: JPEG bytes waiting for the device decoder
 
     def stamp(row: PhotoResult) -> PhotoResult:
         row.run_id, row.scored_at = run_id, scored_at
@@ -425,28 +479,57 @@ def score_objects(store: Store, objects: list[ObjectInfo], known_hashes: dict[st
 
     def find_faces() -> None:
         """GPU front end: the decoded photos' faces in one batch; when the batch fails on
-        the GPU, each of its photos is retried on the CPU path alone."""
+        the GPU, each of its photos is retried on the CPU path alone. A photo the device
+        decoder read and finds no face in is read again on the CPU path, whose answer
+        stands: a damaged JPEG that a device decoder pads silently is rejected as the CPU
+        path rejects it."""
         if not decoded:
             return
         checkpoint()
         items, timings = list(decoded), {}
         decoded.clear()
         try:
-            faces = gpu.faces([p.decoded.rgb for p in items], timings)
+            faces = gpu.faces([p.image if p.image is not None else p.decoded.rgb for p in items], timings)
         except Exception as error:  # noqa: BLE001 - any failure of the GPU path
             log.warning("the GPU front end failed on %d photos (%s); each is retried on the CPU", len(items), error)
             for p in items:
-                accept(prepare_photo(p.key, p.data, p.sha256, predictor.framing, options.limits,
-                                     options.detect_side, options.jpeg_device))
+                accept(on_cpu(p))
             return
         stats.stage_seconds.update(timings)
         for p, face in zip(items, faces):
-            if face is None:
+            if face is None and p.on_device:
+                accept(on_cpu(p))
+            elif face is None:
                 accept(Prepared(p.key, p.user_id, p.sha256, reject_reason=NO_FACE, detail="no face detected",
                                 format=p.format))
             else:
                 accept(Prepared(p.key, p.user_id, p.sha256, chip=face.chip, box=original_box(face.box, p.decoded),
                                 face_count=face.count, format=p.format))
+
+    def on_cpu(p: Prepared) -> Prepared:
+        return prepare_photo(p.key, p.data, p.sha256, predictor.framing, options.limits, options.detect_side)
+
+    def decode_on_device() -> None:
+        """GPU front end: the waiting JPEGs decoded on the device in one call; a photo the
+        device decoder refuses goes to the CPU decoders."""
+        if not jpegs:
+            return
+        checkpoint()
+        items = list(jpegs)
+        jpegs.clear()
+        timings: dict = {}
+        images = gpu.decode_jpegs([data for _, data, _ in items], options.limits.working_side, timings)
+        stats.stage_seconds.update(timings)
+        for (key, data, sha), image in zip(items, images):
+            if image is None:
+                log.debug("the device decoder refused %s; decoding it on the CPU", key)
+                feed((key, data, sha))
+                continue
+            tensor, width, height = image
+            photo = DecodedPhoto(rgb=None, format="JPEG", width=width, height=height,
+                                 scale=tensor.shape[2] / width)
+            accept(Prepared(key, user_of(key), sha, format="JPEG", decoded=photo, data=data, image=tensor,
+                            on_device=True))
 
     def accept(prepared: Prepared) -> None:
         stats.stage_seconds.update(prepared.seconds)
@@ -487,9 +570,36 @@ def score_objects(store: Store, objects: list[ObjectInfo], known_hashes: dict[st
     reader = threading.Thread(target=_read_ahead, name="photo-reader", daemon=True,
                               args=(store, to_read, options.read_chunk, incoming, stop, stats.stage_seconds))
     reader.start()
+    preparer = _Preparer(options, predictor.framing, workers, worker_job, checkpoint,
+                         decode_only=gpu is not None, device=gpu.device if gpu is not None else None)
+
+    def feed(item: tuple[str, bytes, str]) -> None:
+        """A photo to the CPU decoders (answered at once when there are no workers)."""
+        prepared = preparer.submit(item)
+        if prepared is not None:
+            accept(prepared)
+        while preparer.full():
+            for result in preparer.next_result():
+                accept(result)
+
+    def route(item: tuple[str, bytes, str]) -> None:
+        """GPU front end: the header read here; a refusal answered from it, a plain JPEG
+        kept for the device decoder, anything else to the CPU decoders."""
+        key, data, sha = item
+        with timed(stats.stage_seconds, "header"):
+            header = inspect(data, options.limits)
+        if isinstance(header, Rejection):
+            accept(Prepared(key, user_of(key), sha, reject_reason=header.reason, detail=header.detail,
+                            format=header.format))
+        elif header.device_jpeg:
+            jpegs.append(item)
+            if len(jpegs) >= options.gpu_batch:
+                decode_on_device()
+        else:
+            feed(item)
+
     try:
-        with _Preparer(options, predictor.framing, workers, worker_job, checkpoint,
-                       decode_only=gpu is not None) as preparer:
+        with preparer:
             while True:
                 checkpoint()
                 try:
@@ -509,12 +619,11 @@ def score_objects(store: Store, objects: list[ObjectInfo], known_hashes: dict[st
                     stats.skipped_same_hash += 1
                     stats.same_content.append(key)
                     continue
-                prepared = preparer.submit((key, data, sha))
-                if prepared is not None:
-                    accept(prepared)
-                while preparer.full():
-                    for result in preparer.next_result():
-                        accept(result)
+                if gpu is not None:
+                    route(item)
+                else:
+                    feed(item)
+            decode_on_device()
             while preparer.pending():
                 for result in preparer.next_result():
                     accept(result)
