@@ -132,17 +132,33 @@ def landmark_model_path() -> str:
     return str(path)
 
 
+# RetinaFace looks first at a copy reduced by a whole factor (a box filter: a millisecond)
+# to fit a fixed FIRST_SIDE x 3/4 canvas (a 4:3 photo fills it; a shape onnxruntime has
+# seen runs faster than a new one), and at `detect_side` only when it finds nothing there
+# or the largest face is under SMALL_FACE pixels a side in that copy. Uploads mostly show
+# one face large enough: the first look costs a fifth of a 640 px detection
+# (benchmarks/bench_cpu_front_end.py).
+FIRST_SIDE = 256
+SMALL_FACE = 32
+
+
 class FaceFrontEnd:
     """A detector plus the five-point landmark model; build once per process (RetinaFace
-    runs in an onnxruntime session with `threads` threads)."""
+    runs in an onnxruntime session with `threads` threads). `first_side` (RetinaFace only;
+    0 or >= detect_side turns it off) is the cheap first look described at FIRST_SIDE."""
 
-    def __init__(self, detector: str = "retinaface", detect_side: int = 640, threads: int | None = None) -> None:
+    def __init__(self, detector: str = "retinaface", detect_side: int = 640, threads: int | None = None,
+                 first_side: int = FIRST_SIDE) -> None:
         import dlib
 
         if detector not in DETECTORS:
             raise ValueError(f"face detector must be one of {', '.join(DETECTORS)}, got {detector!r}")
+        if first_side < 0 or detect_side < 32:
+            raise ValueError(f"detection sides must be positive (detect side at least 32), got {first_side} "
+                             f"and {detect_side}")
         self._dlib = dlib
-        self.detector, self.detect_side, self.threads = detector, detect_side, threads
+        self.detector, self.detect_side, self.first_side = self.settings(detector, detect_side, first_side)
+        self.threads = threads
         self._landmarks = dlib.shape_predictor(landmark_model_path())
         if detector == "hog":
             self._hog = dlib.get_frontal_face_detector()
@@ -151,27 +167,55 @@ class FaceFrontEnd:
 
             self._retinaface = RetinaFaceOnnx(threads=threads)
 
-    def _small(self, rgb: np.ndarray) -> tuple[np.ndarray, float]:
-        factor = min(1.0, self.detect_side / max(rgb.shape[:2]))
+    @staticmethod
+    def settings(detector: str, detect_side: int, first_side: int) -> tuple[str, int, int]:
+        """(detector, detect side, first side) as the front end uses them: the first look
+        only for RetinaFace and only below the detect side."""
+        return detector, detect_side, first_side if detector == "retinaface" and 0 < first_side < detect_side else 0
+
+    @staticmethod
+    def _small(rgb: np.ndarray, side: int) -> tuple[np.ndarray, float]:
+        factor = min(1.0, side / max(rgb.shape[:2]))
         if factor == 1.0:
             return np.ascontiguousarray(rgb), factor
-        return np.asarray(shrunk(Image.fromarray(rgb), self.detect_side)), factor
+        return np.asarray(shrunk(Image.fromarray(rgb), side)), factor
 
     def detect(self, rgb: np.ndarray) -> list[Detection]:
         """Faces in `rgb`, largest first. Detection runs on a copy whose longest side is at
-        most `detect_side`; HOG, when that finds nothing, tries once more at twice the scale."""
-        height, width = rgb.shape[:2]
-        small, factor = self._small(rgb)
-        found: list[Detection] = []
+        most `detect_side` (RetinaFace looks at a smaller one first, see FIRST_SIDE); HOG,
+        when that finds nothing, tries once more at twice the scale."""
         if self.detector == "hog":
+            small, factor = self._small(rgb, self.detect_side)
             rects = self._hog(small, 0) or self._hog(small, 1)
-            for rect in rects:
-                found.append(Detection((rect.left() / factor, rect.top() / factor,
-                                        rect.right() / factor, rect.bottom() / factor)))
-        else:
-            faces = self._retinaface.detect(small)
-            for box, score, points in zip(faces.boxes, faces.scores, faces.points):
-                found.append(Detection(tuple(v / factor for v in hog_box(*box)), float(score), points / factor))
+            found = [Detection((rect.left() / factor, rect.top() / factor,
+                                rect.right() / factor, rect.bottom() / factor)) for rect in rects]
+            return self._kept(found, rgb)
+        if self.first_side and max(rgb.shape[:2]) >= 2 * self.first_side:
+            height, width = rgb.shape[:2]
+            long, short = self.first_side, max(32, self.first_side * 3 // 4 // 32 * 32)
+            canvas = (short, long) if width >= height else (long, short)
+            factor = max(-(-height // canvas[0]), -(-width // canvas[1]))
+            reduced = np.asarray(Image.fromarray(rgb).reduce(factor))
+            found = self._retinaface_on(reduced, 1.0 / factor, rgb, canvas)
+            if found:
+                left, top, right, bottom = found[0].box
+                if min(right - left, bottom - top) / factor >= SMALL_FACE:
+                    return found
+        small, factor = self._small(rgb, self.detect_side)
+        return self._retinaface_on(small, factor, rgb)
+
+    def _retinaface_on(self, small: np.ndarray, factor: float, rgb: np.ndarray,
+                       canvas: tuple[int, int] | None = None) -> list[Detection]:
+        """RetinaFace on `small` (`rgb` scaled by `factor`), in `rgb`'s pixels."""
+        faces = self._retinaface.detect(small, canvas=canvas)
+        found = [Detection(tuple(v / factor for v in hog_box(*box)), float(score), points / factor)
+                 for box, score, points in zip(faces.boxes, faces.scores, faces.points)]
+        return self._kept(found, rgb)
+
+    @staticmethod
+    def _kept(found: list[Detection], rgb: np.ndarray) -> list[Detection]:
+        """Boxes clipped to the photo, empty ones dropped, largest first."""
+        height, width = rgb.shape[:2]
         out = []
         for face in found:
             box = clip_box(face.box, width, height)

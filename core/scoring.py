@@ -16,7 +16,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,7 +26,7 @@ import numpy as np
 
 from core import shm
 from core.decoding import TOO_LARGE, DecodedPhoto, DecodeLimits, Rejection, decode_photo
-from core.faces import NO_FACE, FaceFrontEnd, Framing
+from core.faces import FIRST_SIDE, NO_FACE, FaceFrontEnd, Framing
 from core.headers import inspect
 from core.predictions import PhotoResult, gender_of
 from core.processes import cpu_count, kill_pool, quiet_worker
@@ -62,6 +62,7 @@ class ScoringOptions:
     workers: int | None = None  # None: one per core, none at all for small runs
     limits: DecodeLimits = DecodeLimits()
     detect_side: int = 640
+    detect_first_side: int = FIRST_SIDE  # CPU path: RetinaFace first looks at a copy this small (0: off)
     read_chunk: int = 32
     abstain_threshold: float | None = None  # None: the model card's value
     jpeg_device: str | None = None  # "cuda": decode plain JPEGs with nvJPEG
@@ -112,7 +113,7 @@ class Prepared:
 
 
 _frontend: FaceFrontEnd | None = None
-_worker_setup: tuple[Framing, DecodeLimits, int, str | None, bool] | None = None
+_worker_setup: tuple[Framing, DecodeLimits, int, str | None, bool, int] | None = None
 _threads: int | None = None  # detector threads in this process (None: every core)
 
 
@@ -122,13 +123,18 @@ def init_face_worker(parent_pid: int | None = None, threads: int | None = None) 
     global _threads, _frontend
     quiet_worker(parent_pid)
     _threads, _frontend = threads, None
+    if threads:
+        import torch  # the detector's post-processing and the warp: no more threads than the cores' share
+
+        torch.set_num_threads(threads)
 
 
 def _init_worker(framing: Framing, limits: DecodeLimits, detect_side: int, jpeg_device: str | None,
-                 decode_only: bool = False, parent_pid: int | None = None, threads: int | None = None) -> None:
+                 decode_only: bool = False, parent_pid: int | None = None, threads: int | None = None,
+                 first_side: int = FIRST_SIDE) -> None:
     global _worker_setup
     init_face_worker(parent_pid, threads)
-    _worker_setup = (framing, limits, detect_side, jpeg_device, decode_only)
+    _worker_setup = (framing, limits, detect_side, jpeg_device, decode_only, first_side)
 
 
 def worker_threads(workers: int) -> int:
@@ -136,15 +142,16 @@ def worker_threads(workers: int) -> int:
     return max(1, cpu_count() // max(1, workers))
 
 
-def _frontend_for(detector: str, detect_side: int) -> FaceFrontEnd:
+def _frontend_for(detector: str, detect_side: int, first_side: int = FIRST_SIDE) -> FaceFrontEnd:
     global _frontend
-    if _frontend is None or (_frontend.detector, _frontend.detect_side) != (detector, detect_side):
-        _frontend = FaceFrontEnd(detector=detector, detect_side=detect_side, threads=_threads)
+    wanted = FaceFrontEnd.settings(detector, detect_side, first_side)
+    if _frontend is None or (_frontend.detector, _frontend.detect_side, _frontend.first_side) != wanted:
+        _frontend = FaceFrontEnd(detector=detector, detect_side=detect_side, threads=_threads, first_side=first_side)
     return _frontend
 
 
 def face_chip(data: bytes, framing: Framing, limits: DecodeLimits, detect_side: int = 640,
-              jpeg_device: str | None = None, timings: dict | None = None
+              jpeg_device: str | None = None, timings: dict | None = None, first_side: int = FIRST_SIDE
               ) -> tuple[np.ndarray | None, list[int] | None, int, str | None, str, str | None]:
     """Bytes to an aligned chip: (chip, box in original pixels, face count, reject reason,
     detail, format). The one path from a photo to a model input. `timings` (when given)
@@ -153,7 +160,7 @@ def face_chip(data: bytes, framing: Framing, limits: DecodeLimits, detect_side: 
         decoded = decode_photo(data, limits, jpeg_device)
     if isinstance(decoded, Rejection):
         return None, None, 0, decoded.reason, decoded.detail, decoded.format
-    face = _frontend_for(framing.detector, detect_side).largest_face(decoded.rgb, framing, timings)
+    face = _frontend_for(framing.detector, detect_side, first_side).largest_face(decoded.rgb, framing, timings)
     if face is None:
         return None, None, 0, NO_FACE, "no face detected", decoded.format
     return face.chip, original_box(face.box, decoded), face.count, None, "", decoded.format
@@ -166,7 +173,8 @@ def original_box(box, decoded: DecodedPhoto) -> list[int]:
 
 
 def prepare_photo(key: str, data: bytes, sha256: str, framing: Framing, limits: DecodeLimits,
-                  detect_side: int = 640, jpeg_device: str | None = None, decode_only: bool = False) -> Prepared:
+                  detect_side: int = 640, jpeg_device: str | None = None, decode_only: bool = False,
+                  first_side: int = FIRST_SIDE) -> Prepared:
     """Decode, validate and align one photo (or only decode and validate it, for the GPU
     front end). Plain function: no storage, no model."""
     user_id = user_of(key)
@@ -181,7 +189,8 @@ def prepare_photo(key: str, data: bytes, sha256: str, framing: Framing, limits: 
             return Prepared(key, user_id, sha256, reject_reason=decoded.reason, detail=decoded.detail,
                             format=decoded.format, seconds=seconds)
         return Prepared(key, user_id, sha256, format=decoded.format, seconds=seconds, decoded=decoded, data=data)
-    chip, box, count, reason, detail, fmt = face_chip(data, framing, limits, detect_side, jpeg_device, seconds)
+    chip, box, count, reason, detail, fmt = face_chip(data, framing, limits, detect_side, jpeg_device, seconds,
+                                                      first_side)
     return Prepared(key, user_id, sha256, chip=chip, box=box, face_count=count, reject_reason=reason,
                     detail=detail, format=fmt, seconds=seconds)
 
@@ -294,7 +303,8 @@ class _Preparer:
             max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
             initargs=(self.framing, self.options.limits, self.options.detect_side,
-                      self.options.jpeg_device, self.decode_only, os.getpid(), worker_threads(self.workers)))
+                      self.options.jpeg_device, self.decode_only, os.getpid(), worker_threads(self.workers),
+                      self.options.detect_first_side))
 
     def __enter__(self) -> "_Preparer":
         if self.workers > 0:
@@ -323,7 +333,8 @@ class _Preparer:
         if self.pool is None:
             key, data, sha = item
             return prepare_photo(key, data, sha, self.framing, self.options.limits,
-                                 self.options.detect_side, self.options.jpeg_device, self.decode_only)
+                                 self.options.detect_side, self.options.jpeg_device, self.decode_only,
+                                 self.options.detect_first_side)
         slot = self.slots.acquire() if self.slots is not None else None
         if slot is not None:
             self.inflight.append((item, self.pool.submit(_decode_into_slot, *item, slot), slot))
@@ -340,7 +351,7 @@ class _Preparer:
     def next_result(self) -> list[Prepared]:
         """The oldest in-flight photo's result; after a worker crash, the photos that were
         in flight are retried one by one, and the one that crashes again is rejected."""
-        item, future, slot = self.inflight.popleft()
+        item, future, slot = self._first_done()
         try:
             return [self._taken(self._wait(future), slot)]
         except BrokenProcessPool:
@@ -353,6 +364,17 @@ class _Preparer:
             self._restart()
             return [self._isolated(s) for s in suspects]
 
+    def _first_done(self) -> tuple[tuple, Future, str | None]:
+        """The in-flight photo that finishes first (not the oldest: a slow HEIC must not
+        leave the other workers idle once the photos queued behind it are done)."""
+        while True:
+            self.checkpoint()
+            for index, entry in enumerate(self.inflight):
+                if entry[1].done():
+                    del self.inflight[index]
+                    return entry
+            wait([entry[1] for entry in self.inflight], timeout=0.25, return_when=FIRST_COMPLETED)
+
     def _taken(self, prepared: Prepared, slot: str | None) -> Prepared:
         """The photo's pixels out of its shared-memory slot, copied once onto the device
         (a tensor, 3 x H x W); the slot is free again."""
@@ -363,10 +385,8 @@ class _Preparer:
                 import torch
 
                 pixels = torch.from_numpy(self.slots.view(prepared.slot, prepared.shape))
-                if self.device is None or self.device == "cpu":
-                    prepared.image = pixels.permute(2, 0, 1).contiguous()
-                else:
-                    prepared.image = pixels.to(self.device).permute(2, 0, 1)
+                # one plain copy (H x W x 3 as it lies), viewed as 3 x H x W
+                prepared.image = pixels.to(self.device or "cpu", copy=True).permute(2, 0, 1)
                 prepared.slot = None
             return prepared
         finally:
@@ -507,7 +527,8 @@ def score_objects(store: Store, objects: list[ObjectInfo], known_hashes: dict[st
                                 face_count=face.count, format=p.format))
 
     def on_cpu(p: Prepared) -> Prepared:
-        return prepare_photo(p.key, p.data, p.sha256, predictor.framing, options.limits, options.detect_side)
+        return prepare_photo(p.key, p.data, p.sha256, predictor.framing, options.limits, options.detect_side,
+                             first_side=options.detect_first_side)
 
     def decode_on_device() -> None:
         """GPU front end: the waiting JPEGs decoded on the device in one call; a photo the

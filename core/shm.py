@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 
 import numpy as np
 
@@ -86,10 +86,10 @@ def write(name: str, rgb: np.ndarray) -> bool:
     """In a worker: copy `rgb` into the slot `name`; False when it does not fit."""
     segment = _attached.get(name)
     if segment is None:
+        # Attaching registers the name with the resource tracker again; decoder processes
+        # are spawned and share the main process's tracker, so that is the same entry,
+        # removed when the main process unlinks the slot.
         segment = shared_memory.SharedMemory(name=name)
-        # Python 3.11 registers an attached segment with the resource tracker as if this
-        # process owned it; the main process owns and unlinks it.
-        resource_tracker.unregister(segment._name, "shared_memory")  # noqa: SLF001
         _attached[name] = segment
     if rgb.nbytes > segment.size:
         return False

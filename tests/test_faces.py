@@ -96,3 +96,59 @@ def test_edge_fill_repeats_the_border_where_the_chip_leaves_the_photo():
     assert np.array_equal(inside, front.align(photo, front.detect(photo)[0], Framing(size=150, padding=0.25)))
     with pytest.raises(ValueError, match="fill"):
         Framing(size=150, fill="mirror")
+
+
+# ------------------------------------------------------------ RetinaFace's first look
+
+class _Counting:
+    """Wraps a RetinaFace session and records the input sizes it is run on."""
+
+    def __init__(self, inner):
+        self.inner, self.sizes = inner, []
+
+    def detect(self, rgb, **options):
+        self.sizes.append(max(rgb.shape[:2]))
+        return self.inner.detect(rgb, **options)
+
+
+def _counted(first_side):
+    front = FaceFrontEnd(first_side=first_side)
+    front._retinaface = _Counting(front._retinaface)
+    return front
+
+
+def test_a_large_face_is_found_by_the_first_look_alone():
+    photo = samples.pasted_into(samples.grace_hopper(), (1200, 900), (400, 200))
+    cascade, single = _counted(256), _counted(0)
+    found, reference = cascade.detect(photo), single.detect(photo)
+    assert cascade._retinaface.sizes == [240] and single._retinaface.sizes == [640]  # 1200 / 5
+    assert len(found) == len(reference) == 1
+    assert iou(found[0].box, reference[0].box) > 0.8
+
+
+def test_a_small_face_gets_the_full_detection():
+    """Grace Hopper shrunk to 150 pixels wide in a 1600 px photo: under SMALL_FACE in the
+    first look's copy, so RetinaFace looks again at 640 px and finds the same face."""
+    face = np.asarray(Image.fromarray(samples.grace_hopper()).resize((150, 175)))
+    photo = samples.pasted_into(face, (1600, 1200), (700, 500))
+    cascade, single = _counted(256), _counted(0)
+    found, reference = cascade.detect(photo), single.detect(photo)
+    assert cascade._retinaface.sizes == [229, 640]  # 1600 / 7, then the full look
+    assert found and reference and found[0].box == reference[0].box
+
+
+def test_nothing_found_at_first_means_a_second_look():
+    cascade = _counted(256)
+    big = np.asarray(Image.fromarray(samples.no_face_photo()).resize((1600, 1067)))
+    assert cascade.detect(np.ascontiguousarray(big)) == []
+    assert cascade._retinaface.sizes == [229, 640]
+
+
+def test_small_photos_and_hog_skip_the_first_look():
+    assert _counted(256).first_side == 256 and FaceFrontEnd(detector="hog").first_side == 0
+    assert FaceFrontEnd(first_side=640).first_side == 0  # not below the detect side: off
+    cascade = _counted(256)
+    small = np.asarray(Image.fromarray(samples.grace_hopper()).resize((400, 469)))  # under twice 256
+    assert cascade.detect(small) and cascade._retinaface.sizes == [469]
+    with pytest.raises(ValueError, match="detection sides"):
+        FaceFrontEnd(first_side=-1)
