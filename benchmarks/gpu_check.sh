@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One short GPU check: the CUDA tests, then ResNet18 at 224 px and the face-embedding model
 # (dlib's face ResNet + head) at 150 px with bf16 autocast, model-only and end to end, with GPU
-# memory. Usage: bash benchmarks/gpu_check.sh [UPLOADS_FOLDER]
+# memory; last, the GPU path fed from the bytes (JPEGs decoded on the device): 10,000
+# phone-sized JPEG uploads and the mixed uploads, photos/s, GPU utilisation, seconds per
+# stage and the limiting stage. Usage: bash benchmarks/gpu_check.sh [UPLOADS_FOLDER]
 # UPLOADS_FOLDER is a folder made by benchmarks/make_uploads.py (end-to-end part skipped without it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -84,3 +86,5 @@ if uploads:
                           "gpu_utilisation_mean_pct": round(sum(busy) / max(len(busy), 1), 1),
                           "stage_seconds": {k: round(v, 1) for k, v in stats.stage_seconds.items()}}))
 PYEOF
+# The GPU path fed from the bytes: 10,000 phone-sized JPEGs, then the mixed uploads when given.
+$PY benchmarks/gpu_feed_check.py --count "${GPU_FEED_COUNT:-10000}" ${1:+--mixed "$1/uploads"}

@@ -258,16 +258,24 @@ def _decode_jpeg_torch(data: bytes, device: str, working_side: int) -> tuple[np.
     working size; only the small working copy comes back to host memory."""
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
-    from torchvision.transforms.v2 import functional as F
 
     encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     tensor = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
     height, width = tensor.shape[-2:]
-    if max(height, width) > working_side:
-        factor = working_side / max(height, width)
-        tensor = F.resize(tensor, [max(1, round(height * factor)), max(1, round(width * factor))],
-                          antialias=True)
+    tensor = shrunk_tensor(tensor, working_side)
     return np.ascontiguousarray(tensor.permute(1, 2, 0).cpu().numpy()), int(width), int(height)
+
+
+def shrunk_tensor(image, side: int):
+    """A 3 x H x W image tensor with its longest side at most `side` (antialiased, on the
+    tensor's device; unchanged when smaller)."""
+    from torchvision.transforms.v2 import functional as F
+
+    height, width = image.shape[-2:]
+    if max(height, width) <= side:
+        return image
+    factor = side / max(height, width)
+    return F.resize(image, [max(1, round(height * factor)), max(1, round(width * factor))], antialias=True)
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:

@@ -69,7 +69,7 @@ class GpuFaceFrontEnd:
         alone, and one the device decoder refuses comes back as None (for the CPU path)."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        with timed(timings, "decode"), warnings.catch_warnings():
+        with timed(timings, "device_decode"), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only bytes: decode_jpeg never writes them
             encoded = [torch.frombuffer(data, dtype=torch.uint8) for data in payloads]
             try:
@@ -84,17 +84,22 @@ class GpuFaceFrontEnd:
                                                   apply_exif_orientation=True))
                     except RuntimeError:
                         images.append(None)
-            return [None if image is None else self._working(image, working_side) for image in images]
+            out = [None if image is None else self._working(image, working_side) for image in images]
+            self._settle()
+            return out
+
+    def _settle(self) -> None:
+        """Wait for the device's queued work, so that a stage's seconds are its own (the
+        next stage needs the results anyway)."""
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
 
     @staticmethod
     def _working(image: torch.Tensor, side: int) -> tuple[torch.Tensor, int, int]:
-        from torchvision.transforms.v2 import functional as F
+        from core.decoding import shrunk_tensor
 
         height, width = image.shape[-2:]
-        if max(height, width) > side:
-            factor = side / max(height, width)
-            image = F.resize(image, [max(1, round(height * factor)), max(1, round(width * factor))], antialias=True)
-        return image, int(width), int(height)
+        return shrunk_tensor(image, side), int(width), int(height)
 
     @torch.inference_mode()
     def faces(self, images: list, timings: dict | None = None) -> list[GpuFace | None]:
@@ -107,6 +112,7 @@ class GpuFaceFrontEnd:
                          image_tensor(image).to(self.device, non_blocking=True) for image in images]
             batch, scales, valid = letterbox(on_device, self.detect_side)
             detections = detect_batch(self.model, batch, valid)
+            self._settle()
         out: list[GpuFace | None] = []
         for image, scale, found in zip(on_device, scales, detections):
             if len(found.scores) == 0:

@@ -15,6 +15,8 @@ STAGES = (("list", "list the source"), ("listing_suite", "check the listing (sui
           ("score", "read, decode, find faces, classify"), ("predictions_suite", "check the rows (suite)"),
           ("publish", "publish the Parquet files"), ("users", "update the users table (MERGE)"))
 WORKER_STAGES = ("read", "decode", "detect", "landmarks", "warp", "model")
+# the GPU path's own stages: headers read on the CPU, JPEGs decoded on the device
+GPU_STAGES = ("header", "device_decode")
 
 
 def summarize(rows: list[PhotoResult], stats: ScoringStats, listed: int, skipped_unchanged: int) -> dict:
@@ -294,7 +296,8 @@ def _time_table(summary: dict) -> list[str]:
     inside = summary.get("stage_seconds", {})
     if summary.get("new") and any(inside.get(k) for k in WORKER_STAGES):
         rows += ["", "Inside scoring (seconds summed over the worker processes working at once): "
-                 + ", ".join(f"{k} {inside.get(k, 0):.1f}" for k in WORKER_STAGES) + "."]
+                 + ", ".join(f"{k.replace('_', ' ')} {inside.get(k, 0):.1f}" for k in WORKER_STAGES
+                             + tuple(k for k in GPU_STAGES if inside.get(k))) + "."]
     return rows + [""]
 
 

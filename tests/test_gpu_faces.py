@@ -21,7 +21,7 @@ PHOTOS = [samples.grace_hopper(), samples.astronaut(),
                          ids=["dlib-150", "dlib-32", "retinaface_5pt"])
 def test_batched_chips_equal_the_cpu_front_end(framing):
     batched = GpuFaceFrontEnd(framing, "cpu").faces(PHOTOS)
-    cpu = FaceFrontEnd()
+    cpu = FaceFrontEnd(first_side=0)  # RetinaFace at 640 px, as the batched front end
     for photo, face in zip(PHOTOS, batched):
         reference = cpu.largest_face(photo, framing)
         if reference is None:
@@ -44,7 +44,8 @@ def scored(uploads, tmp_path):
 
     def run(front_end):
         rows, stats = score_objects(store, store.list_objects(), {}, predictor,
-                                    ScoringOptions(workers=0, front_end=front_end, gpu_batch=3), "r",
+                                    ScoringOptions(workers=0, front_end=front_end, gpu_batch=3, detect_first_side=0),
+                                    "r",
                                     datetime.now(timezone.utc))
         return {r.photo_key: r for r in rows}, stats
 

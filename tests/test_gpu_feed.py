@@ -143,7 +143,15 @@ def _score(root, predictor, front_end, workers, **extra):
 
 @pytest.fixture(scope="module")
 def cpu_rows(mixed_uploads, predictor):
-    return _score(mixed_uploads[0], predictor, "cpu", 0)[0]
+    """The CPU path with RetinaFace at 640 px, the detection the GPU path runs (the CPU
+    path's cheaper first look is compared below)."""
+    return _score(mixed_uploads[0], predictor, "cpu", 0, detect_first_side=0)[0]
+
+
+def test_the_cpu_paths_first_look_changes_no_status(mixed_uploads, predictor, cpu_rows):
+    rows, _ = _score(mixed_uploads[0], predictor, "cpu", 2)
+    assert {k: (r.status, r.reject_reason) for k, r in rows.items()} == \
+           {k: (r.status, r.reject_reason) for k, r in cpu_rows.items()}
 
 
 def _assert_same_rows(rows, reference):
@@ -161,7 +169,8 @@ def _assert_same_rows(rows, reference):
 def test_the_gpu_path_gives_the_cpu_paths_rows_through_workers_and_shared_memory(mixed_uploads, predictor, cpu_rows):
     rows, stats = _score(mixed_uploads[0], predictor, "gpu", 2)
     _assert_same_rows(rows, cpu_rows)
-    assert stats.stage_seconds["header"] > 0 and stats.stage_seconds["decode"] > 0
+    seconds = stats.stage_seconds
+    assert seconds["header"] > 0 and seconds["device_decode"] > 0 and seconds["decode"] > 0  # workers: the rest
 
 
 def test_the_gpu_path_without_workers_gives_the_same_rows(mixed_uploads, predictor, cpu_rows):
