@@ -38,7 +38,6 @@ from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from core import shm  # noqa: E402
@@ -143,7 +142,7 @@ def main() -> None:
         with open(path, "rb") as handle:
             data = handle.read()
         t1 = clock()
-        digest = hashlib.sha256(data).hexdigest()
+        hashlib.sha256(data).hexdigest()
         t2 = clock()
         header = inspect(data, limits)
         t3 = clock()

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from prefect import get_run_logger
-from prefect.futures import PrefectFuture, wait
+from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, State
 
@@ -66,10 +66,21 @@ def retry_unless_stopped(task, task_run, state) -> bool:
     return not isinstance(error, StopRequested) and not STOP.requested
 
 
-def finish_all(futures: list[PrefectFuture]) -> None:
-    """Wait until every submitted task has ended (they stop quickly once asked to)."""
-    if futures:
-        wait(futures)
+def finish_all(futures: list[PrefectFuture], poll: float = 0.2) -> None:
+    """Wait until every submitted task has ended (they stop quickly once asked to).
+
+    The wait wakes up every `poll` seconds: a SIGTERM the kernel delivers to another of the
+    process's threads (a reader, a pool's thread) is handled by the main thread only when
+    it next runs Python code, and an untimed wait would leave the run going until the
+    tasks ended by themselves."""
+    for future in futures:
+        while not _ended(future):
+            future.wait(timeout=poll)
+
+
+def _ended(future: PrefectFuture) -> bool:
+    wrapped = getattr(future, "wrapped_future", None)  # thread pool and Dask futures
+    return wrapped.done() if wrapped is not None else future.state.is_final()
 
 
 def _cancelled_in_prefect() -> bool:

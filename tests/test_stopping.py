@@ -58,3 +58,36 @@ def test_stop_travels_to_other_processes_as_their_own():
     from core.stopping import STOP
 
     assert pickle.loads(pickle.dumps(STOP)) is STOP
+
+
+POLL = 0.1
+
+
+def test_a_signal_delivered_to_another_thread_is_handled_while_tasks_run():
+    """The kernel may hand a process's SIGTERM to any thread; the main thread, waiting for
+    the shards, must still notice it within a moment, not when the shards end."""
+    import uuid
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prefect.futures import PrefectConcurrentFuture
+
+    from tasks.run_control import finish_all
+
+    stop = Stop()
+    release = threading.Event()
+    with stop_on_signals(stop), ThreadPoolExecutor(2) as pool:
+        shard = PrefectConcurrentFuture(uuid.uuid4(), pool.submit(release.wait, 5))
+
+        def signal_from_another_thread():
+            time.sleep(0.3)
+            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)  # this thread, not the main one
+            stop.wait(3)
+            release.set()
+
+        helper = pool.submit(signal_from_another_thread)
+        started = time.monotonic()
+        finish_all([shard], poll=POLL)  # the shard ends once the stop was noticed (or after 3 s)
+        noticed = time.monotonic() - started
+        helper.result()
+    assert stop.requested and stop.reason == "received SIGTERM"
+    assert noticed < 2.0, f"the stop was noticed after {noticed:.1f} s"
