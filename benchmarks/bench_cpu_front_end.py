@@ -5,8 +5,9 @@ On the same uploads and the same number of worker processes:
 * decode only: the project's `decode_photo` over every upload in `--workers` processes
   (bytes read beforehand), the rate at which decoding alone could feed the pipeline;
 * the scoring stage (`score_objects`, CPU front end, reading from the folder) with the
-  detector's first look at `--first-sides` (0: RetinaFace at 640 px only, as before; 320:
-  a 320 px look first, 640 px where it finds nothing or a small face).
+  detector's first look at `--first-sides` (0: RetinaFace at 640 px only, as before; 256,
+  the default: a look at a 256 x 192 canvas first, 640 px where it finds nothing or a
+  small face).
 
 Rounds are interleaved (decode only, then each setting) and medians reported: a shared
 machine's rate moves by several percent from one minute to the next.
@@ -36,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from core.decoding import DecodedPhoto, decode_photo  # noqa: E402
+from core.faces import FIRST_SIDE  # noqa: E402
 
 
 def _decode(data: bytes) -> bool:
@@ -94,7 +96,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--uploads", required=True, help="a folder from make_uploads.py (uploads/ and truth.csv)")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--first-sides", default="0,320")
+    parser.add_argument("--first-sides", default=f"0,{FIRST_SIDE}",
+                        help="first-look sides to compare (0: RetinaFace at 640 px only)")
     parser.add_argument("--model", default="dlib-gender-v1")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; medians are reported")
     args = parser.parse_args()

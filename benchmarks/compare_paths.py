@@ -29,6 +29,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="dlib-gender-v1")
+    parser.add_argument("--first-side", type=int, default=None,
+                        help="the CPU path's first look (default: its default; 0: RetinaFace at 640 px only, "
+                             "the detection the GPU path runs)")
     args = parser.parse_args()
 
     from core.scoring import ScoringOptions, score_objects
@@ -43,8 +46,10 @@ def main() -> None:
     rows = {}
     for front_end in ("cpu", "gpu"):
         predictor = registry.load_predictor(args.model, args.device if front_end == "gpu" else "cpu")
-        out, _ = score_objects(store, objects, {}, predictor, ScoringOptions(workers=args.workers, front_end=front_end),
-                               front_end, datetime.now(timezone.utc))
+        options = ScoringOptions(workers=args.workers, front_end=front_end)
+        if args.first_side is not None:
+            options = ScoringOptions(workers=args.workers, front_end=front_end, detect_first_side=args.first_side)
+        out, _ = score_objects(store, objects, {}, predictor, options, front_end, datetime.now(timezone.utc))
         rows[front_end] = {r.photo_key: r for r in out}
     cpu, gpu = rows["cpu"], rows["gpu"]
     same_status = same_answer = 0
@@ -67,7 +72,8 @@ def main() -> None:
             width = max(1, row.face_box[2] - row.face_box[0])
             box_diff.append(max(abs(a - b) for a, b in zip(row.face_box, other.face_box)) / width)
     print(f"{len(cpu)} uploads ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}); "
-          f"GPU path on {args.device} vs CPU path")
+          f"GPU path on {args.device} vs CPU path"
+          + (f" (first look {args.first_side or 'off'})" if args.first_side is not None else " (as shipped)"))
     print(f"same status and reject reason: {same_status}/{len(cpu)}; same answer: {same_answer}/{len(cpu)}")
     if p_diff:
         p_diff.sort()
