@@ -349,8 +349,9 @@ class _Preparer:
         return bool(self.inflight)
 
     def next_result(self) -> list[Prepared]:
-        """The oldest in-flight photo's result; after a worker crash, the photos that were
-        in flight are retried one by one, and the one that crashes again is rejected."""
+        """The result of the in-flight photo that finishes first; after a worker crash, the
+        photos that were in flight are retried one by one, and the one that crashes again is
+        rejected."""
         item, future, slot = self._first_done()
         try:
             return [self._taken(self._wait(future), slot)]
