@@ -139,7 +139,7 @@ def landmark_model_path() -> str:
 # one face large enough: the first look costs a fifth of a 640 px detection
 # (benchmarks/bench_cpu_front_end.py).
 FIRST_SIDE = 256
-SMALL_FACE = 32
+SMALL_FACE = 48
 
 
 class FaceFrontEnd:

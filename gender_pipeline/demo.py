@@ -55,8 +55,16 @@ def show_answers(lake: str, known: dict[str, str]) -> None:
                   else f"rejected: {row.reject_reason}")
         right += row.gender == truth
         print(f"  {row.photo_key:<42} {answer:<28} known: {truth}")
-    print(f"{right} of {len(faces)} right. Every encoding of a portrait gets the same answer: the pipeline "
-          f"decodes them alike, so where that answer is wrong, the model is.\n{DEFAULT_MODEL_LINE}")
+    subject = faces["photo_key"].str.rsplit("-", n=1).str[0]  # grace-hopper-04/… -> grace-hopper
+    answers = faces.assign(subject=subject).groupby("subject")["gender"].nunique()
+    if (answers == 1).all():
+        agreement = ("Every encoding of a portrait gets the same answer: the pipeline decodes them alike, so "
+                     "where that answer is wrong, the model is.")
+    else:
+        split = ", ".join(sorted(answers[answers > 1].index))
+        agreement = (f"The encodings of {split} do not all get the same answer: the model is sensitive to what "
+                     f"an encoding changes (a GIF's 256 colours, a gray scan).")
+    print(f"{right} of {len(faces)} right. {agreement}\n{DEFAULT_MODEL_LINE}")
 
 
 def main() -> int:

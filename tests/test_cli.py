@@ -101,3 +101,22 @@ def test_demo_tree_has_faces_and_every_broken_kind(tmp_path):
     assert len(users) == len(known) and all(len(list(u.iterdir())) == 1 for u in users)
     subjects = [k.split("-")[0] for k, v in known.items() if v in ("male", "female")]
     assert subjects.count("grace") == subjects.count("eileen") == 8  # both portraits equally often
+
+
+def test_demo_says_whether_every_encoding_got_the_same_answer(tmp_path, capsys):
+    import pandas as pd
+
+    from gender_pipeline.demo import show_answers
+
+    (tmp_path / "predictions").mkdir()
+    frame = pd.DataFrame({"photo_key": ["ada-00/a.jpg", "ada-01/a.gif", "bea-02/b.jpg", "bea-03/b.png"],
+                          "status": "scored", "reject_reason": None, "p_male": [0.1, 0.7, 0.2, 0.2],
+                          "gender": ["female", "male", "female", "female"]})
+    frame.to_parquet(tmp_path / "predictions" / "part.parquet")
+    known = {key: "female" for key in frame["photo_key"]}
+    show_answers(str(tmp_path), known)
+    out = capsys.readouterr().out
+    assert "3 of 4 right" in out and "The encodings of ada do not all get the same answer" in out
+    frame.assign(gender="female").to_parquet(tmp_path / "predictions" / "part.parquet")
+    show_answers(str(tmp_path), known)
+    assert "Every encoding of a portrait gets the same answer" in capsys.readouterr().out

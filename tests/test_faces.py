@@ -118,10 +118,11 @@ def _counted(first_side):
 
 
 def test_a_large_face_is_found_by_the_first_look_alone():
-    photo = samples.pasted_into(samples.grace_hopper(), (1200, 900), (400, 200))
+    face = np.asarray(Image.fromarray(samples.grace_hopper()).resize((1024, 1200)))
+    photo = samples.pasted_into(face, (1600, 1300), (300, 50))
     cascade, single = _counted(256), _counted(0)
     found, reference = cascade.detect(photo), single.detect(photo)
-    assert cascade._retinaface.sizes == [240] and single._retinaface.sizes == [640]  # 1200 / 5
+    assert cascade._retinaface.sizes == [229] and single._retinaface.sizes == [640]  # 1600 / 7
     assert len(found) == len(reference) == 1
     assert iou(found[0].box, reference[0].box) > 0.8
 
