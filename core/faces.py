@@ -145,7 +145,7 @@ def landmark_model_path() -> str:
 # to fit a fixed FIRST_SIDE x 3/4 canvas (a 4:3 photo fills it; a shape onnxruntime has
 # seen runs faster than a new one). A face of SMALL_FACE pixels or more there is boxed
 # well enough; a smaller one is boxed again at the `detect_side` look's scale on a crop of
-# half a face around it; when the first look finds nothing, the whole `detect_side` look
+# a face's size around it; when the first look finds nothing, the whole `detect_side` look
 # runs. Uploads mostly show one face large enough: the first look costs a fifth of a
 # 640 px detection (benchmarks/bench_cpu_front_end.py).
 FIRST_SIDE = 256
@@ -218,12 +218,13 @@ class FaceFrontEnd:
         return self._retinaface_on(small, factor, rgb)
 
     def _around(self, rgb: np.ndarray, box) -> Detection | None:
-        """RetinaFace at the detect side's scale on a crop of half a face around `box` (a
+        """RetinaFace at the detect side's scale on a crop of a face's size around `box` (a
         face too small in the first look for a precise box): what the whole 640 px look
-        would find there, at a fraction of its cost. None when it finds no face there."""
+        would find there (the same box on the photos tried), at a fraction of its cost.
+        None when it finds no face there."""
         height, width = rgb.shape[:2]
         left, top, right, bottom = box
-        margin = max(right - left, bottom - top) // 2 + 1
+        margin = max(right - left, bottom - top) + 1
         factor = min(1.0, self.detect_side / max(height, width))
         # the crop starts on the detector's coarsest grid (32 pixels at its scale), so its
         # anchors fall where they fall in the whole photo, and so do the boxes

@@ -55,7 +55,7 @@ def show_answers(lake: str, known: dict[str, str]) -> None:
                   else f"rejected: {row.reject_reason}")
         right += row.gender == truth
         print(f"  {row.photo_key:<42} {answer:<28} known: {truth}")
-    subject = faces["photo_key"].str.rsplit("-", n=1).str[0]  # grace-hopper-04/… -> grace-hopper
+    subject = faces["photo_key"].str.split("/").str[0].str.rsplit("-", n=1).str[0]  # grace-hopper-04/… -> grace-hopper
     answers = faces.assign(subject=subject).groupby("subject")["gender"].nunique()
     if (answers == 1).all():
         agreement = ("Every encoding of a portrait gets the same answer: the pipeline decodes them alike, so "

@@ -109,14 +109,15 @@ def test_demo_says_whether_every_encoding_got_the_same_answer(tmp_path, capsys):
     from gender_pipeline.demo import show_answers
 
     (tmp_path / "predictions").mkdir()
-    frame = pd.DataFrame({"photo_key": ["ada-00/a.jpg", "ada-01/a.gif", "bea-02/b.jpg", "bea-03/b.png"],
+    frame = pd.DataFrame({"photo_key": ["ada-lee-00/a.jpg", "ada-lee-01/first-frame.gif", "bea-02/b.jpg",
+                                        "bea-03/b-2.png"],
                           "status": "scored", "reject_reason": None, "p_male": [0.1, 0.7, 0.2, 0.2],
                           "gender": ["female", "male", "female", "female"]})
     frame.to_parquet(tmp_path / "predictions" / "part.parquet")
     known = {key: "female" for key in frame["photo_key"]}
     show_answers(str(tmp_path), known)
     out = capsys.readouterr().out
-    assert "3 of 4 right" in out and "The encodings of ada do not all get the same answer" in out
+    assert "3 of 4 right" in out and "The encodings of ada-lee do not all get the same answer" in out
     frame.assign(gender="female").to_parquet(tmp_path / "predictions" / "part.parquet")
     show_answers(str(tmp_path), known)
     assert "Every encoding of a portrait gets the same answer" in capsys.readouterr().out
