@@ -23,7 +23,6 @@ prints `no_face` among real faces and the accuracy of the answers.
 from __future__ import annotations
 
 import argparse
-import csv
 import multiprocessing
 import os
 import statistics
@@ -38,6 +37,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from core.decoding import DecodedPhoto, decode_photo  # noqa: E402
 from core.faces import FIRST_SIDE  # noqa: E402
+from benchmarks.bench_scoring import load_truth  # noqa: E402
 
 
 def _decode(data: bytes) -> bool:
@@ -107,11 +107,7 @@ def main() -> None:
     root = os.path.join(args.uploads, "uploads")
     if not os.path.isdir(root):
         root = args.uploads
-    truth = {}
-    truth_file = os.path.join(args.uploads, "truth.csv")
-    if os.path.exists(truth_file):
-        with open(truth_file, newline="") as handle:
-            truth = {row["photo_key"]: row["expected"] for row in csv.DictReader(handle)}
+    truth = load_truth(args.uploads) if os.path.exists(os.path.join(args.uploads, "truth.csv")) else {}
     paths = sorted(os.path.join(d, n) for d, _, names in os.walk(root) for n in names)
     payloads = []
     for path in paths:

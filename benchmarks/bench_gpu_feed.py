@@ -69,7 +69,7 @@ def _handoff_helper(conn, limits: DecodeLimits) -> None:
         shm.write(slot, decoded.rgb)
         shape = decoded.rgb.shape
         decoded.rgb = None
-        conn.send(Prepared("k", "u", "h", decoded=decoded, slot=slot, shape=shape))
+        conn.send(Prepared("k", "u", "h", decoded=decoded, shape=shape))
         t2 = clock()
         conn.send((t1 - t0, t2 - t1))
 
@@ -99,7 +99,7 @@ class Handoff:
         pickle.loads(blob)
         t1 = clock()
         reply = self.conn.recv()
-        pixels = torch.from_numpy(self.slots.view(reply.slot, reply.shape)).to("cpu", copy=True).permute(2, 0, 1)
+        pixels = torch.from_numpy(self.slots.view(self.slot, reply.shape)).to("cpu", copy=True).permute(2, 0, 1)
         t2 = clock()
         worker_pickle, worker_shm = self.conn.recv()
         del first, pixels

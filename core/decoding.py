@@ -165,6 +165,11 @@ def precheck(data: bytes, limits: DecodeLimits = DecodeLimits()) -> str | Reject
     return fmt
 
 
+def jpeg_is_whole(data: bytes) -> bool:
+    """The JPEG's bytes end with its EOI marker (trailing zero padding allowed)."""
+    return data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
+
+
 def _bomb(pixels: int | None, fmt: str, limits: DecodeLimits) -> Rejection:
     size = f"{pixels:,} pixels" if pixels is not None else "its size"
     return Rejection(DECOMPRESSION_BOMB, f"{size} > limit {limits.max_pixels:,} (refused before decoding)",
@@ -211,8 +216,7 @@ def _decode(data: bytes, fmt: str, limits: DecodeLimits, jpeg_device: str | None
 
     # Only complete files (ending in EOI) go to the device decoder, which may pad a
     # truncated JPEG silently; Pillow rejects those as `truncated`.
-    complete = data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
-    if jpeg_device and fmt == "JPEG" and image.mode in ("RGB", "L") and complete:
+    if jpeg_device and fmt == "JPEG" and image.mode in ("RGB", "L") and jpeg_is_whole(data):
         try:
             rgb, width, height = _decode_jpeg_torch(data, jpeg_device, limits.working_side)
             return DecodedPhoto(rgb=rgb, format=fmt, width=width, height=height, scale=rgb.shape[1] / width)

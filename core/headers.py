@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from core.decoding import DecodeLimits, Rejection, precheck, size_rejection
+from core.decoding import DecodeLimits, Rejection, jpeg_is_whole, precheck, size_rejection
 
 # Start-of-frame markers: baseline and extended (C0, C1), progressive (C2), lossless (C3),
 # and the arithmetic-coded variants (C5..CF except DHT C4, JPG C8, DAC CC).
@@ -108,8 +108,7 @@ def _jpeg(data: bytes) -> Header:
         position += 2 + length
     if "width" not in fields:
         raise ValueError("no start-of-frame segment")
-    complete = data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
-    return Header("JPEG", complete=complete, **fields)
+    return Header("JPEG", complete=jpeg_is_whole(data), **fields)
 
 
 def _exif_orientation(tiff: bytes) -> int:

@@ -26,6 +26,11 @@ class ListingLooksWrong(RuntimeError):
         self.listed, self.new = listed, new
 
 
+def completed(record: dict) -> bool:
+    """A night that completed (records written before outcomes were kept did)."""
+    return record.get("outcome", "completed") == "completed"
+
+
 def record_run(store: Store, record: dict, folder: str = FOLDER) -> str:
     """Write one run's record (atomically); `record` has at least run_id and listed_at."""
     stamp = datetime.fromisoformat(str(record["listed_at"])).strftime("%Y%m%dT%H%M%S")
@@ -59,8 +64,7 @@ def check_listing(listed: int, new: int, previous: list[dict], min_new_photos: i
     warnings = []
     # Only a night that completed tells what the source holds (a failed one may have failed
     # precisely because its listing looked wrong).
-    last = next((r for r in reversed(previous) if r.get("listed") and r.get("outcome", "completed") == "completed"),
-                None)
+    last = next((r for r in reversed(previous) if r.get("listed") and completed(r)), None)
     if new < min_new_photos:
         raise ListingLooksWrong(f"{new} new photos, fewer than --min-new-photos {min_new_photos}: nothing was "
                                 f"scored. Check the source, or lower the guard.", listed, new)

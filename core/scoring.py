@@ -106,8 +106,7 @@ class Prepared:
     seconds: dict = field(default_factory=dict)  # per stage: decode, detect, landmarks, warp
     decoded: DecodedPhoto | None = None  # decoded only (GPU front end): its faces are found later
     data: bytes | None = None  # with `decoded`: the bytes, for a retry on the CPU path
-    slot: str | None = None  # the shared-memory slot holding `decoded`'s pixels (rgb is None then)
-    shape: tuple[int, int, int] | None = None
+    shape: tuple[int, int, int] | None = None  # set when `decoded`'s pixels went to its shared-memory slot
     image: object = None  # the pixels as a 3 x H x W uint8 tensor on the GPU front end's device
     on_device: bool = False  # decoded by the device decoder (a photo it finds no face in is checked on the CPU)
 
@@ -209,7 +208,7 @@ def _decode_into_slot(key: str, data: bytes, sha256: str, slot: str) -> Prepared
     prepared = _prepare_in_worker(key, data, sha256)
     decoded = prepared.decoded
     if decoded is not None and shm.write(slot, decoded.rgb):
-        prepared.slot, prepared.shape = slot, tuple(decoded.rgb.shape)
+        prepared.shape = tuple(decoded.rgb.shape)
         decoded.rgb = None
     return prepared
 
@@ -382,13 +381,13 @@ class _Preparer:
         if slot is None:
             return prepared
         try:
-            if prepared.slot is not None:
+            if prepared.shape is not None:
                 import torch
 
-                pixels = torch.from_numpy(self.slots.view(prepared.slot, prepared.shape))
+                pixels = torch.from_numpy(self.slots.view(slot, prepared.shape))
                 # one plain copy (H x W x 3 as it lies), viewed as 3 x H x W
                 prepared.image = pixels.to(self.device or "cpu", copy=True).permute(2, 0, 1)
-                prepared.slot = None
+                prepared.shape = None
             return prepared
         finally:
             self.slots.release(slot)

@@ -27,7 +27,6 @@ class SlotPool:
     """`count` slots of `nbytes` each, made and unlinked by this (the main) process."""
 
     def __init__(self, count: int, nbytes: int) -> None:
-        self.nbytes = nbytes
         room = _shm_room()
         if room is not None:  # at most half of what /dev/shm has free
             count = min(count, int(room // 2 // max(nbytes, 1)))

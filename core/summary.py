@@ -8,6 +8,7 @@ from collections import Counter
 import numpy as np
 
 from core.predictions import PhotoResult
+from core.run_history import completed
 from core.scoring import ScoringStats
 
 # The flow's stages, in order, for the time table.
@@ -166,7 +167,7 @@ def alarms(record: dict, previous: list[dict], at_least: int = 3, margin: float 
                 "unknown rate": run.get("unknown", 0) / scored if scored else None,
                 "female share": run.get("female", 0) / decided if decided else None}
 
-    history = [rates(r) for r in previous if r.get("rows") and r.get("outcome", "completed") == "completed"]
+    history = [rates(r) for r in previous if r.get("rows") and completed(r)]
     if len(history) < at_least or not record.get("rows"):
         return []
     found = []
@@ -207,8 +208,9 @@ def render_text(summary: dict) -> str:
                                  (("list", "list"), ("listing_suite", "listing suite"), ("score", "scoring"),
                                   ("predictions_suite", "predictions suite"), ("publish", "publish"),
                                   ("users", "users table"))))
-    if suites_line(summary):
-        lines.append(f"data checks  {suites_line(summary)}")
+    suites = suites_line(summary)
+    if suites:
+        lines.append(f"data checks  {suites}")
     for number, line in enumerate(model_lines(summary)):
         lines.append(f"{'model' if number == 0 else '':<12} {summary['model'] + ': ' if number == 0 else ''}{line}")
     written = summary.get("written") or []
@@ -235,10 +237,11 @@ def render_markdown(summary: dict, source: str, output: str) -> str:
                   f"| scored | {summary['scored']} |", f"| rejected | {summary['rejected']} |",
                   *(f"| rejected: {k} | {v} |" for k, v in summary["reject_reasons"].items()),
                   *(f"| {k} | {v} |" for k, v in g.items() if v), ""]
-    if suites_line(summary):
-        parts += [f"**Data checks**: {suites_line(summary)}.", ""]
-    if model_lines(summary):
-        parts += [f"**Model** {summary['model']}: " + "; ".join(model_lines(summary)) + ".", ""]
+    suites, model = suites_line(summary), model_lines(summary)
+    if suites:
+        parts += [f"**Data checks**: {suites}.", ""]
+    if model:
+        parts += [f"**Model** {summary['model']}: " + "; ".join(model) + ".", ""]
     if summary["scored"]:
         parts += ["**p_male of the scored photos**", "", "```", bars(summary["p_male_histogram"]), "```", ""]
     users = summary.get("users")

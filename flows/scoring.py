@@ -26,13 +26,7 @@ from tasks.run_control import (failed, finish_all, one_line, resolved_model, sco
 from tasks.scoring_tasks import (check_photo_metadata_task, list_new_photos, lock_output, report_failure,
                                  report_run, score_shard, split_listing, unlock_output, update_users_table)
 from core.stopping import StopRequested
-
-
-# The nightly schedule, the same for `gender-pipeline serve` and deployments/prefect.yaml
-# (a test holds them together): 02:00 in the shop's time zone, one run at a time.
-NIGHTLY_CRON = "0 2 * * *"
-NIGHTLY_TIMEZONE = "Europe/Berlin"
-NIGHTLY_CONCURRENCY = 1
+from flows.schedule import NIGHTLY_CONCURRENCY, NIGHTLY_CRON, NIGHTLY_TIMEZONE  # noqa: F401 - the schedule
 
 
 # One shard at a time in this process by default; `--task-runner dask` maps shards over a

@@ -12,6 +12,7 @@ import sys
 from datetime import date
 
 from core import timeline
+from flows.schedule import NIGHTLY_CRON, NIGHTLY_TIMEZONE
 
 # Offline by default: no telemetry from Prefect's server or from Great Expectations.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -136,9 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve the nightly-scoring deployment on its schedule")
     _add_scoring(serve, required=True)
-    serve.add_argument("--cron", default="0 2 * * *",
+    serve.add_argument("--cron", default=NIGHTLY_CRON,
                        help="the schedule, cron syntax (default 02:00 every day, as in deployments/prefect.yaml)")
-    serve.add_argument("--timezone", default="Europe/Berlin",
+    serve.add_argument("--timezone", default=NIGHTLY_TIMEZONE,
                        help="the schedule's time zone (default Europe/Berlin, as in deployments/prefect.yaml)")
     retrain = commands.add_parser("retrain", help="run the retrain flow: the study, selection, promotion")
     retrain.add_argument("--config", default="configs/celeba_experiment.yaml")
@@ -419,7 +420,8 @@ def _serve(args: argparse.Namespace) -> int:
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.deployments.runner import EntrypointType
 
-    from flows.scoring import NIGHTLY_CONCURRENCY, nightly_scoring
+    from flows.schedule import NIGHTLY_CONCURRENCY
+    from flows.scoring import nightly_scoring
 
     nightly_scoring.serve(
         name="nightly-scoring", schedules=[CronSchedule(cron=args.cron, timezone=args.timezone)],

@@ -30,7 +30,7 @@ from core.stopping import STOP, StopRequested
 from core.listing import ListingSpec, list_source
 from core.state import Applied, NightPlan, OutputState, SourceListing, rows_table
 from core.storage import ObjectInfo, StorageError, Store, read_lines, retry_if_transient, storage_options
-from core.run_history import ERASURES, check_listing, key_shape_warnings, recent_runs, record_run
+from core.run_history import ERASURES, check_listing, completed, key_shape_warnings, recent_runs, record_run
 from core.summary import (alarms, outcome, rejected_rows, render_failure_markdown, render_markdown,
                           summarize)
 
@@ -425,8 +425,8 @@ def report_run(results: list[ShardResult], listing: Listing, model: str, source:
     timings = {**timings, "predictions_suite": sum(r.suite_seconds for r in results),
                "publish": sum(r.publish_seconds for r in results)}
     summary = summarize(rows, stats, listing.listed, listing.skipped_unchanged)
-    previous = [r for r in listing.recent_runs]
-    last = next((r["listed_at"] for r in reversed(previous) if r.get("outcome", "completed") == "completed"), None)
+    previous = listing.recent_runs
+    last = next((r["listed_at"] for r in reversed(previous) if completed(r)), None)
     summary.update(model=model, written=[r.written for r in results if r.written], shards=len(results),
                    warnings=list(listing.warnings), last_run_at=str(last) if last else None, run_id=run_id,
                    scoring_date=scoring_date.isoformat(), timings={k: round(v, 3) for k, v in timings.items()},
