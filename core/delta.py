@@ -117,12 +117,29 @@ class Table:
         if name != self.spec.name:
             raise TableError(f"the Delta table at {self.url} is {name!r}, not the {self.spec.name!r} table "
                              f"gender-pipeline writes; nothing was changed. Move it away or choose another output.")
-        have = {field.name for field in table.schema().to_arrow()}
-        missing = [n for n in self.spec.schema.names if n not in have]
+        missing = [n for n in self.missing_columns(table) if not self.spec.schema.field(n).nullable]
         if missing:
             raise TableError(f"the Delta table at {self.url} lacks the columns {missing}; nothing was changed. "
                              f"Rebuild it with `gender-pipeline rebuild-users --replace`.")
         return table
+
+    def missing_columns(self, table) -> list[str]:
+        """Columns of the spec that `table` lacks: nullable ones were added by a later
+        version of the pipeline (readers see them as null until the first write adds them)."""
+        have = {field.name for field in table.schema().to_arrow()}
+        return [n for n in self.spec.schema.names if n not in have]
+
+    def evolve(self, table):
+        """Add the spec's new (nullable) columns to `table` before a write: an additive
+        schema change, so older readers keep working. Returns the table as it is now."""
+        from deltalake.schema import Field
+
+        missing = self.missing_columns(table)
+        if not missing:
+            return table
+        fields = [Field.from_arrow(self.spec.schema.field(n)) for n in missing]
+        with_retries(lambda: self._load().alter.add_columns(fields), f"adding {missing} to {self.url}")
+        return self._load()
 
     def open_or_create(self):
         return self.open() or self.create()
@@ -173,6 +190,9 @@ class Table:
         from deltalake import write_deltalake
 
         data = self._data(data)
+        current = self.open()
+        if current is not None:
+            self.evolve(current)
         self._write(lambda: write_deltalake(self.uri, data, mode="append",
                                             partition_by=list(self.spec.partition_by) or None,
                                             storage_options=self.options, commit_properties=_commit(seq)),
@@ -193,6 +213,8 @@ class Table:
         columns = self.spec.schema.names
         upsert = {c: f"s.{c}" for c in columns}
         touch = {c: f"s.{c}" for c in columns if c in TOUCH_COLUMNS}
+
+        self.evolve(self._load())
 
         def run() -> dict:
             merger = self._load().merge(source, predicate, source_alias="s", target_alias="t",
@@ -242,8 +264,25 @@ class Table:
             return
         if self.store.protocol not in ("file", "local") and self.store.protocol not in con.list_filesystems():
             con.register_filesystem(self.store.fs)
-        _retried(lambda: con.read_parquet(files, hive_partitioning=bool(self.spec.partition_by))
-                 .create_view(name, replace=True), f"reading {self.url}")
+        # Files written before a column was added lack it: read by name, and a column no
+        # file has yet is null.
+        relation = _retried(lambda: con.read_parquet(files, hive_partitioning=bool(self.spec.partition_by),
+                                                     union_by_name=True), f"reading {self.url}")
+        have = set(relation.columns)
+        columns = ", ".join(f'"{f.name}"' if f.name in have else f'CAST(NULL AS {duckdb_type(f.type)}) AS "{f.name}"'
+                            for f in self.spec.schema)
+        _retried(lambda: relation.project(columns).create_view(name, replace=True), f"reading {self.url}")
+
+
+def duckdb_type(arrow_type: pa.DataType) -> str:
+    """DuckDB's name for an Arrow type of our schemas (for a column that is still null)."""
+    if pa.types.is_timestamp(arrow_type):
+        return "TIMESTAMPTZ" if arrow_type.tz else "TIMESTAMP"
+    names = {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.int32(): "INTEGER", pa.int16(): "SMALLINT",
+             pa.float32(): "FLOAT", pa.float64(): "DOUBLE", pa.date32(): "DATE", pa.bool_(): "BOOLEAN"}
+    if arrow_type in names:
+        return names[arrow_type]
+    raise TypeError(f"no DuckDB type for {arrow_type}")
 
 
 # A `touch` (same bytes seen again) updates only these columns of a photo's state.

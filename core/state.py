@@ -57,6 +57,7 @@ PHOTOS_SCHEMA = pa.schema([
     pa.field("answered_at", TIMESTAMP),
     pa.field("checked_at", TIMESTAMP),  # when its bytes were last read (answered, or the same again)
     pa.field("run_id", pa.string()),
+    pa.field("first_seen_run", pa.string()),  # the run that first listed the photo (since it last left the source)
     pa.field("answered_on", pa.date32()),
 ])
 PHOTOS = TableSpec(
@@ -64,14 +65,25 @@ PHOTOS = TableSpec(
     stats_columns=("status", "model_name", "model_version", "answered_at", "checked_at"),
     description="Every photo still in the source that gender-pipeline answered, with its latest answer.")
 
+# A tombstone: one row per photo the user had in the source when `forget` listed it (key,
+# size and the listing's time, as the source's own listing gives them), or one row with no
+# key when there was none. Tombstones written before the photos were recorded have
+# `source_listed` null: for them a photo listed at or before `erased_at` counts as erased.
 ERASED_SCHEMA = pa.schema([pa.field("user_id", pa.string(), nullable=False),
-                           pa.field("erased_at", TIMESTAMP, nullable=False)])
+                           pa.field("erased_at", TIMESTAMP, nullable=False),
+                           pa.field("source_listed", pa.bool_()),
+                           pa.field("photo_key", pa.string()),
+                           pa.field("size", pa.int64()),
+                           pa.field("uploaded_at", TIMESTAMP)])
 ERASED = TableSpec(name="gender-pipeline erasures", schema=ERASED_SCHEMA, stats_columns=("erased_at",),
-                   description="Users erased by `gender-pipeline forget`: their photos then in the source are "
-                               "never read again.")
+                   description="Users erased by `gender-pipeline forget`, with the photos they had in the source "
+                               "then: those are never read again.")
 
 PENDING = "_state/pending"
 OP = "_op"
+# What a pending run keeps of its plan: the listing its photos were read under.
+PLAN_LISTING = pa.schema([pa.field("key", pa.string()), pa.field("size", pa.int64()),
+                          pa.field("modified", TIMESTAMP), pa.field("first_seen_run", pa.string())])
 
 
 def listing_table(objects: list[ObjectInfo]) -> pa.Table:
@@ -109,6 +121,17 @@ def _register(con, name: str, data) -> None:
     """A listing (or a table with a `key` column) as `name`, and `{name}_all` unfiltered."""
     (data if isinstance(data, SourceListing) else SourceListing(data)).view(con, name)
 
+
+# A listed photo (`work`) that a tombstone (`e`) covers: listed as it was when `forget`
+# listed the source (the listing's time compared to the second: S3 lists whole seconds,
+# and a store may list more digits in one call than another). Tombstones written before
+# the photos were recorded fall back to the listing's time against the erasure's.
+def erased_photo_sql(listed: str) -> str:
+    """The SQL condition, for a tombstone `e` and a listed photo `listed` (key, size,
+    modified), that the tombstone covers the photo."""
+    return f"""((e.source_listed AND e.photo_key = {listed}.key AND e.size IS NOT DISTINCT FROM {listed}.size
+       AND date_trunc('second', e.uploaded_at) IS NOT DISTINCT FROM date_trunc('second', {listed}.modified))
+    OR (e.source_listed IS NULL AND ({listed}.modified IS NULL OR {listed}.modified <= e.erased_at)))"""
 
 # A key without a usable user id: no '/', an empty segment, or a '.' or '..' segment
 # (core.scoring.user_of, in SQL).
@@ -152,10 +175,13 @@ class NightPlan:
         return [ObjectInfo(key, int(size or 0), modified) for key, size, modified in zip(*columns)]
 
     def known_hashes(self) -> dict[str, set[str]]:
-        """Content already answered for the changed keys: the same bytes are not scored twice.
-        Refreshed photos are scored again whatever their bytes."""
+        """Content this run's model already answered, for the changed keys: the same bytes
+        are not answered twice by the same model (read again, they are a `touch`). Bytes
+        another model answered are scored again (the refresh, for free: they were read)."""
         known = self.to_read.filter(pc.and_(pc.is_valid(self.to_read["known_sha"]),
                                             pc.not_equal(self.to_read["why"], "refresh")))
+        if self.model:
+            known = known.filter(pc.equal(known["known_model"], self.model))
         return {key: {sha} for key, sha in zip(known["key"].to_pylist(), known["known_sha"].to_pylist())}
 
 
@@ -209,20 +235,38 @@ class OutputState:
         seen += [m["seq"] for m in self._pending()]
         return max([s for s in seen if s is not None], default=0) + 1
 
-    def _marker_key(self, seq: int, run_id: str) -> str:
-        return f"{PENDING}/{seq:012d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', run_id)}.json"
+    def _marker_key(self, seq: int, run_id: str, suffix: str = ".json") -> str:
+        return f"{PENDING}/{seq:012d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', run_id)}{suffix}"
 
-    def begin(self, seq: int, run_id: str, scoring_date: date) -> None:
-        """Before a run publishes history rows: say so, for the next run if this one dies."""
+    def begin(self, seq: int, run_id: str, scoring_date: date, to_read: pa.Table | None = None) -> None:
+        """Before a run publishes history rows: say so, for the next run if this one dies.
+        `to_read` (the plan's photos: key, size, modified, first_seen_run) is kept beside
+        the marker, so that the published rows are applied with the listing they were read
+        under, not with a later one."""
         record = {"seq": seq, "run_id": run_id, "scoring_date": scoring_date.isoformat()}
+        if to_read is not None:
+            buffer = io.BytesIO()
+            pq.write_table(to_read.select(list(PLAN_LISTING.names)).cast(PLAN_LISTING), buffer, compression="zstd")
+            record["listing"] = self._marker_key(seq, run_id, ".parquet")
+            self.store.write_atomic(record["listing"], buffer.getvalue())
         self.store.write_atomic(self._marker_key(seq, run_id), json.dumps(record).encode())
 
     def end(self, seq: int, run_id: str) -> None:
-        path = self.store.path(self._marker_key(seq, run_id))
+        for suffix in (".json", ".parquet"):
+            path = self.store.path(self._marker_key(seq, run_id, suffix))
+            try:
+                with_retries(lambda p=path: self.store.fs.rm_file(p), f"removing {path}")
+            except FileNotFoundError:
+                pass
+
+    def _marker_listing(self, marker: dict):
+        """The listing a pending run read its photos under (None for markers that kept none)."""
+        if not marker.get("listing"):
+            return None
         try:
-            with_retries(lambda: self.store.fs.rm_file(path), f"removing {path}")
+            return pq.read_table(io.BytesIO(self.store.read(marker["listing"])))
         except FileNotFoundError:
-            pass
+            return None
 
     def run_files(self, run_id: str, scoring_date: str) -> list[str]:
         """History files a run published (keys), found by name in its date partition."""
@@ -238,7 +282,8 @@ class OutputState:
 
     def catch_up(self, objects) -> list[str]:
         """Apply the published rows of runs that died before updating the tables (in run
-        order), against `objects` (the night's listing); returns their run ids."""
+        order), with the listing each run read them under (`objects`, the night's listing,
+        for markers that kept none); returns the ids of the runs that had published rows."""
         done = []
         for marker in self._pending():
             files = self.run_files(marker["run_id"], marker["scoring_date"])
@@ -246,9 +291,10 @@ class OutputState:
             if rows.num_rows:
                 log.warning("applying %d published rows of run %s, which stopped before updating the users "
                             "table", rows.num_rows, marker["run_id"])
-                self.apply(rows, objects, seq=marker["seq"], checked_at=None)
+                listed = self._marker_listing(marker)
+                self.apply(rows, objects if listed is None else listed, seq=marker["seq"], checked_at=None)
+                done.append(marker["run_id"])
             self.end(marker["seq"], marker["run_id"])
-            done.append(marker["run_id"])
         return done
 
     # -- the night's plan -----------------------------------------------------------------
@@ -257,11 +303,16 @@ class OutputState:
         """Catch up, (re)build what is missing, and join the listing with the state.
 
         `listing` is a SourceListing (or an Arrow table or dataset): the photos of its
-        opted-out users are left out. The photos to read are the new
-        ones, the changed ones (modified since their bytes were last checked), the ones
-        whose last read failed (`read_error`), and up to `refresh_budget` photos that back
-        an answer from another model than `model`, oldest answers first. Photos that were
-        in the source when their user was erased are never read again.
+        opted-out users are left out. The photos to read are the new ones, the changed
+        ones, the ones whose last read failed (`read_error`), and up to `refresh_budget`
+        photos that back an answer from another model than `model`, oldest answers first.
+        Photos that were in the source when their user was erased are never read again.
+
+        One clock: "changed" means the listing's size or time differs from what the
+        listing said when the photo's bytes were last read (the state keeps both), and
+        "erased" means listed as it was when `forget` listed the source. An object's time
+        is never compared with this machine's clock, so an upload dated in the future (a
+        skewed uploader or storage clock) is read once, like any other.
         """
         if not isinstance(listing, SourceListing):
             listing = SourceListing(listing)
@@ -291,23 +342,25 @@ class OutputState:
             con.execute(f"""
                 CREATE TEMP TABLE work AS
                 SELECT coalesce(l.key, s.photo_key) AS key, l.size, l.modified, s.photo_sha256 AS known_sha,
+                       s.model_name || '@' || s.model_version AS known_model, s.first_seen_run,
                        s.user_id AS state_user, s.answered_on,
                        CASE WHEN l.key IS NULL THEN 'removed' WHEN s.photo_key IS NULL THEN 'new'
                             WHEN s.reject_reason IN ({retry}) THEN 'retry' ELSE 'changed' END AS why
                 FROM listing l FULL OUTER JOIN
-                     (SELECT photo_key, user_id, photo_sha256, reject_reason, checked_at, answered_on FROM state) s
+                     (SELECT photo_key, user_id, size, uploaded_at, photo_sha256, reject_reason, model_name,
+                             model_version, first_seen_run, answered_on FROM state) s
                      ON l.key = s.photo_key
                 WHERE s.photo_key IS NULL OR l.key IS NULL OR s.reject_reason IN ({retry})
-                      OR l.modified IS NULL OR l.modified >= s.checked_at""")
+                      OR l.modified IS DISTINCT FROM s.uploaded_at OR l.size IS DISTINCT FROM s.size""")
             # Photos that were in the source when their user was erased: never read again.
-            erased_skipped = con.execute("""
+            erased_skipped = con.execute(f"""
                 DELETE FROM work WHERE why = 'new' AND EXISTS (
-                    SELECT 1 FROM erased e WHERE e.user_id = split_part(work.key, '/', 1)
-                    AND (work.modified IS NULL OR work.modified <= e.erased_at))""").fetchall()[0][0]
+                    SELECT 1 FROM erased e WHERE e.user_id = split_part(work.key, '/', 1) AND {erased_photo_sql('work')})
+                """).fetchall()[0][0]
             removed = con.arrow("SELECT key AS photo_key, state_user AS user_id, answered_on FROM work "
                                 "WHERE why = 'removed'")
-            to_read = con.arrow("SELECT key, size, modified, known_sha, why, answered_on FROM work "
-                                "WHERE why <> 'removed' ORDER BY modified NULLS FIRST, key")
+            to_read = con.arrow("SELECT key, size, modified, known_sha, known_model, first_seen_run, why, "
+                                "answered_on FROM work WHERE why <> 'removed' ORDER BY modified NULLS FIRST, key")
             users_total = behind = 0
             if users is not None:
                 name, version = model_ref(model)
@@ -322,9 +375,10 @@ class OutputState:
                             WHERE (model_name IS DISTINCT FROM $1 OR model_version IS DISTINCT FROM $2)
                               AND photo_key NOT IN (SELECT key FROM work)
                             ORDER BY answered_at, user_id LIMIT $3)
-                        SELECT l.key, l.size, l.modified, NULL::VARCHAR AS known_sha, 'refresh' AS why,
-                               r.answered_on
+                        SELECT l.key, l.size, l.modified, NULL::VARCHAR AS known_sha, NULL::VARCHAR AS known_model,
+                               s.first_seen_run, 'refresh' AS why, r.answered_on
                         FROM stale r JOIN listing l ON l.key = r.photo_key
+                             JOIN state s ON s.photo_key = r.photo_key
                         ORDER BY r.answered_at, l.key""", [name, version, refresh_budget])
                     to_read = pa.concat_tables([to_read, refresh.cast(to_read.schema)])
         return NightPlan(seq=seq, model=model, to_read=to_read, removed=removed, listed=total,
@@ -423,15 +477,29 @@ class OutputState:
             self._merge_users(existing, rows_now, seq, report, before_commit, model)
         return report
 
+    def apply_night(self, plan: NightPlan, rows: pa.Table, same_content: list[str], listed_at: datetime,
+                    run_id: str, before_commit=lambda: None) -> Applied:
+        """After a night's history rows (`rows`, with `dt`) are published: its answers, the
+        photos read again with the same bytes (`same_content`) and the photos gone from the
+        source, applied to both tables; then the run's marker goes."""
+        touched = plan.to_read.filter(pc.is_in(plan.to_read["key"], pa.array(sorted(set(same_content)), pa.string())))
+        applied = self.apply(rows, plan.to_read, plan.seq, listed_at, touched=touched.select(["key", "size", "modified"]),
+                             removed=plan.removed, partitions=plan.partitions(), before_commit=before_commit,
+                             model=plan.model)
+        self.end(plan.seq, run_id)
+        return applied
+
     def _changes(self, con, rows, objects, checked_at, touched, removed) -> tuple[pa.Table, pa.Table]:
         """The night's changes to the photo state (its columns plus `_op`), and the upserts."""
         con.register("night_rows", rows)
         _register(con, "objects", objects)
-        upserts = con.arrow("""
+        seen = ("o.first_seen_run" if "first_seen_run" in con.sql("SELECT * FROM objects LIMIT 0").columns
+                else "NULL")
+        upserts = con.arrow(f"""
             SELECT r.photo_key, r.user_id, o.size, o.modified AS uploaded_at, r.photo_sha256, r.status,
                    r.reject_reason, r.gender, r.p_male, r.confidence, r.model_name, r.model_version,
                    r.scored_at AS answered_at, r.scored_at AS checked_at, r.run_id,
-                   CAST(r.dt AS DATE) AS answered_on
+                   coalesce({seen}, r.run_id) AS first_seen_run, CAST(r.dt AS DATE) AS answered_on
             FROM night_rows r JOIN objects o ON o.key = r.photo_key
             QUALIFY row_number() OVER (PARTITION BY r.photo_key ORDER BY r.scored_at DESC) = 1
             """).cast(PHOTOS_SCHEMA)
@@ -469,7 +537,11 @@ class OutputState:
 
     def rebuild(self, listing, seq: int, replace: bool = False) -> tuple[int, int]:
         """`_state/photos` and `users` from scratch: the history's latest answer per key
-        still in `listing`, minus what erasures removed; returns (photos, users). Tables of
+        still in `listing`, minus what erasures removed; returns (photos, users).
+        The history does not say what the listing said when a photo was read: a photo
+        listed with a time after its answer's is read again by the next night (its size
+        is left unknown; the hash decides whether it is a new answer or a touch) — the
+        one place where an object's time meets this machine's, and it errs towards a read. Tables of
         ours are replaced in one commit each; anything else under their names stays an
         error unless `replace` (`rebuild-users --replace`) deletes it first."""
         for table in (self.photos, self.users):
@@ -487,17 +559,21 @@ class OutputState:
             _register(con, "listing", listing)
             con.register("history", history if history is not None else _empty_history())
             self.erased.view(con, "erased", erased)
-            state = con.arrow("""
+            state = con.arrow(f"""
                 WITH latest AS (
-                    SELECT * FROM history
+                    SELECT *, first_value(run_id) OVER (PARTITION BY photo_key ORDER BY scored_at, run_id)
+                              AS first_seen_run
+                    FROM history
                     QUALIFY row_number() OVER (PARTITION BY photo_key ORDER BY scored_at DESC, run_id DESC) = 1)
-                SELECT h.photo_key, h.user_id, l.size, l.modified AS uploaded_at, h.photo_sha256, h.status,
+                SELECT h.photo_key, h.user_id,
+                       CASE WHEN l.modified > h.scored_at THEN NULL ELSE l.size END AS size,
+                       l.modified AS uploaded_at, h.photo_sha256, h.status,
                        h.reject_reason, h.gender, h.p_male, h.confidence, h.model_name, h.model_version,
-                       h.scored_at AS answered_at, h.scored_at AS checked_at, h.run_id,
+                       h.scored_at AS answered_at, h.scored_at AS checked_at, h.run_id, h.first_seen_run,
                        CAST(h.dt AS DATE) AS answered_on
                 FROM latest h JOIN listing l ON l.key = h.photo_key
                 WHERE NOT EXISTS (SELECT 1 FROM erased e WHERE e.user_id = h.user_id
-                                  AND h.scored_at <= e.erased_at)""").cast(PHOTOS_SCHEMA)
+                                  AND {erased_photo_sql('l')})""").cast(PHOTOS_SCHEMA)
             users = answers(con, state)
         mode = "overwrite"
         self.photos.create(state, seq=seq, mode=mode)
@@ -624,26 +700,30 @@ class Erasure:
     users_removed: int = 0  # rows of the users table
     vacuumed: int = 0  # files Delta kept for time travel, deleted
     source_keys: list[str] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)  # ids found nowhere: not in the history, the tables or the source
     seconds: float = 0.0
 
 
-def erase_from_history(store: Store, user_ids: list[str], workers: int = 16) -> tuple[int, int, int, int]:
+def erase_from_history(store: Store, user_ids: list[str], workers: int = 16) -> tuple[int, int, int, int, set[str]]:
     """Remove the rows of `user_ids` from every history file in one pass: each file's
     user_id column is read (concurrently), and only files that hold one of them are
-    rewritten (atomically) or deleted. Returns (rows removed, files read, rewritten, deleted)."""
+    rewritten (atomically) or deleted. Returns (rows removed, files read, rewritten,
+    deleted, the ids found)."""
     from concurrent.futures import ThreadPoolExecutor
 
     wanted = pa.array(sorted(set(user_ids)), pa.string())
     files = published_files(store)
 
-    def holds(key: str) -> bool:
+    def holds(key: str) -> set[str]:
         def read() -> pa.Table:
             with store.fs.open(store.path(key), "rb") as handle:
                 return pq.read_table(handle, columns=["user_id"])
-        return bool(pc.any(pc.is_in(with_retries(read, f"reading {key}")["user_id"], wanted)).as_py())
+        ids = with_retries(read, f"reading {key}")["user_id"]
+        return set(pc.unique(pc.filter(ids, pc.fill_null(pc.is_in(ids, wanted), False))).to_pylist())
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        affected = [key for key, hit in zip(files, pool.map(holds, files)) if hit]
+        found = list(pool.map(holds, files))
+    affected = [key for key, hit in zip(files, found) if hit]
     removed = rewritten = deleted = 0
     for key in affected:
         table = pq.read_table(io.BytesIO(store.read(key)))
@@ -658,14 +738,18 @@ def erase_from_history(store: Store, user_ids: list[str], workers: int = 16) -> 
         else:
             with_retries(lambda k=key: store.fs.rm_file(store.path(k)), f"removing {key}")
             deleted += 1
-    return removed, len(files), rewritten, deleted
+    return removed, len(files), rewritten, deleted, set().union(*found)
 
 
-def erase(state: OutputState, user_ids: list[str], erased_at: datetime, source: Store | None = None) -> Erasure:
-    """Erase users in one pass: a tombstone each first (so that no later run reads the
-    photos they have in the source now), then their rows out of every history file, the
-    photo state and the users table, then VACUUM of both tables so that the rewritten
-    files are gone from storage, not only from the current version."""
+def erase(state: OutputState, user_ids: list[str], erased_at: datetime, source: Store) -> Erasure:
+    """Erase users in one pass: a tombstone each first, then their rows out of every
+    history file, the photo state and the users table, then VACUUM of the tables that
+    changed, so that the rewritten files are gone from storage, not only from the current
+    version.
+
+    The tombstone records the photos each user has in `source` now, as the source lists
+    them (key, size, time): later runs never read a photo still listed so, whatever its
+    time says; a photo uploaded (or overwritten) after this is scored."""
     import time
 
     started = time.perf_counter()
@@ -674,39 +758,57 @@ def erase(state: OutputState, user_ids: list[str], erased_at: datetime, source: 
         raise ValueError("no user id to erase")
     report = Erasure(users=len(ids), erased_at=erased_at)
     id_table = pa.table({"user_id": pa.array(ids, pa.string())})
-    state.erased.open_or_create()
-    state.erased.append(pa.table({"user_id": id_table["user_id"],
-                                  "erased_at": pa.array([erased_at] * len(ids), TIMESTAMP)}), None)
     photos = state.photos.open()
-    with duckdb_session() as con:
+    with duckdb_session() as con:  # what the photo state knows of them (a rebuilt history may lack them)
         state.photos.view(con, "state", photos)
-        keys = _rows_where(con, "state", "user_id", id_table["user_id"], ["photo_key"])["photo_key"].to_pylist()
-    report.source_keys = sorted(keys) if source is None else _keys_under(source, ids)
-    report.rows_removed, report.files_read, report.files_rewritten, report.files_deleted = \
+        known = set(_rows_where(con, "state", "user_id", id_table["user_id"], ["user_id"])["user_id"].to_pylist())
+    listed = _objects_under(source, ids)
+    report.source_keys = [o.key for o in listed]
+    state.erased.open_or_create()
+    state.erased.append(_tombstones(ids, listed, erased_at), None)
+    report.rows_removed, report.files_read, report.files_rewritten, report.files_deleted, found = \
         erase_from_history(state.store, ids)
+    found |= known | {o.key.split("/", 1)[0] for o in listed}
     for table, attr in ((state.photos, "photos_removed"), (state.users, "users_removed")):
-        delta = table.open()
-        if delta is None:
+        if table.open() is None:
             continue
         metrics = table.delete_matching(id_table, "user_id")
-        setattr(report, attr, int(metrics.get("num_target_rows_deleted", 0)))
-        report.vacuumed += len(table.vacuum())
+        deleted = int(metrics.get("num_target_rows_deleted", 0))
+        setattr(report, attr, deleted)
+        if deleted:  # nothing deleted: no file to vacuum
+            report.vacuumed += len(table.vacuum())
+    report.unmatched = [u for u in ids if u not in found]
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _keys_under(source: Store, user_ids: list[str]) -> list[str]:
+def _tombstones(ids: list[str], listed: list[ObjectInfo], erased_at: datetime) -> pa.Table:
+    """One row per listed photo of each user (listed under `{user_id}/`), and one without
+    a key for a user with none."""
+    rows = [(o.key.split("/", 1)[0], o.key, o.size, o.modified) for o in listed]
+    with_photos = {user for user, *_ in rows}
+    rows += [(user, None, None, None) for user in ids if user not in with_photos]
+    users, keys, sizes, times = (list(column) for column in zip(*rows)) if rows else ([], [], [], [])
+    count = len(users)
+    return pa.table({"user_id": pa.array(users, pa.string()),
+                     "erased_at": pa.array([erased_at] * count, TIMESTAMP),
+                     "source_listed": pa.array([True] * count, pa.bool_()),
+                     "photo_key": pa.array(keys, pa.string()), "size": pa.array(sizes, pa.int64()),
+                     "uploaded_at": pa.array(times, TIMESTAMP)})
+
+
+def _objects_under(source: Store, user_ids: list[str]) -> list[ObjectInfo]:
     """The objects under `{source}/{user_id}/` for each user (listed concurrently)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def under(user: str) -> list[str]:
+    def under(user: str) -> list[ObjectInfo]:
         try:
-            return [o.key for o in source.list_objects(user)]
+            return source.list_objects(user)
         except FileNotFoundError:
             return []
 
     with ThreadPoolExecutor(max_workers=16) as pool:
-        return sorted(k for keys in pool.map(under, user_ids) for k in keys)
+        return sorted((o for found in pool.map(under, user_ids) for o in found), key=lambda o: o.key)
 
 
 def output_status(state: OutputState) -> dict:

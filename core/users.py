@@ -4,17 +4,27 @@
 rule, written down once (here) and applied to the photos the pipeline knows of a user
 (see core.state: every photo still in the source, with its latest answer):
 
-1. The user's newest photo by upload time that was *scored* gives the answer (its gender,
-   p_male and confidence, from the model that scored it). `unknown` (under the abstain
-   threshold) is an answer too.
+1. The user's newest photo by upload time whose latest answer is *scored* gives the
+   answer (its gender, p_male and confidence, from the model that scored it). `unknown`
+   (under the abstain threshold) is an answer too.
 2. A newer photo that was rejected does not take the answer away: `newest_photo_key` and
    `newest_reject_reason` say that the newest photo was rejected, and why.
 3. A photo no longer in the source backs nothing: the user falls back to their next newest
    scored photo, or leaves the table.
+4. An erased user's photos that were in the source when `forget` listed it are never
+   answered again; a photo uploaded after the erasure is.
 
-Ties in upload time go to the later answer, then to the larger key. The table is
-partitioned by `answered_on` (the day of the answer's run), so a night's MERGE rewrites
-only the days of the users it changes.
+One clock: the upload time is the time the *source's listing* gives the object (its
+Last-Modified), as listed when the photo was last read. It is only ever compared with
+other times from the same listing, never with this machine's clock: what is new or
+changed is what the listing says differently from the last time (size or time), and what
+is erased is what was listed so when `forget` listed the source. A photo dated in the
+future by a skewed clock is therefore read once and ordered by the time it carries.
+Ties in upload time go to the larger key (so the answer never depends on when a photo
+was answered, and a rebuild from the history gives the same row).
+
+The table is partitioned by `answered_on` (the day of the answer's run), so a night's
+MERGE rewrites only the days of the users it changes.
 """
 
 from __future__ import annotations
@@ -50,8 +60,8 @@ USERS = TableSpec(
     stats_columns=("gender", "p_male", "confidence", "uploaded_at", "answered_at", "model_name", "model_version"),
     description="One current gender answer per user, kept by gender-pipeline's nightly-scoring flow.")
 
-# "Newest first": by upload time, then the later answer, then the larger key.
-NEWEST_FIRST = "uploaded_at DESC NULLS LAST, answered_at DESC, photo_key DESC"
+# "Newest first": by upload time (the listing's), then the larger key.
+NEWEST_FIRST = "uploaded_at DESC NULLS LAST, photo_key DESC"
 
 # The rule, over a relation `photos` with the photo state's columns.
 ANSWERS_SQL = f"""

@@ -184,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a text file (path or URL) with one user id per line; - reads standard input")
     forget.add_argument("--output", required=True, help="the output's URL or path (as given to score)")
     forget.add_argument("--source", default=None,
-                        help="the uploads' URL or path: list the users' objects there (default: the photos the "
-                             "last run saw)")
+                        help="the uploads' URL or path, listed for the users' photos that later runs must never "
+                             "read (default: the source of the output's last run)")
     forget.add_argument("--lock-wait", type=float, default=0,
                         help="seconds to wait for a scoring run on the output to finish (default: fail at once)")
     _add_storage(forget)
@@ -235,9 +235,10 @@ def _forget(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
 
     from core.locking import acquire
-    from core.run_history import ERASURES, record_run
+    from core.run_history import ERASURES, recent_runs, record_run
     from core.state import OutputState, erase
-    from core.storage import Store, read_lines, storage_options
+    from core.storage import StorageError, Store, read_lines, storage_options
+    from core.words import plural
 
     ids = list(args.user_id)
     if args.users_from:
@@ -246,7 +247,14 @@ def _forget(args: argparse.Namespace) -> int:
         print("gender-pipeline: forget needs --user-id or --users-from", file=sys.stderr)
         return EXIT_USAGE
     store = _output(args)
-    source = Store(args.source, storage_options(args.endpoint_url)) if args.source else None
+    source_url = args.source or next((r.get("source") for r in reversed(recent_runs(store)) if r.get("source")), None)
+    if not source_url:
+        print("gender-pipeline: forget needs --source: no run of this output recorded where its photos are",
+              file=sys.stderr)
+        return EXIT_USAGE
+    source = Store(source_url, storage_options(args.endpoint_url))
+    if not source.exists():
+        raise StorageError(f"source {source_url} does not exist", transient=False)
     lease = acquire(store, f"forget-{os.getpid()}", wait_seconds=args.lock_wait)
     try:
         now = datetime.now(timezone.utc)
@@ -256,13 +264,19 @@ def _forget(args: argparse.Namespace) -> int:
                            "files_rewritten": report.files_rewritten + report.files_deleted}, folder=ERASURES)
     finally:
         lease.release()
+    if report.unmatched:
+        shown = ", ".join(report.unmatched[:10]) + (f" and {len(report.unmatched) - 10} more"
+                                                     if len(report.unmatched) > 10 else "")
+        print(f"gender-pipeline: warning: {plural(len(report.unmatched), 'user id')} matched nothing in the "
+              f"history, the tables or {source_url} ({shown}): check the ids. Their tombstones were written all "
+              f"the same.", file=sys.stderr)
     print(json.dumps({"users": report.users, "erased_at": report.erased_at.isoformat(),
                       "rows_removed": report.rows_removed, "history_files_read": report.files_read,
                       "history_files_rewritten": report.files_rewritten,
                       "history_files_deleted": report.files_deleted, "photo_state_rows_removed": report.photos_removed,
                       "users_table_rows_removed": report.users_removed, "files_vacuumed": report.vacuumed,
-                      "seconds": round(report.seconds, 3),
-                      "source_objects": report.source_keys,
+                      "seconds": round(report.seconds, 3), "source": source_url,
+                      "source_objects": report.source_keys, "unmatched_user_ids": report.unmatched,
                       "note": "the source objects above are the shop's to delete; later runs never read them"},
                      indent=2))
     return 0

@@ -11,8 +11,6 @@ from datetime import date, datetime
 from functools import lru_cache
 
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
 from prefect import get_run_logger, task
 from prefect.artifacts import (create_link_artifact, create_markdown_artifact,
                                create_progress_artifact, create_table_artifact,
@@ -123,7 +121,7 @@ def list_new_photos(source: str, output: str, endpoint_url: str | None, listed_a
     for warning in warnings:
         logger.warning(warning)
     if run_id and (to_read or plan.removed.num_rows):
-        OutputState(output_store).begin(plan.seq, run_id, scoring_date or listed_at.date())
+        OutputState(output_store).begin(plan.seq, run_id, scoring_date or listed_at.date(), plan.to_read)
     return Listing(to_read, plan.known_hashes(), plan.unchanged, listed_at, plan.listed, warnings, recent, plan,
                    waiting, erasures)
 
@@ -208,7 +206,6 @@ def update_users_table(output: str, endpoint_url: str | None, listing: Listing, 
     plan = listing.plan
     rows = [row for result in results if result.written for row in result.rows]
     same = sorted({key for result in results for key in result.stats.same_content})
-    touched = plan.to_read.filter(pc.is_in(plan.to_read["key"], pa.array(same, pa.string())))
 
     def still_ours() -> None:
         STOP.check()
@@ -216,13 +213,11 @@ def update_users_table(output: str, endpoint_url: str | None, listing: Listing, 
             lease.check(store)
 
     state = OutputState(store)
-    if not (rows or touched.num_rows or plan.removed.num_rows):
+    if not (rows or same or plan.removed.num_rows):
         return UsersUpdate(Applied(), plan.users, plan.behind, plan.model, plan.refresh_budget,
                            time.perf_counter() - started)
-    applied = state.apply(rows_table(rows, scoring_date), plan.to_read, plan.seq, listing.listed_at,
-                          touched=touched.select(["key", "size", "modified"]), removed=plan.removed,
-                          partitions=plan.partitions(), before_commit=still_ours, model=plan.model)
-    state.end(plan.seq, run_id)
+    applied = state.apply_night(plan, rows_table(rows, scoring_date), same, listing.listed_at, run_id,
+                                before_commit=still_ours)
     # The counts of the plan (taken under the same lock), moved by what this night changed
     # (counted again when an earlier attempt of this step had committed part of it).
     users, behind = (state.user_counts(plan.model) if applied.skipped else

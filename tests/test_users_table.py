@@ -42,6 +42,19 @@ class Lake:
         self.store = Store(str(root))
         self.state = OutputState(self.store)
         self.night, self.one_day = 0, one_day
+        self.source = root.parent / f"{root.name}-source"  # the objects of the last night, as files
+
+    def put(self, objects):
+        """The source holds `objects` ({key: upload time}, 10 bytes each), and nothing else."""
+        import os
+        import shutil
+
+        shutil.rmtree(self.source, ignore_errors=True)
+        for key, at in objects.items():
+            path = self.source / key
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"0123456789")
+            os.utime(path, ns=(int(at.timestamp() * 1e9),) * 2)
 
     def run(self, objects, answer, model="m@1", budget=10_000, excluded=()):
         """One night: plan against `objects` ({key: upload time}); `answer(key, why)` gives the
@@ -49,6 +62,7 @@ class Lake:
         self.night += 1
         day = date(2026, 3, 1 if self.one_day else self.night)
         at = T0 + timedelta(days=self.night - 1)
+        self.put(objects)
         listing = SourceListing(listing_table([ObjectInfo(k, 10, t) for k, t in objects.items()]), tuple(excluded))
         plan = self.state.plan(listing, model, budget)
         run_id = f"run{self.night}"
@@ -57,13 +71,9 @@ class Lake:
             row = answer(item["key"], item["why"], run_id, at)
             (rows.append(row) if row is not None else same.append(item["key"]))
         if rows:
-            self.state.begin(plan.seq, run_id, day)
+            self.state.begin(plan.seq, run_id, day, plan.to_read)
             write_predictions(self.store, to_table(rows), day, f"part-{run_id}-00000")
-        touched = plan.to_read.filter(pa.compute.is_in(plan.to_read["key"], pa.array(same, pa.string())))
-        self.state.apply(rows_table(rows, day), plan.to_read, plan.seq, at,
-                         touched=touched.select(["key", "size", "modified"]), removed=plan.removed,
-                         partitions=plan.partitions())
-        self.state.end(plan.seq, run_id)
+        self.state.apply_night(plan, rows_table(rows, day), same, at, run_id)
         return plan
 
 
@@ -244,7 +254,7 @@ def test_erasure_of_many_users_in_one_pass_stays_erased(tmp_path):
     gone = [f"user{i:03d}" for i in (3, 7, 25)]
     assert all(u in everything_stored(tmp_path / "lake") for u in gone)
     erased_at = T0 + timedelta(days=2)
-    report = erase(lake.state, gone, erased_at)
+    report = erase(lake.state, gone, erased_at, Store(str(lake.source)))
     assert report.users == 3 and report.rows_removed == 4 and report.files_read == 2
     assert report.files_rewritten == 2 and report.users_removed == 3 and report.photos_removed == 4
     assert report.vacuumed >= 2
