@@ -289,6 +289,7 @@ class _Preparer:
                  device: str | None = None) -> None:
         self.options, self.framing, self.workers, self.decode_only = options, framing, workers, decode_only
         self.job = job or _prepare_in_worker  # an importable function: workers are spawned
+        self.inline_job = job  # a given job runs in this process too when there are no workers
         self.checkpoint = checkpoint
         self.pool: ProcessPoolExecutor | None = None
         self.inflight: deque[tuple[tuple, Future, str | None]] = deque()
@@ -330,6 +331,8 @@ class _Preparer:
 
     def submit(self, item: tuple) -> Prepared | None:
         if self.pool is None:
+            if self.inline_job is not None:
+                return self.inline_job(*item)
             key, data, sha = item
             return prepare_photo(key, data, sha, self.framing, self.options.limits,
                                  self.options.detect_side, self.options.jpeg_device, self.decode_only,

@@ -81,9 +81,11 @@ ERASED = TableSpec(name="gender-pipeline erasures", schema=ERASED_SCHEMA, stats_
 
 PENDING = "_state/pending"
 OP = "_op"
-# What a pending run keeps of its plan: the listing its photos were read under.
+# What a pending run keeps of its plan: the listing its photos were read under, and the
+# photos it found gone (`removed`).
 PLAN_LISTING = pa.schema([pa.field("key", pa.string()), pa.field("size", pa.int64()),
-                          pa.field("modified", TIMESTAMP), pa.field("first_seen_run", pa.string())])
+                          pa.field("modified", TIMESTAMP), pa.field("first_seen_run", pa.string()),
+                          pa.field("removed", pa.bool_())])
 
 
 def listing_table(objects: list[ObjectInfo]) -> pa.Table:
@@ -122,10 +124,14 @@ def _register(con, name: str, data) -> None:
     (data if isinstance(data, SourceListing) else SourceListing(data)).view(con, name)
 
 
-# A listed photo (`work`) that a tombstone (`e`) covers: listed as it was when `forget`
-# listed the source (the listing's time compared to the second: S3 lists whole seconds,
-# and a store may list more digits in one call than another). Tombstones written before
-# the photos were recorded fall back to the listing's time against the erasure's.
+# Whether a tombstone covers a listed photo: the object as `forget` listed it, the same
+# key, size and listing time (to the second: S3 lists whole seconds, and one way of
+# listing a store may give more digits than another). The time is compared with the
+# time the same listing gave, never with the erasure's: a photo dated ahead of the
+# erasure by a skewed clock is still the photo that was there. Anything written under
+# the key later (a new upload, even of the same file) is a new photo. Tombstones
+# written before the photos were recorded fall back to the listing's time against the
+# erasure's.
 def erased_photo_sql(listed: str) -> str:
     """The SQL condition, for a tombstone `e` and a listed photo `listed` (key, size,
     modified), that the tombstone covers the photo."""
@@ -238,15 +244,24 @@ class OutputState:
     def _marker_key(self, seq: int, run_id: str, suffix: str = ".json") -> str:
         return f"{PENDING}/{seq:012d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', run_id)}{suffix}"
 
-    def begin(self, seq: int, run_id: str, scoring_date: date, to_read: pa.Table | None = None) -> None:
-        """Before a run publishes history rows: say so, for the next run if this one dies.
-        `to_read` (the plan's photos: key, size, modified, first_seen_run) is kept beside
-        the marker, so that the published rows are applied with the listing they were read
-        under, not with a later one."""
+    def begin(self, seq: int, run_id: str, scoring_date: date, plan: NightPlan | None = None) -> None:
+        """Before a run publishes history rows or changes the tables: say so, for the next
+        run if this one dies. The plan's photos (key, size, listing time) and the photos it
+        found gone are kept beside the marker: the published rows are applied with the
+        listing they were read under, and a run that died between its two commits has its
+        users brought up to date."""
         record = {"seq": seq, "run_id": run_id, "scoring_date": scoring_date.isoformat()}
-        if to_read is not None:
+        if plan is not None:
+            read = plan.to_read.select(["key", "size", "modified", "first_seen_run"])
+            gone = plan.removed.select(["photo_key"]).rename_columns(["key"])
+            kept = pa.concat_tables([
+                read.append_column("removed", pa.array([False] * read.num_rows, pa.bool_())).cast(PLAN_LISTING),
+                pa.table({"key": gone["key"], "size": pa.nulls(gone.num_rows, pa.int64()),
+                          "modified": pa.nulls(gone.num_rows, TIMESTAMP),
+                          "first_seen_run": pa.nulls(gone.num_rows, pa.string()),
+                          "removed": pa.array([True] * gone.num_rows, pa.bool_())}).cast(PLAN_LISTING)])
             buffer = io.BytesIO()
-            pq.write_table(to_read.select(list(PLAN_LISTING.names)).cast(PLAN_LISTING), buffer, compression="zstd")
+            pq.write_table(kept, buffer, compression="zstd")
             record["listing"] = self._marker_key(seq, run_id, ".parquet")
             self.store.write_atomic(record["listing"], buffer.getvalue())
         self.store.write_atomic(self._marker_key(seq, run_id), json.dumps(record).encode())
@@ -258,6 +273,20 @@ class OutputState:
                 with_retries(lambda p=path: self.store.fs.rm_file(p), f"removing {path}")
             except FileNotFoundError:
                 pass
+
+    def scrub_pending(self, user_ids: list[str]) -> None:
+        """Erasure: the users' keys out of the listings that pending runs kept."""
+        wanted = pa.array(sorted(set(user_ids)), pa.string())
+        for marker in self._pending():
+            listed = self._marker_listing(marker)
+            if listed is None:
+                continue
+            keep = pc.invert(pc.fill_null(pc.is_in(_user_of(listed["key"]), wanted), False))
+            if pc.all(keep).as_py():
+                continue
+            buffer = io.BytesIO()
+            pq.write_table(listed.filter(keep), buffer, compression="zstd")
+            self.store.write_atomic(marker["listing"], buffer.getvalue())
 
     def _marker_listing(self, marker: dict):
         """The listing a pending run read its photos under (None for markers that kept none)."""
@@ -281,20 +310,32 @@ class OutputState:
                       if n.rsplit("/", 1)[-1].startswith(prefix) and n.endswith(".parquet"))
 
     def catch_up(self, objects) -> list[str]:
-        """Apply the published rows of runs that died before updating the tables (in run
-        order), with the listing each run read them under (`objects`, the night's listing,
-        for markers that kept none); returns the ids of the runs that had published rows."""
+        """Finish what runs that died left (in run order): a run that committed the photo
+        state but not the users table has its users' rows computed again; otherwise its
+        published history rows are applied, with the listing it read them under
+        (`objects`, the night's listing, for markers that kept none). What it had not
+        committed besides (photos gone, the same bytes seen again) tonight's plan finds
+        again. Returns the ids of the runs whose published rows or users were applied."""
         done = []
         for marker in self._pending():
-            files = self.run_files(marker["run_id"], marker["scoring_date"])
+            seq, run_id = marker["seq"], marker["run_id"]
+            files = self.run_files(run_id, marker["scoring_date"])
             rows = read_history_files(self.store, files)
-            if rows.num_rows:
+            listed = self._marker_listing(marker)
+            photos, users = self.photos.open(), self.users.open()
+            if (listed is not None and photos is not None and self.photos.applied(photos, seq)
+                    and not self.users.applied(users, seq)):
+                ids = _user_of(pa.concat_arrays([listed["key"].combine_chunks(), rows["photo_key"].combine_chunks()]))
+                log.warning("bringing the users of run %s up to date: it stopped between its two commits", run_id)
+                self._update_users(pa.array(sorted({u for u in ids.to_pylist() if u}), pa.string()), seq, Applied())
+                done.append(run_id)
+            elif rows.num_rows:
                 log.warning("applying %d published rows of run %s, which stopped before updating the users "
-                            "table", rows.num_rows, marker["run_id"])
-                listed = self._marker_listing(marker)
-                self.apply(rows, objects if listed is None else listed, seq=marker["seq"], checked_at=None)
-                done.append(marker["run_id"])
-            self.end(marker["seq"], marker["run_id"])
+                            "table", rows.num_rows, run_id)
+                self.apply(rows, objects if listed is None else listed.filter(pc.invert(listed["removed"])),
+                           seq=seq, checked_at=None)
+                done.append(run_id)
+            self.end(seq, run_id)
         return done
 
     # -- the night's plan -----------------------------------------------------------------
@@ -465,17 +506,24 @@ class OutputState:
             if self.users.applied(self.users.open(), seq):
                 report.skipped = True
                 return report
+            if before is None:
+                self._update_users(user_ids, seq, report, before_commit, model)
+                return report
             with duckdb_session() as con:
-                if before is not None:
-                    existing, rows_now = answers(con, before), answers(con, after)
-                else:
-                    self.photos.view(con, "state", self.photos.open())
-                    self.users.view(con, "users", users_table)
-                    rows_now = answers(con, _rows_where(con, "state", "user_id", user_ids, PHOTOS_SCHEMA.names))
-                    existing = _rows_where(con, "users", "user_id", user_ids,
-                                           ["user_id", "answered_on", "model_name", "model_version"])
+                existing, rows_now = answers(con, before), answers(con, after)
             self._merge_users(existing, rows_now, seq, report, before_commit, model)
         return report
+
+    def _update_users(self, user_ids: pa.Array, seq: int, report: Applied, before_commit=lambda: None,
+                      model: str = "") -> None:
+        """The users' rows computed again from the photo state as it is, in one MERGE."""
+        with duckdb_session() as con:
+            self.photos.view(con, "state", self.photos.open())
+            self.users.view(con, "users", self.users.open())
+            rows_now = answers(con, _rows_where(con, "state", "user_id", user_ids, PHOTOS_SCHEMA.names))
+            existing = _rows_where(con, "users", "user_id", user_ids,
+                                   ["user_id", "answered_on", "model_name", "model_version"])
+        self._merge_users(existing, rows_now, seq, report, before_commit, model)
 
     def apply_night(self, plan: NightPlan, rows: pa.Table, same_content: list[str], listed_at: datetime,
                     run_id: str, before_commit=lambda: None) -> Applied:
@@ -769,6 +817,7 @@ def erase(state: OutputState, user_ids: list[str], erased_at: datetime, source: 
     report.rows_removed, report.files_read, report.files_rewritten, report.files_deleted, found = \
         erase_from_history(state.store, ids)
     found |= known | {o.key.split("/", 1)[0] for o in listed}
+    state.scrub_pending(ids)
     for table, attr in ((state.photos, "photos_removed"), (state.users, "users_removed")):
         if table.open() is None:
             continue

@@ -10,6 +10,7 @@ import numpy as np
 from core.predictions import PhotoResult
 from core.run_history import completed
 from core.scoring import ScoringStats
+from core.words import plural
 
 # The flow's stages, in order, for the time table.
 STAGES = (("list", "list the source"), ("listing_suite", "check the listing (suite)"),
@@ -66,23 +67,37 @@ def bars(histogram: list[dict], width: int = 30) -> str:
     return "\n".join(lines)
 
 
+def gone_line(summary: dict) -> str | None:
+    """Photos gone from the source tonight and users who left the table, in words."""
+    removed = summary.get("removed") or 0
+    left = (summary.get("users") or {}).get("removed") or 0
+    parts = ([f"{plural(removed, 'photo')} gone from the source"] if removed else []) + (
+        [f"{plural(left, 'user')} left the users table"] if left else [])
+    return ", ".join(parts) or None
+
+
 def headline(summary: dict) -> str:
     """One sentence: what this run did."""
     refreshed = summary.get("refreshed", 0)
-    erased = (f" {summary['erased_users']} users erased since the last run." if summary.get("erased_users") else "")
+    erased = (f" {plural(summary['erased_users'], 'user')} erased since the last run." if summary.get(
+        "erased_users") else "")
+    gone = gone_line(summary)
+    gone = f" {gone[0].upper()}{gone[1:]}." if gone else ""
     if summary["new"] == 0 and not refreshed:
         since = f" since the run of {summary['last_run_at'][:16].replace('T', ' ')} UTC" if summary.get(
             "last_run_at") else ""
         if not summary["listed"]:
             return (f"The source is empty: no photo listed, no file written. {summary['model']} would have "
-                    f"answered.{erased}")
-        return (f"Nothing new{since}: the {summary['listed']} photos listed were all answered before; "
-                f"no file written. {summary['model']} would have answered.{erased}")
-    what = f"{summary['new']} new photos"
+                    f"answered.{gone}{erased}")
+        listed = ("the photo listed was" if summary["listed"] == 1
+                  else f"the {plural(summary['listed'], 'photo')} listed were all")
+        return (f"Nothing new{since}: {listed} answered before; no file written. {summary['model']} would have "
+                f"answered.{gone}{erased}")
+    what = plural(summary["new"], "new photo")
     if refreshed:
         what += f" and {refreshed} re-scored (their users had another model's answer)"
     return (f"{what}: {summary['scored']} scored, {summary['rejected']} rejected, by {summary['model']}; "
-            f"{summary['skipped_unchanged']} photos unchanged since their last answer.{erased}")
+            f"{plural(summary['skipped_unchanged'], 'photo')} unchanged since their last answer.{gone}{erased}")
 
 
 def users_line(summary: dict) -> str | None:
@@ -93,13 +108,14 @@ def users_line(summary: dict) -> str | None:
     if not users["users"]:
         return "the users table has no user with an answer yet"
     if not users["behind"]:
-        return f"{users['users']} users, every answer from {users['model']}"
+        return f"{plural(users['users'], 'user')}, every answer from {users['model']}"
     if users["nights_left"] is None:
         left = "--refresh-budget is 0: they keep their answers"
     else:
-        left = f"{users['nights_left']} more night(s) at --refresh-budget {users['refresh_budget']}"
-    return (f"{users['users']} users; {users['model']} answers {users['on_model']} ({100 * users['share']:.1f}%), "
-            f"{users['behind']} still have another model's answer: {left}")
+        left = f"{plural(users['nights_left'], 'more night')} at --refresh-budget {users['refresh_budget']}"
+    behind = ("1 still has" if users["behind"] == 1 else f"{users['behind']:,} still have")
+    return (f"{plural(users['users'], 'user')}; {users['model']} answers {users['on_model']} "
+            f"({100 * users['share']:.1f}%), {behind} another model's answer: {left}")
 
 
 def outcome(summary: dict) -> tuple[str, str]:
@@ -115,13 +131,21 @@ def outcome(summary: dict) -> tuple[str, str]:
         last = summary.get("last_run_at")
         message = "nothing new" + (f" since {str(last)[:16].replace('T', ' ')} UTC" if last else "")
         tag = "nothing-new"
+    gone = gone_line(summary)
+    if gone:
+        message += f"; {gone}"
     alarms = summary.get("alarms") or []
     if warnings or alarms:
-        notes = warnings + alarms
-        message = f"completed with {len(notes)} warning{'s' if len(notes) > 1 else ''}: {notes[0]}" + (
-            f" ({message})" if tag == "scored" else "")
+        notes = warnings + alarms  # every one: the runs list shows no more than this line
+        message = f"{plural(len(notes), 'warning')}: {'; '.join(notes)} ({message})"
         tag = "warnings"
     return tag, message
+
+
+def state_name(tag: str) -> str:
+    """The name of a completed run's final state: a night with warnings or alarms reads
+    apart from a clean one in the runs list."""
+    return "Warnings" if tag == "warnings" else "Completed"
 
 
 def suites_line(summary: dict) -> str | None:
@@ -190,7 +214,8 @@ def render_text(summary: dict) -> str:
     lines = [headline(summary)]
     lines += [f"WARNING      {w}" for w in summary.get("warnings", [])]
     lines += [f"ALARM        {a}" for a in summary.get("alarms", [])]
-    lines.append(f"listed       {summary['listed']:>8}   new {summary['new']}, unchanged {summary['skipped_unchanged']}")
+    lines.append(f"listed       {summary['listed']:>8}   new {summary['new']}, unchanged {summary['skipped_unchanged']}"
+                 + (f", gone {summary['removed']}" if summary.get("removed") else ""))
     if summary["rows"]:
         lines.append(f"rows written {summary['rows']:>8}   scored {summary['scored']}, rejected {summary['rejected']}")
         if summary["reject_reasons"]:
@@ -216,7 +241,9 @@ def render_text(summary: dict) -> str:
     written = summary.get("written") or []
     lines.append(f"output       {', '.join(written) if written else 'nothing new: no file written'}")
     if users_line(summary):
-        lines.append(f"users        {users_line(summary)}")
+        left = (summary.get("users") or {}).get("removed")
+        lines.append(f"users        {users_line(summary)}" + (f"; {plural(left, 'user')} left the table tonight"
+                                                               if left else ""))
         lines.append(f"             {summary['users']['table']}")
     return "\n".join(lines)
 
@@ -256,7 +283,8 @@ def render_markdown(summary: dict, source: str, output: str) -> str:
         root = f"{output.rstrip('/')}/predictions"
         parts += ["**Files written** (copy a URL; readers skip the `_`-prefixed temporaries):", ""]
         parts += [f"- `{url}`" for url in written]
-        parts += ["", "```python", "# every day, with a dt column", f'pd.read_parquet("{root}")', "```",
+        parts += ["", "```python", "import pandas as pd", "", "# every day, with a dt column",
+                  f'pd.read_parquet("{root}")', "```",
                   "```sql", "SELECT *", f"FROM read_parquet('{root}/*/*.parquet',", "                  hive_partitioning = true);",
                   "```"]
     return "\n".join(parts)
@@ -309,31 +337,48 @@ def _trend_table(summary: dict) -> list[str]:
     if len(runs) < 2:
         return []
     rows = [f"**The last {len(runs)} runs of this output**", "",
-            "| UTC | outcome | listed | new | rows | rejected | unknown | female | seconds | photos/s "
-            "| model |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "| UTC | outcome | listed | new | gone | rows | rejected | unknown | female | users left | seconds "
+            "| photos/s | model |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run in runs:
         wall, count = run.get("wall_seconds") or 0, run.get("rows", 0)
         decided = run.get("female", 0) + run.get("male", 0)
         rows.append(f"| {str(run.get('listed_at', ''))[5:16].replace('T', '&nbsp;')} | {run.get('outcome', 'completed')} "
-                    f"| {'—' if run.get('listed') is None else run['listed']} | {run.get('new', 0)} | {count} | {_rate(run.get('rejected', 0), count)} "
+                    f"| {'—' if run.get('listed') is None else run['listed']} | {run.get('new', 0)} "
+                    f"| {run.get('removed', '—')} | {count} | {_rate(run.get('rejected', 0), count)} "
                     f"| {_rate(run.get('unknown', 0), run.get('scored', 0))} | {_rate(run.get('female', 0), decided)} "
-                    f"| {wall:.0f} | {f'{count / wall:.1f}' if wall and count else '—'} | {run.get('model', '')} |")
+                    f"| {run.get('users_left', '—')} | {wall:.0f} | {f'{count / wall:.1f}' if wall and count else '—'} "
+                    f"| {run.get('model', '')} |")
     return rows + [""]
 
 
-def render_status(status: dict, days: int = 14) -> str:
+def _when(run: dict) -> str:
+    return str(run.get("listed_at", ""))[:16].replace("T", " ")
+
+
+def run_line(run: dict) -> str:
+    """One run of the output, for `status`: when, the outcome, what it did, the model."""
+    seconds = f", {run['wall_seconds']:.0f} s" if run.get("wall_seconds") else ""
+    what = run.get("message") or ""
+    return f"{_when(run)}  {run.get('outcome', 'completed'):<9}  {what} (model {run.get('model')}{seconds})"
+
+
+def render_status(status: dict, days: int = 14, runs_shown: int = 5) -> str:
     """`gender-pipeline status` for people: the last run and its outcome, the history, the
     users table, rates by day, the models."""
     lines = [f"output       {status['output']}"]
     runs = status.get("runs") or []
     if runs:
-        last = runs[-1]
-        when = str(last.get("listed_at", ""))[:16].replace("T", " ")
-        seconds = f", {last['wall_seconds']:.0f} s" if last.get("wall_seconds") else ""
-        lines.append(f"last run     {when} UTC: {last.get('outcome', 'completed')}"
-                     f"{': ' + last['message'] if last.get('message') else ''} (model {last.get('model')}{seconds})")
+        shown = runs[-runs_shown:]
+        lines.append(f"last runs    the last {plural(len(shown), 'run')} (UTC), newest last:")
+        lines += [f"             {run_line(run)}" for run in shown]
+        done = next((r for r in reversed(runs) if completed(r)), None)
+        failed = [r for r in runs if not completed(r)]
+        lines.append("             last completed: " + (_when(done) + " UTC" if done else "none of these"))
+        if failed:
+            which = ", ".join(f"{_when(r)} {r.get('outcome')}" for r in failed[-3:])
+            lines.append(f"             not completed: {len(failed)} of the last {len(runs)} ({which})")
     else:
-        lines.append("last run     none recorded")
+        lines.append("last runs    none recorded")
     days_seen = len(status["partitions"])
     lines.append(f"history      {status['rows']:,} rows in {status['files']:,} files over {days_seen} "
                  f"day{'s' if days_seen != 1 else ''}")

@@ -20,6 +20,7 @@ from core.decoding import DecodeLimits
 from core.scoring import ScoringOptions
 from core.expectations import warm_up as warm_up_expectations
 from core import timeline
+from core.summary import state_name
 from core.timing import timed
 from tasks.run_control import (failed, finish_all, one_line, resolved_model, scoring_run_name, stoppable_run,
                                stopped, tag_run)
@@ -175,4 +176,4 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
     summary = report_run(results, found, used, source, output, day, run_id, timings, time.perf_counter() - started,
                          endpoint_url, file_links, users, registry, listing_suite)
     tag_run(outcome=summary["outcome_tag"])
-    return Completed(message=summary["message"], data=summary)
+    return Completed(message=summary["message"], data=summary, name=state_name(summary["outcome_tag"]))

@@ -121,7 +121,7 @@ def list_new_photos(source: str, output: str, endpoint_url: str | None, listed_a
     for warning in warnings:
         logger.warning(warning)
     if run_id and (to_read or plan.removed.num_rows):
-        OutputState(output_store).begin(plan.seq, run_id, scoring_date or listed_at.date(), plan.to_read)
+        OutputState(output_store).begin(plan.seq, run_id, scoring_date or listed_at.date(), plan)
     return Listing(to_read, plan.known_hashes(), plan.unchanged, listed_at, plan.listed, warnings, recent, plan,
                    waiting, erasures)
 
@@ -405,7 +405,8 @@ def run_record(summary: dict, listing_at: datetime, source: str, outcome: str, m
             "listed": summary.get("listed"), "new": summary.get("new", 0), "rows": summary.get("rows", 0),
             "scored": summary.get("scored", 0), "rejected": summary.get("rejected", 0),
             "unknown": genders.get("unknown", 0), "female": genders.get("female", 0), "male": genders.get("male", 0),
-            "wall_seconds": summary.get("wall_seconds"), "files": summary.get("written") or []}
+            "wall_seconds": summary.get("wall_seconds"), "files": summary.get("written") or [],
+            "removed": summary.get("removed", 0), "users_left": (summary.get("users") or {}).get("removed", 0)}
 
 
 def report_run(results: list[ShardResult], listing: Listing, model: str, source: str, output: str,
@@ -450,7 +451,8 @@ def report_run(results: list[ShardResult], listing: Listing, model: str, source:
     summary["recent_runs"] = previous[-9:] + [record]
 
     create_markdown_artifact(render_markdown(summary, source, output), key=artifact_key("scoring-summary", output),
-                             description=f"Nightly scoring of {source} into {output}: {message}")
+                             description=f"{message[0].upper()}{message[1:]} (nightly scoring of {source} into "
+                                         f"{output})")
     create_table_artifact([{"status": "scored", "photos": summary["scored"]},
                            {"status": "rejected", "photos": summary["rejected"]},
                            {"status": "unchanged (skipped)", "photos": summary["skipped_unchanged"]}],
@@ -496,7 +498,8 @@ def report_failure(outcome_name: str, message: str, stage: str, source: str, out
     try:
         create_markdown_artifact(render_failure_markdown(summary, source, output),
                                  key=artifact_key("scoring-summary", output),
-                                 description=f"Nightly scoring of {source} into {output}: {outcome_name}: {message}")
+                                 description=f"{outcome_name.capitalize()}: {message} (nightly scoring of {source} "
+                                             f"into {output})")
     except Exception as error:
         get_run_logger().warning("the failure report could not be written: %s", error)
     return summary

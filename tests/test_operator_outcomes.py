@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from core.summary import alarms, outcome, render_markdown
+from core.summary import alarms, headline, outcome, render_markdown, state_name
 from flows.scoring import nightly_scoring
 from gender_pipeline.cli import EXIT_EXPECTATIONS, main
 from tests.test_operator_view import artifacts_of, by_prefix, flow_run
@@ -98,7 +98,17 @@ def test_outcome_messages_for_the_runs_list():
     assert outcome(summary(new=0, rows=0, scored=0, rejected=0)) == ("nothing-new", "nothing new since 2026-03-03 02:00 UTC")
     assert outcome(summary(new=0, listed=0)) == ("nothing-new", "the source is empty: nothing listed")
     tag, message = outcome(summary(warnings=["the source is empty", "x"]))
-    assert tag == "warnings" and message.startswith("completed with 2 warnings: the source is empty")
+    assert tag == "warnings" and message == "2 warnings: the source is empty; x (10 new: 8 scored, 2 rejected)"
+    assert state_name(tag) == "Warnings" and state_name("scored") == "Completed"
+    tag, message = outcome(summary(alarms=["reject rate 30.0% is 24.0 points over"]))
+    assert message.startswith("1 warning: reject rate") and "completed" not in message
+    # Photos gone and users who left are counted, with plurals.
+    gone = summary(removed=1, users={"removed": 2, "users": 5, "behind": 0, "model": "m@1"})
+    assert outcome(gone)[1] == ("10 new: 8 scored, 2 rejected; 1 photo gone from the source, "
+                                "2 users left the users table")
+    assert "1 photo gone from the source" in headline(gone) and "1 photos" not in headline(gone)
+    assert headline(summary(new=1, scored=1, rejected=0, skipped_unchanged=1)).startswith("1 new photo: ")
+    assert "1 photo unchanged" in headline(summary(new=1, scored=1, rejected=0, skipped_unchanged=1))
 
 
 def record(rows, rejected, unknown, female, male):
@@ -120,6 +130,8 @@ def test_the_empty_source_and_the_sql_read_right():
     text = render_markdown(summary(new=0, listed=0, rows=0, scored=0, rejected=0,
                                    written=["/lake/predictions/dt=2026-03-04/part-1.parquet"]), "/up", "/lake")
     assert "The source is empty: no photo listed" in text and "all answered before" not in text
+    python = text.split("```python", 1)[1].split("```", 1)[0]
+    assert "import pandas as pd" in python  # the snippet runs as it is
     sql = text.split("```sql", 1)[1].split("```", 1)[0]
     assert max(len(line) for line in sql.splitlines()) <= 80  # not clipped on the right
 
@@ -132,7 +144,7 @@ def test_status_reads_as_a_summary_and_json_for_scripts(tmp_path, capsys):
     text = capsys.readouterr().out
     assert text.startswith(f"output       {tmp_path / 'lake'}\n")
     assert "users        2 with an answer: female 0, male 2, unknown 0; answered by m@1 100.0%" in text
-    assert "2026-01-02        2     50.0%" in text and "last run     none recorded" in text
+    assert "2026-01-02        2     50.0%" in text and "last runs    none recorded" in text
     assert main(["status", "--output", str(tmp_path / "lake"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["rows"] == 4
     # Piped into head: no BrokenPipe traceback.
@@ -142,3 +154,24 @@ def test_status_reads_as_a_summary_and_json_for_scripts(tmp_path, capsys):
     assert "the output's URL or path" in subprocess.run(
         [sys.executable, "-m", "gender_pipeline.cli", "status", "--help"], cwd=ROOT, capture_output=True,
         text=True).stdout
+
+
+def test_status_shows_the_last_runs_with_their_outcomes(tmp_path, capsys):
+    from core.run_history import record_run
+    from tests.test_forget_and_status import lake
+
+    store = lake(tmp_path)
+    base = {"source": "/up", "model": "m@1", "wall_seconds": 12.0}
+    record_run(store, {**base, "run_id": "r1", "listed_at": "2026-03-01T02:00:00+00:00", "outcome": "completed",
+                       "message": "10 new: 8 scored, 2 rejected; 1 photo gone from the source"})
+    record_run(store, {**base, "run_id": "r2", "listed_at": "2026-03-02T02:00:00+00:00", "outcome": "failed",
+                       "message": "ListingLooksWrong: the source lists 0 objects"})
+    record_run(store, {**base, "run_id": "r3", "listed_at": "2026-03-03T02:00:00+00:00", "outcome": "completed",
+                       "message": "2 warnings: a; b (3 new: 3 scored, 0 rejected)"})
+    assert main(["status", "--output", str(tmp_path / "lake")]) == 0
+    text = capsys.readouterr().out
+    assert "last runs    the last 3 runs (UTC), newest last:" in text
+    assert "2026-03-01 02:00  completed  10 new: 8 scored, 2 rejected; 1 photo gone from the source" in text
+    assert "2026-03-02 02:00  failed     ListingLooksWrong" in text
+    assert "last completed: 2026-03-03 02:00 UTC" in text and "not completed: 1 of the last 3 (2026-03-02 02:00" in text
+    assert "completed: completed" not in text and "completed with" not in text

@@ -71,7 +71,7 @@ class Lake:
             row = answer(item["key"], item["why"], run_id, at)
             (rows.append(row) if row is not None else same.append(item["key"]))
         if rows:
-            self.state.begin(plan.seq, run_id, day, plan.to_read)
+            self.state.begin(plan.seq, run_id, day, plan)
             write_predictions(self.store, to_table(rows), day, f"part-{run_id}-00000")
         self.state.apply_night(plan, rows_table(rows, day), same, at, run_id)
         return plan
@@ -310,3 +310,21 @@ def test_weekly_compaction_keeps_the_tables_and_merges_their_files(tmp_path, cap
     assert len(DeltaTable(lake.state.users.uri).file_uris()) == 1
     pd.testing.assert_frame_equal(users_frame(lake.state), before)
     lake.run(photos, lambda *a: pytest.fail("nothing new"))  # and the next night still works
+
+
+def test_a_run_that_published_nothing_is_not_reported_as_caught_up(tmp_path, caplog):
+    """A run cancelled after its plan (marker written, nothing published) leaves nothing to
+    apply: the next night says nothing about it."""
+    lake = Lake(tmp_path / "lake")
+    photos = {"ann/a.jpg": T0 - timedelta(hours=1)}
+    lake.run(photos, lambda k, w, r, at: scored(k, 0.9, r, at))
+    lake.put({**photos, "bob/b.jpg": T0})
+    plan = lake.state.plan(listing_table([ObjectInfo(k, 10, t) for k, t in {**photos, "bob/b.jpg": T0}.items()]),
+                           "m@1")
+    lake.state.begin(plan.seq, "cancelled-run", date(2026, 3, 2), plan)  # then stopped: nothing published
+    assert list((tmp_path / "lake" / "_state" / "pending").glob("*.parquet"))
+    caplog.clear()
+    plan = lake.run({**photos, "bob/b.jpg": T0}, lambda k, w, r, at: scored(k, 0.2, r, at))
+    assert plan.caught_up == [] and "cancelled-run" not in caplog.text
+    assert plan.to_read["key"].to_pylist() == ["bob/b.jpg"]
+    assert not list((tmp_path / "lake" / "_state" / "pending").iterdir())
