@@ -47,7 +47,7 @@ def main() -> int:
         total.update(lake.counts)
         print(f"seed {seed}: {args.nights} nights ({completed} completed, {args.nights - completed} killed), "
               f"{sum(lake.counts.values()) - args.nights} changes, {time.perf_counter() - t0:.1f} s; "
-              f"{len(lake.files)} photos of {len({k.split('/')[0] for k in lake.files})} keys' owners at the end")
+              f"{len(lake.files)} objects in the source at the end")
     print(f"\n{len(args.seeds.split(','))} seeds, {time.perf_counter() - started:.0f} s; operations of each kind:")
     for kind, count in sorted(total.items(), key=lambda kv: (-kv[1], kv[0])):
         print(f"  {kind:<24} {count:>6}")
