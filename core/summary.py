@@ -137,7 +137,8 @@ def outcome(summary: dict) -> tuple[str, str]:
     alarms = summary.get("alarms") or []
     if warnings or alarms:
         notes = warnings + alarms  # every one: the runs list shows no more than this line
-        message = f"{plural(len(notes), 'warning')}: {'; '.join(notes)} ({message})"
+        message = f"{plural(len(notes), 'warning')}: {'; '.join(notes)}" + (
+            f" ({message})" if tag == "scored" or gone else "")
         tag = "warnings"
     return tag, message
 

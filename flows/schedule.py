@@ -5,3 +5,12 @@ the CLI reads the defaults before it imports anything heavy."""
 NIGHTLY_CRON = "0 2 * * *"  # 02:00 in the shop's time zone
 NIGHTLY_TIMEZONE = "Europe/Berlin"
 NIGHTLY_CONCURRENCY = 1  # one run at a time
+
+
+def schedule_text(cron: str, timezone: str) -> str:
+    """The schedule in words, with its time zone: the Prefect UI's schedule card shows the
+    time alone ("At 02:00 AM"), so the deployment's description says which zone it is."""
+    parts = cron.split()
+    if len(parts) == 5 and parts[2:] == ["*", "*", "*"] and parts[0].isdigit() and parts[1].isdigit():
+        return f"every day at {int(parts[1]):02d}:{int(parts[0]):02d} {timezone} time (cron {cron!r}, {timezone})"
+    return f"on cron {cron!r} in the {timezone} time zone"

@@ -434,13 +434,15 @@ def _serve(args: argparse.Namespace) -> int:
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.deployments.runner import EntrypointType
 
-    from flows.schedule import NIGHTLY_CONCURRENCY
+    from flows.schedule import NIGHTLY_CONCURRENCY, schedule_text
     from flows.scoring import nightly_scoring
+
+    print(f"gender-pipeline: serving nightly-scoring, {schedule_text(args.cron, args.timezone)}", flush=True)
 
     nightly_scoring.serve(
         name="nightly-scoring", schedules=[CronSchedule(cron=args.cron, timezone=args.timezone)],
         global_limit=NIGHTLY_CONCURRENCY, entrypoint_type=EntrypointType.MODULE_PATH,
-        description=nightly_scoring.description,
+        description=f"{nightly_scoring.description} Runs {schedule_text(args.cron, args.timezone)}.",
         parameters={"source": args.source, "output": args.output, "registry": args.registry,
                     "model": args.model, "batch_size": args.batch_size, "device": args.device,
                     "workers": args.workers, "endpoint_url": args.endpoint_url,

@@ -71,12 +71,15 @@ def test_serve_passes_schedule_and_parameters(monkeypatch):
     assert (schedule.cron, schedule.timezone) == ("30 1 * * *", "Europe/Berlin")
     assert seen["global_limit"] == 1 and seen["entrypoint_type"].value == "module_path"
     assert seen["parameters"]["source"] == "s3://b/uploads" and seen["parameters"]["batch_size"] == 32
+    assert seen["description"].endswith("Runs every day at 01:30 Europe/Berlin time (cron '30 1 * * *', "
+                                        "Europe/Berlin).")
 
 
 def test_serve_and_the_deployment_file_agree():
     """`serve` schedules and limits the nightly run as deployments/prefect.yaml does."""
     import yaml
 
+    from flows.schedule import schedule_text
     from flows.scoring import NIGHTLY_CONCURRENCY, NIGHTLY_CRON, NIGHTLY_TIMEZONE
     from gender_pipeline.cli import build_parser
 
@@ -89,6 +92,9 @@ def test_serve_and_the_deployment_file_agree():
     serve = build_parser().parse_args(["serve", "--source", "a", "--output", "b"])
     assert (serve.cron, serve.timezone) == (NIGHTLY_CRON, NIGHTLY_TIMEZONE)
     assert nightly["parameters"]["model"] == serve.model == "production"
+    # The UI's schedule card shows "At 02:00 AM" alone: the description names the zone.
+    assert f"Runs {schedule_text(NIGHTLY_CRON, NIGHTLY_TIMEZONE)}." in nightly["description"]
+    assert schedule_text("0 2 * * *", "Europe/Berlin").startswith("every day at 02:00 Europe/Berlin time")
 
 
 def test_demo_tree_has_faces_and_every_broken_kind(tmp_path):

@@ -175,3 +175,14 @@ def test_status_shows_the_last_runs_with_their_outcomes(tmp_path, capsys):
     assert "2026-03-02 02:00  failed     ListingLooksWrong" in text
     assert "last completed: 2026-03-03 02:00 UTC" in text and "not completed: 1 of the last 3 (2026-03-02 02:00" in text
     assert "completed: completed" not in text and "completed with" not in text
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_night_with_warnings_ends_in_a_state_named_warnings(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    summary = run(empty, tmp_path / "lake", tmp_path / "registry")
+    details = flow_run(summary["run_id"])
+    assert details.state.is_completed() and details.state.name == "Warnings"
+    assert details.state.message == "1 warning: the source is empty: no object listed"
+    assert "outcome:warnings" in details.tags
