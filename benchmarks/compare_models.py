@@ -1,52 +1,100 @@
-"""Several registered models on the same held-out faces, in one table from one run.
+"""Several registered models on the same held-out faces, per attribute, in one run.
 
     python benchmarks/holdout_manifest.py --data PATH/utkface-dev --out /tmp/utk --holdout 2000
     python benchmarks/compare_models.py --data /tmp/utk/holdout --registry /tmp/utk/registry \\
-        --models dlib-gender-v1@1,gender-classifier@1,gender-classifier@2 [--edge-fill]
+        --models dlib-gender-v1@1,dlib-age-v1@1,gender-classifier@2,gender-classifier@3 [--edge-fill]
 
-Every model sees each image through the scoring face front end with its own framing. The
-table gives accuracy, ROC-AUC, ECE, coverage at the model's abstain threshold, the largest
-accuracy gap between race groups and between age bands (groups of at least 20 faces),
-images/s (decode, detect, align and model, on this machine), and McNemar's exact test
-against the first model on the faces every model answered. `--edge-fill` adds each model
-again with the chip's outside-the-photo part filled with the photo's edge pixels.
+Every model sees each image through the scoring face front end with its own framing.
+Gender (models that answer it): accuracy, ROC-AUC, ECE, coverage at the model's abstain
+threshold, the largest accuracy gap between race groups and between age bands (groups of
+at least 20 faces), and McNemar's exact test against the first model that answers gender,
+on the faces every such model answered. Age (models that answer it): MAE in years (all,
+adults), the age band's accuracy (exact, within one band), its calibration (ECE), coverage
+at the band threshold, MAE by gender, and the largest MAE gap between race groups and
+between age bands; a paired test of the absolute errors against the first such model.
+images/s counts decoding, detection, alignment and the model on this machine.
+`--edge-fill` adds each model again with the chip's outside-the-photo part filled with the
+photo's edge pixels.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models.chips import iter_chips  # noqa: E402
 from models.datasets import load_dataset  # noqa: E402
-from models.experiment import metrics_report  # noqa: E402
+from models.experiment import evaluate_predictor, mcnemar_p, paired_error_p  # noqa: E402
 from models.registry import Registry  # noqa: E402
 
 
-def mcnemar(a: np.ndarray, b: np.ndarray) -> tuple[int, int, float]:
-    """Discordant counts (a right b wrong, a wrong b right) and the exact two-sided p."""
-    n01, n10 = int((a & ~b).sum()), int((~a & b).sum())
-    n, k = n01 + n10, min(n01, n10)
-    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
-    return n01, n10, p
+def on_common(report: dict, common: np.ndarray, key: str) -> np.ndarray:
+    faces = report["faces"]
+    position = {index: i for i, index in enumerate(faces["index"].tolist())}
+    return np.asarray(faces[key])[[position[i] for i in common]]
 
 
-def evaluate(predictor, data, workers: int | None) -> tuple[np.ndarray, np.ndarray, float]:
-    started = time.perf_counter()
-    kept, p_male = [], []
-    for indices, chips, _ in iter_chips(data, predictor.framing, workers=workers, chunk=128):
-        kept.append(indices)
-        if len(chips):
-            p_male.append(predictor.predict(chips).p_male)
-    return np.concatenate(kept), np.concatenate(p_male), len(data.images) / (time.perf_counter() - started)
+def common_faces(reports: list[dict]) -> np.ndarray:
+    common = set(reports[0]["faces"]["index"].tolist())
+    for report in reports[1:]:
+        common &= set(report["faces"]["index"].tolist())
+    return np.array(sorted(common))
+
+
+def gender_table(runs: list[tuple[str, dict]], images: int) -> None:
+    runs = [(n, r) for n, r in runs if "accuracy" in r]
+    if not runs:
+        return
+    common = common_faces([r for _, r in runs])
+    reference = on_common(runs[0][1], common, "correct")
+    print(f"\nGender: {images} held-out images; McNemar against {runs[0][0]} on the {len(common)} faces every "
+          f"model answered.\n")
+    print("| model | faces | accuracy | ROC-AUC | ECE | coverage / accuracy at threshold | largest race gap "
+          "| largest age-band gap | accuracy on common faces | McNemar p | images/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, report in runs:
+        correct = on_common(report, common, "correct")
+        groups = report["groups"]
+        race = groups.get("race", {}).get("max_gap", float("nan"))
+        age = groups.get("age", {}).get("max_gap", float("nan"))
+        p = "—" if name == runs[0][0] else f"{mcnemar_p(correct, reference):.2g}"
+        print(f"| {name} | {report['evaluated']} | {100 * report['accuracy']:.2f} | {report['roc_auc']:.4f} "
+              f"| {report['ece']:.4f} | {report['coverage']:.3f} / {100 * report['accuracy_when_answering']:.2f} "
+              f"| {100 * race:.2f} | {100 * age:.2f} | {100 * correct.mean():.2f} | {p} "
+              f"| {report['images_per_second']:.1f} |")
+
+
+def age_table(runs: list[tuple[str, dict]], images: int) -> None:
+    runs = [(n, r) for n, r in runs if r.get("age", {}).get("count")]
+    if not runs:
+        return
+    common = common_faces([r for _, r in runs])
+    known = on_common(runs[0][1], common, "age_known")
+    reference = on_common(runs[0][1], common, "age_error")[known]
+    print(f"\nAge: {images} held-out images; paired test of the absolute errors against {runs[0][0]} on the "
+          f"{int(known.sum())} faces with an age every model answered.\n")
+    print("| model | faces | MAE | MAE adults | band accuracy | within one band | band ECE "
+          "| coverage / band accuracy at threshold | MAE female / male | largest race gap (MAE) "
+          "| largest age-band gap (MAE) | paired p | images/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, report in runs:
+        age = report["age"]
+        errors = on_common(report, common, "age_error")[known]
+        by = age["groups_mae"]
+        gender = by.get("gender", {}).get("groups", {})
+        p = "—" if name == runs[0][0] else f"{paired_error_p(errors, reference):.2g}"
+        print(f"| {name} | {age['count']} | {age['mae']:.2f} | {age['mae_adults']:.2f} "
+              f"| {100 * age['band_accuracy']:.1f} | {100 * age['band_accuracy_within_one']:.1f} "
+              f"| {age['band_ece']:.3f} | {age['coverage']:.3f} / {100 * age['band_accuracy_when_answering']:.1f} "
+              f"| {gender.get('female', {}).get('mae', float('nan')):.2f} / "
+              f"{gender.get('male', {}).get('mae', float('nan')):.2f} "
+              f"| {by.get('race', {}).get('max_gap', float('nan')):.2f} "
+              f"| {by.get('age', {}).get('max_gap', float('nan')):.2f} | {p} | {report['images_per_second']:.1f} |")
 
 
 def main() -> int:
@@ -70,37 +118,12 @@ def main() -> int:
             variants.append((" (edge fill)", dataclasses.replace(predictor.framing, fill="edge")))
         for suffix, framing in variants:
             predictor.framing = framing
-            kept, p_male, rate = evaluate(predictor, data, args.workers)
-            report = metrics_report(data, kept, p_male, predictor.abstain_threshold)
-            runs.append((f"{predictor.name}@{predictor.version}{suffix}", kept, p_male, rate, report))
-            print(f"evaluated {runs[-1][0]}: {len(kept)} faces, {rate:.1f} images/s", file=sys.stderr, flush=True)
-
-    common = set(runs[0][1].tolist())
-    for _, kept, *_ in runs[1:]:
-        common &= set(kept.tolist())
-    common = np.array(sorted(common))
-
-    def correct_on_common(kept, p_male):
-        position = {index: i for i, index in enumerate(kept.tolist())}
-        rows = np.array([position[i] for i in common])
-        return (p_male[rows] >= 0.5).astype(int) == data.labels[common]
-
-    reference = correct_on_common(runs[0][1], runs[0][2])
-    print(f"\n{len(data.images)} held-out images; McNemar against {runs[0][0]} on the {len(common)} faces "
-          f"every model answered.\n")
-    print("| model | faces | accuracy | ROC-AUC | ECE | coverage / accuracy at threshold | largest race gap "
-          "| largest age-band gap | accuracy on common faces | McNemar p | images/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, kept, p_male, rate, report in runs:
-        correct = correct_on_common(kept, p_male)
-        _, _, p = mcnemar(correct, reference)
-        groups = report["groups"]
-        race = groups.get("race", {}).get("max_gap", float("nan"))
-        age = groups.get("age", {}).get("max_gap", float("nan"))
-        print(f"| {name} | {len(kept)} | {100 * report['accuracy']:.2f} | {report['roc_auc']:.4f} "
-              f"| {report['ece']:.4f} | {report['coverage']:.3f} / {100 * report['accuracy_when_answering']:.2f} "
-              f"| {100 * race:.2f} | {100 * age:.2f} | {100 * correct.mean():.2f} "
-              f"| {'—' if name == runs[0][0] else f'{p:.2g}'} | {rate:.1f} |")
+            report = evaluate_predictor(predictor, data, workers=args.workers, keep_faces=True)
+            runs.append((f"{predictor.name}@{predictor.version}{suffix}", report))
+            print(f"evaluated {runs[-1][0]}: {report['evaluated']} faces, {report['images_per_second']:.1f} "
+                  f"images/s", file=sys.stderr, flush=True)
+    gender_table(runs, len(data.images))
+    age_table(runs, len(data.images))
     return 0
 
 

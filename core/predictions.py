@@ -16,7 +16,9 @@ from core.storage import Store, modified_time
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+# 2: age_years, age_band and age_confidence added at the end (null where the model does
+# not answer age); v1 files stay as they are and read as null there.
+SCHEMA_VERSION = 2
 DATASET = "predictions"
 
 PREDICTIONS_SCHEMA = pa.schema([
@@ -36,11 +38,19 @@ PREDICTIONS_SCHEMA = pa.schema([
     pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("schema_version", pa.int16(), nullable=False),
+    pa.field("age_years", pa.float32()),
+    pa.field("age_band", pa.string()),
+    pa.field("age_confidence", pa.float32()),
 ], metadata={"schema_version": str(SCHEMA_VERSION)})
+AGE_COLUMNS = ("age_years", "age_band", "age_confidence")
 
 COLUMNS = PREDICTIONS_SCHEMA.names
 STATUSES = ("scored", "rejected")
 GENDERS = ("male", "female", "unknown")
+# Age bands: the first age of each band (the last one open-ended), then their names.
+AGE_BAND_STARTS = (0, 18, 25, 35, 45, 55, 65)
+AGE_BANDS = ("0-17", "18-24", "25-34", "35-44", "45-54", "55-64", "65+")
+UNKNOWN_BAND = "unknown"  # under the model's age abstain threshold
 # Reasons a photo can be rejected for; `read_error` photos are retried by the next run.
 REJECT_REASONS = ("empty", "truncated", "corrupt", "not_an_image", "unsupported_format",
                   "too_small", "too_large", "decompression_bomb", "no_face", "bad_key",
@@ -53,6 +63,27 @@ def gender_of(p_male: np.ndarray, abstain_threshold: float) -> list[str]:
     confidence = np.maximum(p_male, 1.0 - p_male)
     return ["unknown" if c < abstain_threshold else ("male" if p >= 0.5 else "female")
             for p, c in zip(p_male, confidence)]
+
+
+def age_band_index(years) -> np.ndarray:
+    """The band of each age in years (an index into AGE_BANDS)."""
+    return np.searchsorted(np.asarray(AGE_BAND_STARTS[1:]), np.asarray(years, dtype=np.float64), side="right")
+
+
+def age_bands_of(years, confidence, abstain_threshold: float) -> list[str]:
+    """The band of each age, or `unknown` where the band's probability is under the
+    threshold."""
+    return [UNKNOWN_BAND if c < abstain_threshold else AGE_BANDS[i]
+            for i, c in zip(age_band_index(years), np.asarray(confidence, dtype=np.float64))]
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """History rows as the current schema: files written before a column existed get it
+    as nulls (an additive change)."""
+    missing = [f for f in PREDICTIONS_SCHEMA if f.name not in table.column_names]
+    for f in missing:
+        table = table.append_column(f.name, pa.nulls(table.num_rows, f.type))
+    return table.select(PREDICTIONS_SCHEMA.names).cast(PREDICTIONS_SCHEMA)
 
 
 @dataclass
@@ -75,6 +106,9 @@ class PhotoResult:
     scored_at: datetime | None = None
     run_id: str = ""
     schema_version: int = SCHEMA_VERSION
+    age_years: float | None = None
+    age_band: str | None = None
+    age_confidence: float | None = None  # the probability of the age band
     # Why, in words (for the run's report; not a column: the reason is the contract).
     reject_detail: str = ""
 

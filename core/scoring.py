@@ -46,7 +46,9 @@ class FaceModel(Protocol):
     abstain_threshold: float
     device: str
 
-    def predict(self, chips: np.ndarray): ...  # -> an object with a float32 `p_male` array
+    # -> an object with a float32 `p_male` array, and for a model that answers age, float32
+    # `age_years` and `age_confidence` arrays and an `age_band` list (else `age_years` None)
+    def predict(self, chips: np.ndarray): ...
 
     def auto_batch_size(self) -> int: ...
 
@@ -423,6 +425,15 @@ class _Preparer:
             raise RuntimeError("decoder worker processes cannot start; see the worker's error above") from error
 
 
+def age_answers(prediction, count: int) -> list[tuple[float | None, str | None, float | None]]:
+    """(age in years, band, the band's probability) per face: nulls for a model that
+    answers no age."""
+    years = getattr(prediction, "age_years", None)
+    if years is None:
+        return [(None, None, None)] * count
+    return [(float(y), b, float(c)) for y, b, c in zip(years, prediction.age_band, prediction.age_confidence)]
+
+
 def gpu_front_end(options: ScoringOptions, predictor: FaceModel):
     """The GPU front end on the model's device when asked for (or, by default, when the
     model runs on CUDA and its faces come from RetinaFace); None for the CPU path."""
@@ -489,13 +500,14 @@ def score_objects(store: Store, objects: list[ObjectInfo], known_hashes: dict[st
         prediction = predictor.predict(_stack([p.chip for p in batch]))
         stats.stage_seconds["model"] += time.perf_counter() - t0
         genders = gender_of(prediction.p_male, threshold)
-        for prepared, p_male, gender in zip(batch, prediction.p_male, genders):
+        ages = age_answers(prediction, len(batch))
+        for prepared, p_male, gender, (years, band, band_confidence) in zip(batch, prediction.p_male, genders, ages):
             p_male = float(p_male)
             results.append(stamp(PhotoResult(
                 user_id=prepared.user_id, photo_key=prepared.key, photo_sha256=prepared.sha256,
                 status="scored", gender=gender, p_male=p_male, p_female=1.0 - p_male,
                 confidence=max(p_male, 1.0 - p_male), face_count=prepared.face_count,
-                face_box=prepared.box)))
+                face_box=prepared.box, age_years=years, age_band=band, age_confidence=band_confidence)))
         stats.scored += len(batch)
         batch.clear()
         timeline.mark("first photo answered")

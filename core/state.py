@@ -34,7 +34,8 @@ import pyarrow.parquet as pq
 
 from core.delta import APP_ID, Table, TableError, TableSpec, duckdb_session
 from core.listing import LISTING_SCHEMA, key_sample
-from core.predictions import DATASET, PREDICTIONS_SCHEMA, PhotoResult, RETRYABLE_REASONS, published_files
+from core.predictions import (AGE_BANDS, DATASET, PREDICTIONS_SCHEMA, RETRYABLE_REASONS, UNKNOWN_BAND, PhotoResult,
+                              conform, published_files)
 from core.storage import ObjectInfo, Store, with_retries
 from core.timing import timed
 from core.users import TIMESTAMP, USERS, answers
@@ -58,6 +59,9 @@ PHOTOS_SCHEMA = pa.schema([
     pa.field("checked_at", TIMESTAMP),  # when its bytes were last read (answered, or the same again)
     pa.field("run_id", pa.string()),
     pa.field("first_seen_run", pa.string()),  # the run that first listed the photo (since it last left the source)
+    pa.field("age_years", pa.float32()),
+    pa.field("age_band", pa.string()),
+    pa.field("age_confidence", pa.float32()),
     pa.field("answered_on", pa.date32()),
 ])
 PHOTOS = TableSpec(
@@ -547,7 +551,8 @@ class OutputState:
             SELECT r.photo_key, r.user_id, o.size, o.modified AS uploaded_at, r.photo_sha256, r.status,
                    r.reject_reason, r.gender, r.p_male, r.confidence, r.model_name, r.model_version,
                    r.scored_at AS answered_at, r.scored_at AS checked_at, r.run_id,
-                   coalesce({seen}, r.run_id) AS first_seen_run, CAST(r.dt AS DATE) AS answered_on
+                   coalesce({seen}, r.run_id) AS first_seen_run, r.age_years, r.age_band, r.age_confidence,
+                   CAST(r.dt AS DATE) AS answered_on
             FROM night_rows r JOIN objects o ON o.key = r.photo_key
             QUALIFY row_number() OVER (PARTITION BY r.photo_key ORDER BY r.scored_at DESC) = 1
             """).cast(PHOTOS_SCHEMA)
@@ -618,7 +623,7 @@ class OutputState:
                        l.modified AS uploaded_at, h.photo_sha256, h.status,
                        h.reject_reason, h.gender, h.p_male, h.confidence, h.model_name, h.model_version,
                        h.scored_at AS answered_at, h.scored_at AS checked_at, h.run_id, h.first_seen_run,
-                       CAST(h.dt AS DATE) AS answered_on
+                       h.age_years, h.age_band, h.age_confidence, CAST(h.dt AS DATE) AS answered_on
                 FROM latest h JOIN listing l ON l.key = h.photo_key
                 WHERE NOT EXISTS (SELECT 1 FROM erased e WHERE e.user_id = h.user_id
                                   AND {erased_photo_sql('l')})""").cast(PHOTOS_SCHEMA)
@@ -694,7 +699,7 @@ def read_history_files(store: Store, keys: list[str]) -> pa.Table:
     """Rows of some history files, with their `dt`."""
     tables = []
     for key in keys:
-        table = pq.read_table(io.BytesIO(store.read(key))).cast(PREDICTIONS_SCHEMA)
+        table = conform(pq.read_table(io.BytesIO(store.read(key))))
         day = re.search(r"dt=(\d{4}-\d{2}-\d{2})", key).group(1)
         tables.append(table.append_column("dt", pa.array([day] * table.num_rows, pa.string())))
     return pa.concat_tables(tables) if tables else _empty_history()
@@ -880,6 +885,7 @@ def output_status(state: OutputState) -> dict:
         genders = dict(con.rows("SELECT gender, count(*) FROM users GROUP BY ALL"))
         by_model = con.rows("SELECT model_name || '@' || model_version, count(*) FROM users GROUP BY ALL "
                             "ORDER BY 2 DESC, 1")
+        bands = dict(con.rows("SELECT age_band, count(*) FROM users WHERE age_band IS NOT NULL GROUP BY ALL"))
         total = sum(n for _, n in by_model)
     from core.run_history import ERASURES, recent_runs
 
@@ -895,5 +901,6 @@ def output_status(state: OutputState) -> dict:
         "models": [{"model": m, "rows": int(n)} for m, n in models],
         "users": {"table": state.users.url, "exists": users_table is not None, "users": int(total),
                   "genders": {g: int(genders.get(g, 0)) for g in ("female", "male", "unknown")},
+                  "age_bands": {b: int(bands[b]) for b in (*AGE_BANDS, UNKNOWN_BAND) if bands.get(b)},
                   "models": [{"model": m, "users": int(n), "share": round(n / total, 4)} for m, n in by_model]},
     }

@@ -7,7 +7,7 @@ from collections import Counter
 
 import numpy as np
 
-from core.predictions import PhotoResult
+from core.predictions import AGE_BANDS, UNKNOWN_BAND, PhotoResult
 from core.run_history import completed
 from core.scoring import ScoringStats
 from core.words import plural
@@ -25,6 +25,7 @@ def summarize(rows: list[PhotoResult], stats: ScoringStats, listed: int, skipped
     status = Counter(r.status for r in rows)
     reasons = Counter(r.reject_reason for r in rows if r.reject_reason)
     genders = Counter(r.gender for r in rows if r.status == "scored")
+    bands = Counter(r.age_band for r in rows if r.status == "scored" and r.age_band is not None)
     p_male = np.array([r.p_male for r in rows if r.p_male is not None], dtype=np.float64)
     counts, edges = np.histogram(p_male, bins=10, range=(0.0, 1.0))
     return {
@@ -36,6 +37,8 @@ def summarize(rows: list[PhotoResult], stats: ScoringStats, listed: int, skipped
         "rejected": status.get("rejected", 0),
         "reject_reasons": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
         "genders": {g: genders.get(g, 0) for g in ("female", "male", "unknown")},
+        # Tonight's scored photos by age band (empty when the model answers no age).
+        "age_bands": {b: bands[b] for b in (*AGE_BANDS, UNKNOWN_BAND) if bands.get(b)},
         "p_male_histogram": [{"bin": f"{edges[i]:.1f}-{edges[i + 1]:.1f}", "photos": int(counts[i])}
                              for i in range(len(counts))],
         "scoring_seconds": round(stats.seconds, 3),
@@ -116,6 +119,13 @@ def users_line(summary: dict) -> str | None:
     behind = ("1 still has" if users["behind"] == 1 else f"{users['behind']:,} still have")
     return (f"{plural(users['users'], 'user')}; {users['model']} answers {users['on_model']} "
             f"({100 * users['share']:.1f}%), {behind} another model's answer: {left}")
+
+
+def age_bands_line(bands: dict | None) -> str | None:
+    """`18-24 12, 25-34 30, …, unknown 2` (bands in order; None when there is no age)."""
+    if not bands:
+        return None
+    return ", ".join(f"{band} {bands[band]:,}" for band in (*AGE_BANDS, UNKNOWN_BAND) if bands.get(band))
 
 
 def outcome(summary: dict) -> tuple[str, str]:
@@ -223,6 +233,8 @@ def render_text(summary: dict) -> str:
             lines.append("reject reasons " + ", ".join(f"{k}={v}" for k, v in summary["reject_reasons"].items()))
         g = summary["genders"]
         lines.append(f"genders      female {g['female']}, male {g['male']}, unknown {g['unknown']}")
+        if age_bands_line(summary.get("age_bands")):
+            lines.append(f"age bands    {age_bands_line(summary['age_bands'])}")
     if summary["scored"]:
         lines.append("p_male")
         lines += ["  " + line for line in bars(summary["p_male_histogram"]).splitlines()]
@@ -265,6 +277,10 @@ def render_markdown(summary: dict, source: str, output: str) -> str:
                   f"| scored | {summary['scored']} |", f"| rejected | {summary['rejected']} |",
                   *(f"| rejected: {k} | {v} |" for k, v in summary["reject_reasons"].items()),
                   *(f"| {k} | {v} |" for k, v in g.items() if v), ""]
+        if summary.get("age_bands"):
+            parts += ["**Age bands** of the scored photos (`unknown`: under the model's age threshold)", "",
+                      "| age band | photos |", "| --- | --- |",
+                      *(f"| {band} | {count} |" for band, count in summary["age_bands"].items()), ""]
     suites, model = suites_line(summary), model_lines(summary)
     if suites:
         parts += [f"**Data checks**: {suites}.", ""]
@@ -286,7 +302,7 @@ def render_markdown(summary: dict, source: str, output: str) -> str:
         parts += [f"- `{url}`" for url in written]
         parts += ["", "```python", "import pandas as pd", "", "# every day, with a dt column",
                   f'pd.read_parquet("{root}")', "```",
-                  "```sql", "SELECT *", f"FROM read_parquet('{root}/*/*.parquet',", "                  hive_partitioning = true);",
+                  "```sql", "SELECT *", f"FROM read_parquet('{root}/*/*.parquet',", "                  hive_partitioning = true,", "                  union_by_name = true);",
                   "```"]
     return "\n".join(parts)
 
@@ -389,6 +405,11 @@ def render_status(status: dict, days: int = 14, runs_shown: int = 5) -> str:
         share = ", ".join(f"{m['model']} {100 * m['share']:.1f}%" for m in users["models"])
         lines.append(f"users        {users['users']:,} with an answer: female {g['female']:,}, male {g['male']:,}, "
                      f"unknown {g['unknown']:,}; answered by {share}")
+        if users.get("age_bands"):
+            without = users["users"] - sum(users["age_bands"].values())
+            lines.append(f"age bands    {age_bands_line(users['age_bands'])}"
+                         + (f"; {plural(without, 'user')} without an age (a model that answers none)"
+                            if without else ""))
     else:
         lines.append("users        none with an answer yet")
     lines.append(f"             {users['table']}")

@@ -34,7 +34,7 @@ import pyarrow as pa
 from core.delta import TableSpec
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
-USERS_SCHEMA_VERSION = 1
+USERS_SCHEMA_VERSION = 2  # 2: age_years, age_band, age_confidence (null where the model answers no age)
 
 USERS_SCHEMA = pa.schema([
     pa.field("user_id", pa.string(), nullable=False),
@@ -52,13 +52,18 @@ USERS_SCHEMA = pa.schema([
     pa.field("newest_reject_reason", pa.string()),
     pa.field("run_id", pa.string()),
     pa.field("schema_version", pa.int16()),
+    pa.field("age_years", pa.float32()),
+    pa.field("age_band", pa.string()),
+    pa.field("age_confidence", pa.float32()),
     pa.field("answered_on", pa.date32()),
 ])
 
 USERS = TableSpec(
     name="gender-pipeline users", schema=USERS_SCHEMA, partition_by=("answered_on",),
-    stats_columns=("gender", "p_male", "confidence", "uploaded_at", "answered_at", "model_name", "model_version"),
-    description="One current gender answer per user, kept by gender-pipeline's nightly-scoring flow.")
+    stats_columns=("gender", "p_male", "confidence", "uploaded_at", "answered_at", "model_name", "model_version",
+                   "age_years", "age_band"),
+    description="One current answer (gender, and age where the model answers it) per user, kept by "
+                "gender-pipeline's nightly-scoring flow.")
 
 # "Newest first": by upload time (the listing's), then the larger key.
 NEWEST_FIRST = "uploaded_at DESC NULLS LAST, photo_key DESC"
@@ -79,7 +84,8 @@ SELECT a.user_id, a.gender, a.p_male, a.confidence, a.photo_key, a.photo_sha256,
        a.answered_at, a.model_name, a.model_version, CAST(a.photos_seen AS INTEGER) AS photos_seen,
        n.photo_key AS newest_photo_key,
        CASE WHEN n.status = 'rejected' THEN n.reject_reason END AS newest_reject_reason,
-       a.run_id, CAST({USERS_SCHEMA_VERSION} AS SMALLINT) AS schema_version, a.answered_on
+       a.run_id, CAST({USERS_SCHEMA_VERSION} AS SMALLINT) AS schema_version, a.age_years, a.age_band,
+       a.age_confidence, a.answered_on
 FROM scored a JOIN known n ON n.user_id = a.user_id AND n.newest = 1
 WHERE a.rank = 1
 """
@@ -88,6 +94,10 @@ WHERE a.rank = 1
 def answers(con, photos) -> pa.Table:
     """The users' rows that the rule gives for `photos` (an Arrow table or dataset with the
     photo state's columns, every known photo of each user in it)."""
+    if isinstance(photos, pa.Table):  # photos answered before ages existed read as no age
+        for name in ("age_years", "age_band", "age_confidence"):
+            if name not in photos.column_names:
+                photos = photos.append_column(name, pa.nulls(photos.num_rows, USERS_SCHEMA.field(name).type))
     con.register("photos", photos)
     try:
         table = con.arrow(ANSWERS_SQL)

@@ -1,6 +1,7 @@
-"""retrain: repeat the study (VGG16, GoogLeNet, ResNet18, tuned ResNet18), or train heads on
-dlib's face embedding; select the model that does not overfit, calibrate it, register it,
-promote it if it beats production. (Real annotations, as in flows/scoring.py.)"""
+"""retrain: repeat the study (VGG16, GoogLeNet, ResNet18, tuned ResNet18), train heads on
+dlib's face embedding, or fine-tune it for gender and age; select the model that does not
+overfit, calibrate it, register it, promote it if it beats production. (Real annotations,
+as in flows/scoring.py.)"""
 
 from typing import Literal
 
@@ -11,9 +12,11 @@ from models.experiment import load_experiment, select_winner
 from models.predictor import resolve_device
 from tasks.run_control import stoppable_run, stopped
 from core.stopping import StopRequested
+from models.face_attributes import KIND as ATTRIBUTES_KIND
 from models.face_embedding import KIND as EMBEDDING_KIND
-from tasks.training_tasks import (align_faces, check_pretrained_weights, embed_faces, load_labelled_dataset,
-                                  promotion_gate, publish_results, register_winner, train_head, train_run)
+from tasks.training_tasks import (align_faces, cache_attribute_inputs, check_pretrained_weights, embed_faces,
+                                  load_labelled_dataset, promotion_gate, publish_results, register_winner,
+                                  train_attributes, train_head, train_run)
 
 
 @flow(name="retrain", description="Repeat the CelebA experiment, register and maybe promote the winner.")
@@ -28,7 +31,8 @@ def retrain(config: str, data: str, data_format: Literal["celeba", "manifest"] |
 
     Args:
         config: The experiment, a YAML file: configs/celeba_experiment.yaml (the study),
-            configs/cpu_dev.yaml, or configs/face_embedding.yaml (heads on dlib's embedding).
+            configs/cpu_dev.yaml, configs/face_embedding.yaml (heads on dlib's embedding), or
+            configs/face_attributes.yaml / face_attributes_gpu.yaml (gender and age, fine-tuned).
         data: The labelled dataset: a path or fsspec URL.
         data_format: celeba (the official layout) or manifest (labels.csv and images/);
             default the config's.
@@ -60,7 +64,12 @@ def retrain(config: str, data: str, data_format: Literal["celeba", "manifest"] |
             with stop.interruptible():
                 check_pretrained_weights(experiment)
                 dataset = load_labelled_dataset(data, experiment, endpoint_url)
-            if experiment.kind == EMBEDDING_KIND:  # heads on dlib's face embedding
+            if experiment.kind == ATTRIBUTES_KIND:  # gender and age, the backbone fine-tuned
+                faces = cache_attribute_inputs(dataset, experiment, registry, endpoint_url, device)
+                results = [train_attributes(spec, dataset, faces, experiment, device)
+                           for spec in experiment.candidates]
+                faces_used = faces.faces
+            elif experiment.kind == EMBEDDING_KIND:  # heads on dlib's face embedding
                 embeddings = embed_faces(dataset, experiment, registry, endpoint_url, device)
                 results = [train_head(spec, dataset, embeddings, experiment, device) for spec in experiment.heads]
                 faces_used = len(embeddings.index)

@@ -11,10 +11,13 @@ import sys
 from gender_pipeline import samples
 from gender_pipeline.cli import main as cli_main
 
-# Measured on 1,973 held-out faces (README, "The face-embedding model against the shipped network").
-DEFAULT_MODEL_LINE = ("The default model is the public-domain dlib gender network (dlib-gender-v1): right on 95.95% "
-                      "of 1,973 held-out faces. A better one, trained on your own labelled faces, in two commands:\n"
-                      "  gender-pipeline retrain --config configs/face_embedding.yaml --data YOUR_FACES --format manifest\n"
+# The demo scores with dlib's two shipped networks together, so that it shows age bands too.
+DEMO_MODEL = "dlib-attributes-v1"
+DEFAULT_MODEL_LINE = ("The demo answered with dlib's public-domain gender network and age predictor together "
+                      f"({DEMO_MODEL}); without --model, scoring uses the production model (the gender network "
+                      "alone until you promote one). A model that answers both better, fine-tuned on your own "
+                      "labelled faces, in two commands:\n"
+                      "  gender-pipeline retrain --config configs/face_attributes.yaml --data YOUR_FACES --format manifest\n"
                       "  gender-pipeline score --source ... --output ...   (it answers once the retrain run promoted it)")
 
 
@@ -40,6 +43,11 @@ def show_users(lake: str) -> None:
     counts = users["gender"].value_counts()
     print(f"  {len(users)} users: " + ", ".join(f"{g} {int(counts.get(g, 0))}" for g in ("female", "male", "unknown"))
           + f"; answered by {', '.join(sorted(set(users['model_name'] + '@' + users['model_version'])))}")
+    bands = users["age_band"].dropna().value_counts()
+    if len(bands):
+        from core.predictions import AGE_BANDS, UNKNOWN_BAND
+
+        print("  age bands: " + ", ".join(f"{b} {int(bands[b])}" for b in (*AGE_BANDS, UNKNOWN_BAND) if b in bands))
 
 
 def show_answers(lake: str, known: dict[str, str]) -> None:
@@ -53,8 +61,10 @@ def show_answers(lake: str, known: dict[str, str]) -> None:
         truth = known[row.photo_key]
         answer = (f"{row.gender} (p_male {row.p_male:.2f})" if row.status == "scored"
                   else f"rejected: {row.reject_reason}")
+        if row.status == "scored" and isinstance(getattr(row, "age_band", None), str):
+            answer += f", age {row.age_years:.0f} ({row.age_band})"
         right += row.gender == truth
-        print(f"  {row.photo_key:<42} {answer:<28} known: {truth}")
+        print(f"  {row.photo_key:<42} {answer:<44} known: {truth}")
     subject = faces["photo_key"].str.split("/").str[0].str.rsplit("-", n=1).str[0]  # grace-hopper-04/… -> grace-hopper
     answers = faces.assign(subject=subject).groupby("subject")["gender"].nunique()
     if (answers == 1).all():
@@ -73,7 +83,7 @@ def main() -> int:
     uploads, lake, registry = (os.path.join(base, d) for d in ("uploads", "lake", "registry"))
     known = build_uploads(uploads)
     print(f"demo: wrote {len(known)} sample uploads to {uploads}", flush=True)
-    status = cli_main(["score", "--source", uploads, "--output", lake, "--registry", registry])
+    status = cli_main(["score", "--source", uploads, "--output", lake, "--registry", registry, "--model", DEMO_MODEL])
     if status == 0:
         print(f"\nParquet dataset: {lake}/predictions  (pandas.read_parquet('{lake}/predictions'))")
         show_users(lake)

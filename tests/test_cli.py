@@ -127,3 +127,8 @@ def test_demo_says_whether_every_encoding_got_the_same_answer(tmp_path, capsys):
     frame.assign(gender="female").to_parquet(tmp_path / "predictions" / "part.parquet")
     show_answers(str(tmp_path), known)
     assert "Every encoding of a portrait gets the same answer" in capsys.readouterr().out
+    # A model that answers age: each answer shows it.
+    frame.assign(age_years=[31.2, 30.0, 40.0, 70.4], age_band=["25-34", "25-34", "35-44", "65+"]).to_parquet(
+        tmp_path / "predictions" / "part.parquet")
+    show_answers(str(tmp_path), known)
+    assert "female (p_male 0.10), age 31 (25-34)" in capsys.readouterr().out

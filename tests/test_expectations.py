@@ -24,6 +24,11 @@ def frame(rows):
 
 def test_good_predictions_pass():
     assert check_predictions(frame(good_rows())).success
+    with_age = frame(good_rows()).assign(age_years=[31.5, None], age_band=["25-34", None],
+                                         age_confidence=[0.61, None])
+    assert check_predictions(with_age).success
+    unknown = with_age.assign(age_band=["unknown", None])  # under the age threshold: an answer too
+    assert check_predictions(unknown).success
 
 
 @pytest.mark.parametrize("breakage, rule", [
@@ -35,6 +40,13 @@ def test_good_predictions_pass():
     (lambda f: pd.concat([f, f.iloc[:1]]), "unique"),
     (lambda f: f.assign(face_count=[0, 0]), "row_consistent"),
     (lambda f: f.assign(photo_key=[None, "v/b.jpg"]), "not_be_null"),
+    # age, where the model answers it
+    (lambda f: f.assign(age_years=[130.0, None], age_band=["65+", None], age_confidence=[0.5, None]), "between"),
+    (lambda f: f.assign(age_years=[30.0, None], age_band=["thirties", None], age_confidence=[0.5, None]), "in_set"),
+    (lambda f: f.assign(age_years=[30.0, None], age_band=["25-34", None], age_confidence=[1.5, None]), "between"),
+    (lambda f: f.assign(age_years=[30.0, None], age_band=[None, None], age_confidence=[0.5, None]), "age_consistent"),
+    (lambda f: f.assign(age_years=[30.0, 40.0], age_band=["25-34", "35-44"], age_confidence=[0.5, 0.4]),
+     "age_consistent"),  # a rejected photo has no age
 ])
 def test_broken_predictions_fail_with_a_readable_report(breakage, rule):
     report = check_predictions(breakage(frame(good_rows())))

@@ -96,7 +96,7 @@ def test_config_errors_are_clear(tmp_path):
 
 
 def test_embedding_is_resumable_part_by_part(tmp_path, backbone, monkeypatch):
-    import models.face_embedding as fe
+    import models.chips as fe
     from models.datasets import load_manifest
     from models.face_embedding import Embedder
     from core.stopping import StopRequested
@@ -108,7 +108,7 @@ def test_embedding_is_resumable_part_by_part(tmp_path, backbone, monkeypatch):
     store = Store(str(tmp_path / "cache"))
     whole, _ = embed_dataset(data, embedder.framing, embedder, Store(str(tmp_path / "other")), "e",
                              workers=0, part_size=5)
-    real, calls = fe._embed_part, []
+    real, calls = fe._compute_part, []
 
     def stop_after_one(*args):
         if calls:
@@ -116,10 +116,10 @@ def test_embedding_is_resumable_part_by_part(tmp_path, backbone, monkeypatch):
         calls.append(args[3])
         return real(*args)
 
-    monkeypatch.setattr(fe, "_embed_part", stop_after_one)
+    monkeypatch.setattr(fe, "_compute_part", stop_after_one)
     with pytest.raises(StopRequested):
         embed_dataset(data, embedder.framing, embedder, store, "e", workers=0, part_size=5)
-    monkeypatch.setattr(fe, "_embed_part", lambda *args: calls.append(args[3]) or real(*args))
+    monkeypatch.setattr(fe, "_compute_part", lambda *args: calls.append(args[3]) or real(*args))
     resumed, skipped = embed_dataset(data, embedder.framing, embedder, store, "e", workers=0, part_size=5)
     assert calls == [0, 5, 10]  # the first part was not computed again
     assert np.array_equal(resumed.index, whole.index) and np.allclose(resumed.inputs, whole.inputs)

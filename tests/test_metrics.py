@@ -64,9 +64,26 @@ def test_group_gaps():
 
 def test_numeric_columns_become_bands():
     ages = [str(a) for a in range(15, 45)]
-    out = group_report(np.ones(30, int), np.full(30, 0.9), {"age": ages, "race": ["a", "b"] * 15})
-    assert sorted(out["age"]["groups"]) == ["10-19", "20-29", "30-39", "40-49"]
+    out = group_report(np.ones(30, int), np.full(30, 0.9), {"age": ages, "race": ["a", "b"] * 15,
+                                                           "height": [str(150 + a) for a in range(30)]})
+    assert sorted(out["age"]["groups"]) == ["0-17", "18-24", "25-34", "35-44"]  # the bands the pipeline answers in
+    assert sorted(out["height"]["groups"]) == ["150-159", "160-169", "170-179"]
     assert sorted(out["race"]["groups"]) == ["a", "b"]
+
+
+def test_age_report():
+    from models.metrics import age_report
+
+    true = np.array([20, 30, 40, 70, -1])  # -1: no age in the label
+    years = np.array([22.0, 30.0, 50.0, 66.0, 5.0])
+    confidence = np.array([0.9, 0.8, 0.3, 0.6, 0.9])
+    report = age_report(true, years, confidence, 0.5, {"gender": ["f", "m", "m", "f", "f"]}, min_count=1)
+    assert report["count"] == 4 and report["mae"] == pytest.approx((2 + 0 + 10 + 4) / 4)
+    assert report["band_accuracy"] == pytest.approx(3 / 4)  # 40 -> 50 leaves its band
+    assert report["coverage"] == pytest.approx(3 / 4) and report["band_accuracy_when_answering"] == 1.0
+    assert report["groups_mae"]["gender"]["groups"]["f"]["mae"] == pytest.approx(3.0)
+    assert report["groups_mae"]["gender"]["worst_group"] == "m" and report["groups_mae"]["gender"]["max_gap"] == 2.0
+    assert sum(map(sum, report["band_confusion"])) == 4
 
 
 def test_tiny_groups_do_not_make_the_gap():

@@ -1,6 +1,7 @@
 from datetime import date, datetime, timedelta, timezone
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -29,7 +30,42 @@ def test_schema_is_the_contract():
                 ("face_count", "int16"), ("face_box", "list<item: int32>"), ("model_name", "string"),
                 ("model_version", "string"), ("scored_at", "timestamp[us, tz=UTC]"),
                 ("run_id", "string"), ("schema_version", "int16")]
-    assert [(f.name, str(f.type)) for f in PREDICTIONS_SCHEMA] == expected
+    # Version 2 adds the age at the end: a v1 reader's columns keep their names, types and places.
+    v2 = [("age_years", "float"), ("age_band", "string"), ("age_confidence", "float")]
+    assert [(f.name, str(f.type)) for f in PREDICTIONS_SCHEMA] == expected + v2
+    assert PREDICTIONS_SCHEMA.metadata[b"schema_version"] == b"2" and row("a/1.jpg", "h").schema_version == 2
+
+
+def test_a_history_of_v1_and_v2_files_reads_as_v2(tmp_path):
+    """Files written before the age columns existed stay as they are; every reader of the
+    history sees them as rows without an age."""
+    import pyarrow.dataset as ds
+
+    from core.state import history_dataset, read_history_files
+
+    store = Store(str(tmp_path / "lake"))
+    old = to_table([row("a/1.jpg", "h1")]).drop_columns(["age_years", "age_band", "age_confidence"])
+    old = old.set_column(old.schema.get_field_index("schema_version"), "schema_version",
+                         pa.array([1], pa.int16()))
+    write_v1 = store.path("predictions/dt=2026-01-01/part-old.parquet")
+    store.fs.makedirs(store.path("predictions/dt=2026-01-01"), exist_ok=True)
+    pq.write_table(old, write_v1)
+    new = row("b/2.jpg", "h2")
+    new.age_years, new.age_band, new.age_confidence = 31.5, "25-34", 0.61
+    write_predictions(store, to_table([new]), date(2026, 1, 2), "part-new")
+    history = history_dataset(store).to_table().to_pandas().sort_values("photo_key")
+    assert history["age_band"].isna().tolist() == [True, False] and history["schema_version"].tolist() == [1, 2]
+    both = read_history_files(store, ["predictions/dt=2026-01-01/part-old.parquet",
+                                      "predictions/dt=2026-01-02/part-new.parquet"])
+    assert both.column("age_years").to_pylist() == [None, 31.5]
+    # The README's readers: pyarrow with the current schema, DuckDB by name.
+    from core.predictions import PREDICTIONS_SCHEMA as schema
+    frame = ds.dataset(str(tmp_path / "lake" / "predictions"), schema=schema, partitioning="hive").to_table()
+    assert sorted(frame.column("age_band").to_pylist(), key=str) == ["25-34", None]
+    import duckdb
+    rows = duckdb.sql(f"SELECT photo_key, age_band FROM read_parquet('{tmp_path}/lake/predictions/*/*.parquet', "
+                      "union_by_name = true) ORDER BY 1").fetchall()
+    assert rows == [("a/1.jpg", None), ("b/2.jpg", "25-34")]
 
 
 def test_write_is_atomic_and_partitioned(tmp_path):
