@@ -319,7 +319,7 @@ def render_failure_markdown(summary: dict, source: str, output: str) -> str:
         parts.append("- the source was not listed")
     parts.append(f"- stage: {summary.get('stage', '?')}")
     written = summary.get("written") or []
-    parts.append(f"- written: {len(written)} shard file(s) published before the end" if written else
+    parts.append(f"- written: {plural(len(written), 'shard file')} published before the end" if written else
                  "- written: nothing (no history file, the users table unchanged)")
     parts += [f"  - `{url}`" for url in written]
     if written:

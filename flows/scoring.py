@@ -21,6 +21,7 @@ from core.scoring import ScoringOptions
 from core.expectations import warm_up as warm_up_expectations
 from core import timeline
 from core.summary import state_name
+from core.words import plural
 from core.timing import timed
 from tasks.run_control import (failed, finish_all, one_line, resolved_model, scoring_run_name, stoppable_run,
                                stopped, tag_run)
@@ -163,7 +164,7 @@ def nightly_scoring(source: str, output: str, registry: str | None = None, model
             unlock_output(lease)
         if stop.requested:
             files = [f.result().written for f in futures if f.state.is_completed() and f.result().written]
-            return stopped(stop, f"{len(files)} shard file(s) were published before the stop; "
+            return stopped(stop, f"{plural(len(files), 'shard file')} published before the stop; "
                                  "every other photo is new again for the next run")
         if failure is not None:
             return failed(failure)

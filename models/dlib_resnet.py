@@ -428,3 +428,20 @@ def load_dlib_face_resnet(path: str | None = None, cache_dir: str | None = None)
             log.warning("could not cache the converted weights in %s: %s", cache_file, error)
     net.dat_sha256 = sha  # models built on it record which weights they stand on
     return net.eval()
+
+
+def backbone_for_card(common: dict) -> DlibFaceResNet:
+    """The backbone a model card (in `common`, the registry's predictor arguments) was
+    trained on: the installed .dat must be it (checked by its hash). On the CPU, torch gets
+    every core."""
+    from core.processes import cpu_count
+
+    card = common["card"]
+    if common["device"] == "cpu":
+        torch.set_num_threads(cpu_count())
+    backbone = load_dlib_face_resnet()
+    expected = card["backbone"]["sha256"]
+    if backbone.dat_sha256 != expected:
+        raise ValueError(f"{common['name']}@{common['version']} was trained on backbone weights {expected[:12]}…, "
+                         f"but the installed .dat is {backbone.dat_sha256[:12]}…")
+    return backbone

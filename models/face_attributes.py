@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.dlib_resnet import BLOCKS, FEATURE_SIZE, DlibFaceResNet, load_dlib_face_resnet
+from models.dlib_resnet import BLOCKS, FEATURE_SIZE, DlibFaceResNet, backbone_for_card
 from models.predictor import Predictor, autocast, cuda_batch_size, device_batch
 from core.stopping import STOP
 
@@ -500,15 +500,6 @@ class AttributePredictor(Predictor):
 def load_attribute_predictor(weights: bytes, compile: bool = False, **common) -> AttributePredictor:
     """The predictor a `face-attributes` card (in `common`) describes; its backbone must be
     the one the card was trained on (checked by the .dat's hash)."""
-    from core.processes import cpu_count
-
-    card = common["card"]
-    if common["device"] == "cpu":
-        torch.set_num_threads(cpu_count())
-    backbone = load_dlib_face_resnet()
-    expected = card["backbone"]["sha256"]
-    if backbone.dat_sha256 != expected:
-        raise ValueError(f"{common['name']}@{common['version']} was trained on backbone weights {expected[:12]}…, "
-                         f"but the installed .dat is {backbone.dat_sha256[:12]}…")
-    settings = AttributeSettings(**card["settings"])
+    backbone = backbone_for_card(common)
+    settings = AttributeSettings(**common["card"]["settings"])
     return AttributePredictor(backbone, settings, load_net(weights, settings, backbone), compile=compile, **common)

@@ -21,7 +21,7 @@ from torch import nn
 
 from models.chips import cached_parts
 from models.datasets import LabelledSet
-from models.dlib_resnet import BLOCKS, FEATURE_SIZE, DlibFaceResNet, load_dlib_face_resnet
+from models.dlib_resnet import BLOCKS, FEATURE_SIZE, DlibFaceResNet, backbone_for_card
 from models.predictor import OnnxGenderPredictor, Predictor, autocast, cuda_batch_size, device_batch
 from core.faces import Framing
 from core.stopping import STOP
@@ -362,16 +362,8 @@ def load_embedding_predictor(weights: bytes, *, shipped: OnnxGenderPredictor | N
                              **common) -> EmbeddingPredictor:
     """The predictor a `face-embedding` card (in `common`) describes; its backbone must be
     the one the card was trained on (checked by the .dat's hash)."""
-    from core.processes import cpu_count
-
+    backbone = backbone_for_card(common)
     card = common["card"]
-    if common["device"] == "cpu":
-        torch.set_num_threads(cpu_count())
-    backbone = load_dlib_face_resnet()
-    expected = card["backbone"]["sha256"]
-    if backbone.dat_sha256 != expected:
-        raise ValueError(f"{common['name']}@{common['version']} was trained on backbone weights {expected[:12]}…, "
-                         f"but the installed .dat is {backbone.dat_sha256[:12]}…")
     settings = EmbeddingSettings(**card["embedding"])
     head = load_head(weights, HeadSpec(**card["head"]), settings, backbone)
     embedder = Embedder(backbone, settings, common["framing"], common["device"], shipped)
