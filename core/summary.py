@@ -185,6 +185,12 @@ def model_lines(summary: dict) -> list[str]:
              f"abstains (answers `unknown`) under {card['abstain_threshold']:.3f} confidence"
              + (f" ({summary['genders']['unknown']} photos tonight)" if summary.get("genders", {}).get("unknown")
                 else "")]
+    age = card.get("age")
+    if age:
+        measured = (f"; held-out age MAE {age['mae']:.2f} years, band right {100 * age['band_accuracy']:.1f}%"
+                    if age.get("mae") is not None else "")
+        lines.append(f"answers age too: the band is `unknown` under {age['abstain_threshold']:.3f} probability"
+                     + measured)
     trained = card.get("trained_on")
     accuracy = card.get("accuracy")
     lines.append(f"trained on {trained}" + (f"; held-out accuracy {accuracy}" if accuracy else ""))

@@ -382,14 +382,19 @@ def model_card_summary(registry: str | None, endpoint_url: str | None, model: st
     else:
         trained_on = card.get("source", "?")
     if test.get("accuracy") is not None:
-        accuracy = f"{100 * test['accuracy']:.2f}% on {test.get('count')} held-out faces"
+        accuracy = f"{100 * test['accuracy']:.2f}% on {test.get('count')} test faces"
     elif (metrics.get("reported") or {}).get("lfw_accuracy"):
         accuracy = f"{100 * metrics['reported']['lfw_accuracy']:.0f}% on LFW (reported by its authors)"
     else:
         accuracy = None
+    age = None
+    if "age" in (card.get("attributes") or ()):
+        measured = test.get("age") or {}
+        age = {"abstain_threshold": float((card.get("age") or {}).get("abstain_threshold", 0.0)),
+               "mae": measured.get("mae"), "band_accuracy": measured.get("band_accuracy")}
     return {"kind": f"{card.get('format')} ({card.get('arch')})", "framing": card.get("framing") or {},
             "abstain_threshold": float(card.get("abstain_threshold", 0.5)), "trained_on": trained_on,
-            "accuracy": accuracy}
+            "accuracy": accuracy, "attributes": list(card.get("attributes") or ["gender"]), "age": age}
 
 
 def _suites(listing_suite: dict | None, results: list[ShardResult]) -> dict:
