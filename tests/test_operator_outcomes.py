@@ -49,7 +49,9 @@ def test_every_night_is_on_the_record_and_a_failure_is_one_line(uploads, tmp_pat
     artifacts = artifacts_of(first["run_id"])
     assert not [a for a in artifacts if a.type == "progress"], "no leftover progress bar"
     assert all(a.description for a in artifacts if a.key), "every card says what it is"
-    text = by_prefix(artifacts, "scoring-summary-").data
+    card = by_prefix(artifacts, "scoring-summary-")
+    assert card.description.startswith(f"{len(files)} new: 4 scored") and card.description.endswith(f"into {output})")
+    text = card.data
     assert "**Data checks**: listing: 5 of 5 expectations passed; rows: 18 of 18 expectations passed" in text
     assert "abstains (answers `unknown`) under 0.600 confidence" in text and "LFW" in text
     assert "faces found by retinaface, framed as dlib_chip" in text
