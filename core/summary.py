@@ -183,7 +183,7 @@ def model_lines(summary: dict) -> list[str]:
     lines = [f"kind {card.get('kind')}; faces found by {framing.get('detector', 'retinaface')}, framed as "
              f"{framing.get('kind')} ({framing.get('size')} px, padding {framing.get('padding')})",
              f"abstains (answers `unknown`) under {card['abstain_threshold']:.3f} confidence"
-             + (f" ({summary['genders']['unknown']} photos tonight)" if summary.get("genders", {}).get("unknown")
+             + (f" ({plural(summary['genders']['unknown'], 'photo')} tonight)" if summary.get("genders", {}).get("unknown")
                 else "")]
     age = card.get("age")
     if age:
@@ -320,7 +320,7 @@ def render_failure_markdown(summary: dict, source: str, output: str) -> str:
     parts = [f"## Nightly scoring {title}, {summary['scoring_date']}", f"`{source}` → `{output}`", "",
              f"**{summary['message']}**", ""]
     if summary.get("listed") is not None:
-        parts.append(f"- listed: {summary['listed']} photos under the source, {summary.get('new', 0)} new to read")
+        parts.append(f"- listed: {plural(summary['listed'], 'photo')} under the source, {summary.get('new', 0)} new to read")
     else:
         parts.append("- the source was not listed")
     parts.append(f"- stage: {summary.get('stage', '?')}")
@@ -403,7 +403,7 @@ def render_status(status: dict, days: int = 14, runs_shown: int = 5) -> str:
     else:
         lines.append("last runs    none recorded")
     days_seen = len(status["partitions"])
-    lines.append(f"history      {status['rows']:,} rows in {status['files']:,} files over {days_seen} "
+    lines.append(f"history      {plural(status['rows'], 'row')} in {plural(status['files'], 'file')} over {days_seen} "
                  f"day{'s' if days_seen != 1 else ''}")
     users = status["users"]
     if users["users"]:
@@ -429,9 +429,9 @@ def render_status(status: dict, days: int = 14, runs_shown: int = 5) -> str:
     if status["reject_reasons"]:
         lines.append("rejected     " + ", ".join(f"{k} {v:,}" for k, v in status["reject_reasons"].items()))
     if status["models"]:
-        lines.append("models       " + ", ".join(f"{m['model']} {m['rows']:,} rows" for m in status["models"]))
+        lines.append("models       " + ", ".join(f"{m['model']} {plural(m['rows'], 'row')}" for m in status["models"]))
     erasures = status.get("erasures") or []
     if erasures:
-        lines.append(f"erasures     {len(erasures)} ({sum(int(e.get('users', 0)) for e in erasures):,} users), "
+        lines.append(f"erasures     {len(erasures)} ({plural(sum(int(e.get('users', 0)) for e in erasures), 'user')}), "
                      f"the last {str(erasures[-1].get('listed_at', ''))[:16].replace('T', ' ')} UTC")
     return "\n".join(lines)

@@ -11,7 +11,7 @@ import torch
 
 from gender_pipeline import samples
 from gender_pipeline.cli import main
-from models.face_attributes import (AGES, AttributeNet, AttributeSettings, AttributeSpec, Augment, Inputs,
+from models.face_attributes import (AGES, AttributeSettings, AttributeSpec, Augment, Inputs,
                                     age_targets, augment_chips, band_answers, band_threshold, fit_age_temperature,
                                     fit_attributes, predict_inputs, softmax, split_metrics)
 
@@ -41,8 +41,8 @@ def _maps(n, seed, views=2):
 @pytest.mark.parametrize("age_loss", ["dldl", "l1"])
 def test_both_heads_learn_and_training_is_deterministic(backbone, age_loss):
     settings = AttributeSettings(train_from=12, views=3)
-    train, val = _maps(400, 0, views=3), _maps(200, 1)
-    spec = AttributeSpec(name=age_loss, age_loss=age_loss, epochs=6, patience=6, batch_size=64,
+    train, val = _maps(256, 0, views=3), _maps(128, 1)
+    spec = AttributeSpec(name=age_loss, age_loss=age_loss, epochs=5, patience=5, batch_size=64,
                          age_weight=1.0 if age_loss == "dldl" else 0.1)
     first = fit_attributes(spec, settings, backbone, train, val)
     second = fit_attributes(spec, settings, backbone, train, val)
