@@ -359,18 +359,20 @@ def _trend_table(summary: dict) -> list[str]:
     runs = summary.get("recent_runs") or []
     if len(runs) < 2:
         return []
-    rows = [f"**The last {len(runs)} runs of this output**", "",
-            "| UTC | outcome | listed | new | gone | rows | rejected | unknown | female | users left | seconds "
-            "| photos/s | model |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    # Narrow columns: the Prefect UI shows an artifact beside its details panel. "gone":
+    # photos no longer in the source; "left": users who left the users table; "s": seconds.
+    rows = [f"**The last {len(runs)} runs of this output** (gone: photos no longer in the source; left: users "
+            "who left the users table)", "",
+            "| UTC | outcome | listed | new | gone | rows | rejected | unknown | female | left | s | model |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run in runs:
         wall, count = run.get("wall_seconds") or 0, run.get("rows", 0)
         decided = run.get("female", 0) + run.get("male", 0)
-        rows.append(f"| {str(run.get('listed_at', ''))[5:16].replace('T', '&nbsp;')} | {run.get('outcome', 'completed')} "
+        rows.append(f"| {str(run.get('listed_at', ''))[5:16].replace('T', '&nbsp;').replace('-', '&#8209;')} | {run.get('outcome', 'completed')} "
                     f"| {'—' if run.get('listed') is None else run['listed']} | {run.get('new', 0)} "
                     f"| {run.get('removed', '—')} | {count} | {_rate(run.get('rejected', 0), count)} "
                     f"| {_rate(run.get('unknown', 0), run.get('scored', 0))} | {_rate(run.get('female', 0), decided)} "
-                    f"| {run.get('users_left', '—')} | {wall:.0f} | {f'{count / wall:.1f}' if wall and count else '—'} "
-                    f"| {run.get('model', '')} |")
+                    f"| {run.get('users_left', '—')} | {wall:.0f} | {run.get('model', '')} |")
     return rows + [""]
 
 

@@ -82,7 +82,7 @@ def test_every_night_is_on_the_record_and_a_failure_is_one_line(uploads, tmp_pat
     details = flow_run(third["run_id"])
     assert details.state.message.startswith("nothing new since ") and "outcome:nothing-new" in details.tags
     trend = by_prefix(artifacts_of(third["run_id"]), "scoring-summary-").data
-    assert "| failed |" in trend and trend.count("| completed |") == 2 and "photos/s" in trend
+    assert "| failed |" in trend and trend.count("| completed |") == 2 and "| gone | rows |" in trend
     records = sorted((output / "_runs").glob("*.json"))
     assert [json.loads(r.read_text())["outcome"] for r in records] == ["completed", "failed", "completed"]
 
