@@ -67,3 +67,15 @@ def s3_endpoint():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def retrain_on_generated_faces(root, config, ages: bool = False):
+    """`gender-pipeline retrain` with `config` on 40 generated faces under `root` (data/,
+    registry/); returns `root`."""
+    from gender_pipeline.cli import main
+
+    samples.write_manifest_dataset(str(root / "data"), 40, seed=5, ages=ages)
+    status = main(["retrain", "--config", str(config), "--data", str(root / "data"),
+                   "--registry", str(root / "registry"), "--device", "cpu"])
+    assert status == 0
+    return root

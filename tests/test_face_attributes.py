@@ -11,6 +11,7 @@ import torch
 
 from gender_pipeline import samples
 from gender_pipeline.cli import main
+from tests.conftest import retrain_on_generated_faces
 from models.face_attributes import (AGES, AttributeSettings, AttributeSpec, Augment, Inputs,
                                     age_targets, augment_chips, band_answers, band_threshold, fit_age_temperature,
                                     fit_attributes, predict_inputs, softmax, split_metrics)
@@ -137,11 +138,7 @@ def _config(tmp_path):
 def trained(tmp_path_factory, prefect_harness):
     """The retrain flow on a small generated dataset with ages, with the CPU config."""
     root = tmp_path_factory.mktemp("face-attributes")
-    samples.write_manifest_dataset(str(root / "data"), 40, seed=5, ages=True)
-    status = main(["retrain", "--config", str(_config(root)), "--data", str(root / "data"),
-                   "--registry", str(root / "registry"), "--device", "cpu"])
-    assert status == 0
-    return root
+    return retrain_on_generated_faces(root, _config(root), ages=True)
 
 
 def test_retrain_registers_a_model_that_answers_gender_and_age(trained):

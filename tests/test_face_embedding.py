@@ -10,6 +10,7 @@ import torch
 
 from gender_pipeline import samples
 from gender_pipeline.cli import main
+from tests.conftest import retrain_on_generated_faces
 from models.experiment import load_experiment
 from models.face_embedding import (SHIPPED_FRAMING, EmbeddingSettings, Embeddings, HeadSpec, embed_dataset,
                                    fit_head, head_logits, shipped_chips)
@@ -130,12 +131,7 @@ def test_embedding_is_resumable_part_by_part(tmp_path, backbone, monkeypatch):
 def trained(tmp_path_factory, prefect_harness):
     """The retrain flow on a small generated dataset, with the face-embedding config."""
     root = tmp_path_factory.mktemp("face-embedding")
-    samples.write_manifest_dataset(str(root / "data"), 40, seed=5)
-    config = _config(root)
-    status = main(["retrain", "--config", str(config), "--data", str(root / "data"),
-                   "--registry", str(root / "registry"), "--device", "cpu"])
-    assert status == 0
-    return root
+    return retrain_on_generated_faces(root, _config(root))
 
 
 def test_retrain_registers_a_face_embedding_model(trained):
