@@ -52,7 +52,7 @@ def copy_uploads(folder: str, keys: list[str], source: str, prefix: str) -> None
 
 def build_answered(source: str, output: str, count: int, photo: str) -> None:
     """`count` user folders holding a hard link of `photo`, and their history."""
-    from core.predictions import PREDICTIONS_SCHEMA, write_predictions
+    from core.predictions import conform, write_predictions
     from core.storage import Store
 
     links = os.path.join(source, "..", "originals")
@@ -76,14 +76,14 @@ def build_answered(source: str, output: str, count: int, photo: str) -> None:
         n = min(2000, count - start)
         p = rng.random(n).astype(np.float32)
         users = [f"old{i:07d}" for i in range(start, start + n)]
-        table = pa.table({
+        table = conform(pa.table({
             "user_id": users, "photo_key": [f"{u}/signup.jpg" for u in users],
             "photo_sha256": ["0" * 64] * n, "status": ["scored"] * n, "reject_reason": pa.nulls(n, pa.string()),
             "gender": np.where(p >= 0.5, "male", "female"), "p_male": p, "p_female": 1 - p,
             "confidence": np.maximum(p, 1 - p), "face_count": np.ones(n, np.int16), "face_box": [[1, 2, 3, 4]] * n,
             "model_name": ["dlib-gender-v1"] * n, "model_version": ["1"] * n,
             "scored_at": pa.array([scored_at] * n, pa.timestamp("us", tz="UTC")), "run_id": ["history"] * n,
-            "schema_version": np.ones(n, np.int16)}, schema=PREDICTIONS_SCHEMA)
+            "schema_version": np.ones(n, np.int16)}))
         write_predictions(store, table, date(2026, 1, 1 + (start // 2000) % 28), f"part-history-{start // 2000:05d}")
 
 

@@ -57,7 +57,7 @@ def build(work: str, size: int, new: int, with_history: bool) -> None:
     """The output of `size` answered photos (one per user, answered over 1,000 days) and a
     listing of them plus `new` photos of new users, uploaded since."""
     from core.listing import Spool
-    from core.predictions import PREDICTIONS_SCHEMA, write_predictions
+    from core.predictions import conform, write_predictions
     from core.state import OutputState, PHOTOS_SCHEMA
     from core.storage import Store
     from core.users import USERS_SCHEMA
@@ -78,21 +78,21 @@ def build(work: str, size: int, new: int, with_history: bool) -> None:
         p = rng.random(n).astype(np.float32)
         gender = np.where(p >= 0.5, "male", "female")
         ts = pa.timestamp("us", tz="UTC")
-        photos = pa.table({
+        photos = table_of({
             "photo_key": keys, "user_id": users, "size": np.full(n, 150_000), "uploaded_at": pa.array(uploaded, ts),
             "photo_sha256": [f"{i:064x}" for i in range(start, stop)], "status": ["scored"] * n,
             "reject_reason": pa.nulls(n, pa.string()), "gender": gender, "p_male": p,
             "confidence": np.maximum(p, 1 - p), "model_name": [MODEL[0]] * n, "model_version": [MODEL[1]] * n,
             "answered_at": pa.array(answered, ts), "checked_at": pa.array(answered, ts),
             "run_id": [f"run-{d}" for d in days], "answered_on": pa.array(answered.astype("datetime64[D]"))},
-            schema=PHOTOS_SCHEMA)
-        users_rows = pa.table({
+            PHOTOS_SCHEMA)
+        users_rows = table_of({
             "user_id": users, "gender": gender, "p_male": p, "confidence": np.maximum(p, 1 - p), "photo_key": keys,
             "photo_sha256": photos["photo_sha256"], "uploaded_at": photos["uploaded_at"],
             "answered_at": photos["answered_at"], "model_name": photos["model_name"],
             "model_version": photos["model_version"], "photos_seen": np.ones(n, np.int32),
             "newest_photo_key": keys, "newest_reject_reason": pa.nulls(n, pa.string()), "run_id": photos["run_id"],
-            "schema_version": np.ones(n, np.int16), "answered_on": photos["answered_on"]}, schema=USERS_SCHEMA)
+            "schema_version": np.ones(n, np.int16), "answered_on": photos["answered_on"]}, USERS_SCHEMA)
         if start == 0:
             state.photos.create(photos, seq=1)
             state.users.create(users_rows, seq=1)
@@ -106,14 +106,14 @@ def build(work: str, size: int, new: int, with_history: bool) -> None:
             for part in range(0, n, 2000):
                 rows = photos.slice(part, 2000)
                 m = rows.num_rows
-                history = pa.table({
+                history = conform(pa.table({
                     "user_id": rows["user_id"], "photo_key": rows["photo_key"], "photo_sha256": rows["photo_sha256"],
                     "status": rows["status"], "reject_reason": rows["reject_reason"], "gender": rows["gender"],
                     "p_male": rows["p_male"], "p_female": pa.array(1 - rows["p_male"].to_numpy()),
                     "confidence": rows["confidence"], "face_count": np.ones(m, np.int16),
                     "face_box": [[1, 2, 3, 4]] * m, "model_name": rows["model_name"],
                     "model_version": rows["model_version"], "scored_at": rows["answered_at"], "run_id": rows["run_id"],
-                    "schema_version": np.ones(m, np.int16)}, schema=PREDICTIONS_SCHEMA)
+                    "schema_version": np.ones(m, np.int16)}))
                 write_predictions(store, history, date(2024, 1, 1) + timedelta(days=(start + part) // 2000 % 1000),
                                   f"part-build-{(start + part) // 2000:06d}")
         print(f"  built {stop:,} of {size:,}", file=sys.stderr, flush=True)
@@ -164,20 +164,26 @@ def _stage(results: dict, sampler: Sampler, name: str, action):
     return value
 
 
+def table_of(columns: dict, schema: pa.Schema) -> pa.Table:
+    """`columns` as a table of `schema`, the columns it leaves out null (the newer ones)."""
+    n = len(next(iter(columns.values())))
+    return pa.table({f.name: columns.get(f.name, pa.nulls(n, f.type)) for f in schema}, schema=schema)
+
+
 def night_rows(objects, run_id: str):
     """The night's answers, as the scoring shards would publish them (every photo scored)."""
-    from core.predictions import PREDICTIONS_SCHEMA
+    from core.predictions import conform
 
     n = len(objects)
     p = np.random.default_rng(1).random(n).astype(np.float32)
-    return pa.table({
+    return conform(pa.table({
         "user_id": [o.key.split("/")[0] for o in objects], "photo_key": [o.key for o in objects],
         "photo_sha256": [f"{i:064x}" for i in range(n)], "status": ["scored"] * n,
         "reject_reason": pa.nulls(n, pa.string()), "gender": np.where(p >= 0.5, "male", "female"), "p_male": p,
         "p_female": 1 - p, "confidence": np.maximum(p, 1 - p), "face_count": np.ones(n, np.int16),
         "face_box": [[1, 2, 3, 4]] * n, "model_name": [MODEL[0]] * n, "model_version": [MODEL[1]] * n,
         "scored_at": pa.array([NIGHT] * n, pa.timestamp("us", tz="UTC")), "run_id": [run_id] * n,
-        "schema_version": np.ones(n, np.int16)}, schema=PREDICTIONS_SCHEMA)
+        "schema_version": np.ones(n, np.int16)}))
 
 
 def measure(work: str) -> dict:

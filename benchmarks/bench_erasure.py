@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from core.predictions import PREDICTIONS_SCHEMA, published_files, write_predictions  # noqa: E402
+from core.predictions import PREDICTIONS_SCHEMA, conform, published_files, write_predictions  # noqa: E402
 from core.state import LISTING_SCHEMA, OutputState, erase  # noqa: E402
 from core.storage import Store, with_retries  # noqa: E402
 
@@ -58,8 +58,8 @@ def build(store: Store, rows: int, seed: int = 0) -> pa.Table:
             "confidence": np.maximum(p, 1 - p), "face_count": np.ones(n, np.int16),
             "face_box": [[1, 2, 3, 4]] * n, "model_name": ["dlib-gender-v1"] * n, "model_version": ["1"] * n,
             "scored_at": pa.array([at] * n, pa.timestamp("us", tz="UTC")), "run_id": [f"run-{day}"] * n,
-            "schema_version": np.ones(n, np.int16)}, schema=PREDICTIONS_SCHEMA)
-        write_predictions(store, table, day, f"part-run-{day}-{start // SHARD:05d}")
+            "schema_version": np.full(n, 2, np.int16)})
+        write_predictions(store, conform(table), day, f"part-run-{day}-{start // SHARD:05d}")
     return pa.table({"key": keys, "size": np.full(rows, 100_000), "modified": pa.array([T0] * rows, LISTING_SCHEMA.field("modified").type)},
                     schema=LISTING_SCHEMA)
 
@@ -110,13 +110,21 @@ def main() -> int:
     ours = [f"u{u:08d}" for u in chosen[:args.erase]]
     theirs = [f"u{u:08d}" for u in chosen[args.erase:]]
 
+    # The erased users' photos in a source folder: `forget` lists them there for the tombstones.
+    source = Store(os.path.join(args.out, "source"))
+    wanted = set(ours)
+    for key in listing["key"].to_pylist():
+        if key.split("/", 1)[0] in wanted:
+            source.write_atomic(key, b"photo")
+
     started = time.perf_counter()
-    report = erase(state, ours, datetime.now(timezone.utc))
+    report = erase(state, ours, datetime.now(timezone.utc), source)
     one_pass = time.perf_counter() - started
     print(f"forget, one call for {args.erase} users: {one_pass:.1f} s; {report.rows_removed} history rows removed; "
           f"{report.files_read} files read (user_id column), {report.files_rewritten} rewritten, "
           f"{report.files_deleted} deleted; users table -{report.users_removed}, photo state "
-          f"-{report.photos_removed}; {report.vacuumed} files vacuumed")
+          f"-{report.photos_removed}; {report.vacuumed} files vacuumed; {len(report.source_keys)} source objects "
+          f"listed for the tombstones")
 
     started = time.perf_counter()
     rewritten = sum(len(forget_user_before(store, user)) for user in theirs)
