@@ -286,6 +286,13 @@ def split_points(keys: list[str], upto: str | None, limit: int = 32) -> list[str
     return points
 
 
+# Words of obstore's (object_store's) error text that mean the request, not the key, failed:
+# a refused, reset or dropped connection ("error sending request" with hyper's
+# IncompleteMessage when the peer closes before answering), a timeout, a 5xx answer.
+OBSTORE_TRANSIENT = ("connection", "Connection", "error sending request", "IncompleteMessage", "timed out",
+                     "reset", "500", "502", "503", "504")
+
+
 @dataclass
 class Page:
     """One ListObjectsV2 page: keys relative to the source (sorted), sizes, times."""
@@ -370,8 +377,7 @@ class S3Lister:
             try:
                 return self.fetch(after)
             except Exception as error:  # obstore's errors carry no errno: name the transient ones
-                if _kind(error) == "other" and any(word in str(error) for word in
-                                                   ("connection", "Connection", "timed out", "reset", "503", "500")):
+                if _kind(error) == "other" and any(word in str(error) for word in OBSTORE_TRANSIENT):
                     raise ConnectionError(str(error)) from error
                 if "NoSuchBucket" in str(error) or "not found" in str(error).lower() and "bucket" in str(error).lower():
                     raise FileNotFoundError(str(error)) from error

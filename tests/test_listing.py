@@ -98,6 +98,44 @@ def test_s3_listing_of_a_missing_bucket_is_a_storage_error(s3_endpoint):
         listed(store, ListingSpec(fanout=4))
 
 
+class GenericError(Exception):
+    """Stands for obstore's error class: no errno, only its text says what failed."""
+
+
+# obstore's text when a connection is dropped before the answer (seen through a dropping proxy).
+DROPPED = ("Generic S3 error: Error performing list request: Error performing GET http://127.0.0.1:1/b?list-type=2 "
+           "in 221ms, after 2 retries, max_retries: 2, retry_timeout: 20s  - HTTP error: error sending request "
+           "... hyper::Error(Canceled, hyper::Error(IncompleteMessage))")
+
+
+@pytest.mark.parametrize("text, retried", [(DROPPED, True), ("Generic S3 error: ... 503 Slow Down", True),
+                                           ("Generic S3 error: Client error with status 403 Forbidden", False)])
+def test_an_obstore_page_is_retried_when_its_request_failed_not_when_it_was_refused(monkeypatch, text, retried):
+    from types import SimpleNamespace
+
+    from core import storage
+
+    monkeypatch.setattr(storage, "_sleep", lambda s: None)
+    page = listing_module.Page(pa.array(["a/1.jpg"]), pa.array([4], pa.int64()),
+                               pa.array([None], listing_module.TIMESTAMP), False)
+    calls = []
+
+    def fetch(after):
+        calls.append(after)
+        if len(calls) < 3:
+            raise GenericError(text)
+        return page
+
+    lister = object.__new__(listing_module.S3Lister)
+    lister.store, lister.fetch = SimpleNamespace(url="s3://b/uploads"), fetch
+    if retried:
+        assert lister._page("") is page and len(calls) == 3
+    else:
+        with pytest.raises(GenericError):
+            lister._page("")
+        assert len(calls) == 1
+
+
 def test_split_points_cut_the_rest_of_a_range_where_its_keys_vary():
     page = [f"user-{i:06d}/a.jpg" for i in range(1000)]
     points = split_points(page, None, limit=100)
