@@ -24,41 +24,27 @@ import dataclasses
 import os
 import sys
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models.datasets import load_dataset  # noqa: E402
-from models.experiment import evaluate_predictor, mcnemar_p, paired_error_p  # noqa: E402
+from models.experiment import (evaluate_predictor, faces_in_common, mcnemar_p, outcomes_on,  # noqa: E402
+                               paired_error_p)
 from models.registry import Registry  # noqa: E402
-
-
-def on_common(report: dict, common: np.ndarray, key: str) -> np.ndarray:
-    faces = report["faces"]
-    position = {index: i for i, index in enumerate(faces["index"].tolist())}
-    return np.asarray(faces[key])[[position[i] for i in common]]
-
-
-def common_faces(reports: list[dict]) -> np.ndarray:
-    common = set(reports[0]["faces"]["index"].tolist())
-    for report in reports[1:]:
-        common &= set(report["faces"]["index"].tolist())
-    return np.array(sorted(common))
 
 
 def gender_table(runs: list[tuple[str, dict]], images: int) -> None:
     runs = [(n, r) for n, r in runs if "accuracy" in r]
     if not runs:
         return
-    common = common_faces([r for _, r in runs])
-    reference = on_common(runs[0][1], common, "correct")
+    common = faces_in_common([r for _, r in runs])
+    reference = outcomes_on(runs[0][1], common, "correct")
     print(f"\nGender: {images} held-out images; McNemar against {runs[0][0]} on the {len(common)} faces every "
           f"model answered.\n")
     print("| model | faces | accuracy | ROC-AUC | ECE | coverage / accuracy at threshold | largest race gap "
           "| largest age-band gap | accuracy on common faces | McNemar p | images/s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, report in runs:
-        correct = on_common(report, common, "correct")
+        correct = outcomes_on(report, common, "correct")
         groups = report["groups"]
         race = groups.get("race", {}).get("max_gap", float("nan"))
         age = groups.get("age", {}).get("max_gap", float("nan"))
@@ -73,9 +59,9 @@ def age_table(runs: list[tuple[str, dict]], images: int) -> None:
     runs = [(n, r) for n, r in runs if r.get("age", {}).get("count")]
     if not runs:
         return
-    common = common_faces([r for _, r in runs])
-    known = on_common(runs[0][1], common, "age_known")
-    reference = on_common(runs[0][1], common, "age_error")[known]
+    common = faces_in_common([r for _, r in runs])
+    known = outcomes_on(runs[0][1], common, "age_known")
+    reference = outcomes_on(runs[0][1], common, "age_error")[known]
     print(f"\nAge: {images} held-out images; paired test of the absolute errors against {runs[0][0]} on the "
           f"{int(known.sum())} faces with an age every model answered.\n")
     print("| model | faces | MAE | MAE adults | band accuracy | within one band | band ECE "
@@ -84,7 +70,7 @@ def age_table(runs: list[tuple[str, dict]], images: int) -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, report in runs:
         age = report["age"]
-        errors = on_common(report, common, "age_error")[known]
+        errors = outcomes_on(report, common, "age_error")[known]
         by = age["groups_mae"]
         gender = by.get("gender", {}).get("groups", {})
         p = "—" if name == runs[0][0] else f"{paired_error_p(errors, reference):.2g}"

@@ -34,6 +34,15 @@ class TableError(RuntimeError):
     is overwritten: move it away, or rebuild it (`gender-pipeline rebuild-users --replace`)."""
 
 
+def with_null_columns(table: pa.Table, fields) -> pa.Table:
+    """`table` with each of `fields` (pyarrow fields) it lacks added at the end as nulls:
+    how rows written before an additive schema change are read."""
+    for f in fields:
+        if f.name not in table.column_names:
+            table = table.append_column(f.name, pa.nulls(table.num_rows, f.type))
+    return table
+
+
 @dataclass(frozen=True)
 class TableSpec:
     """What one of our tables is."""

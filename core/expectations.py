@@ -10,7 +10,7 @@ from functools import lru_cache
 
 import pandas as pd
 
-from core.predictions import AGE_BANDS, GENDERS, REJECT_REASONS, STATUSES, UNKNOWN_BAND
+from core.predictions import AGE_BAND_VALUES, AGE_COLUMNS, GENDERS, REJECT_REASONS, STATUSES
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
@@ -108,7 +108,7 @@ def _prediction_expectations():
         # Age, where the model answers it: a plausible age, a known band, a probability;
         # all three or none, and only on a scored photo.
         gxe.ExpectColumnValuesToBeBetween(column="age_years", min_value=0, max_value=120),
-        gxe.ExpectColumnValuesToBeInSet(column="age_band", value_set=[*AGE_BANDS, UNKNOWN_BAND]),
+        gxe.ExpectColumnValuesToBeInSet(column="age_band", value_set=list(AGE_BAND_VALUES)),
         gxe.ExpectColumnValuesToBeBetween(column="age_confidence", min_value=0, max_value=1),
         gxe.ExpectColumnValuesToBeInSet(column="age_consistent", value_set=[True]),
     ]
@@ -165,10 +165,10 @@ def check_predictions(rows: pd.DataFrame) -> SuiteReport:
         & (frame["face_count"] > 0) & frame["reject_reason"].isna()
     rejected_ok = frame["reject_reason"].notna() & frame["p_male"].isna() & frame["gender"].isna()
     frame["row_consistent"] = (scored & complete) | (~scored & rejected_ok)
-    for column in ("age_years", "age_band", "age_confidence"):
+    for column in AGE_COLUMNS:
         if column not in frame:
             frame[column] = None
-    ages = frame[["age_years", "age_band", "age_confidence"]].notna()
+    ages = frame[list(AGE_COLUMNS)].notna()
     frame["age_consistent"] = ~ages.any(axis=1) | (ages.all(axis=1) & scored)
     frame["face_box"] = frame["face_box"].astype(str)  # lists are not hashable for GX
     return _validate("predictions", frame, _prediction_expectations)

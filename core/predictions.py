@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core.delta import with_null_columns
 from core.storage import Store, modified_time
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ GENDERS = ("male", "female", "unknown")
 AGE_BAND_STARTS = (0, 18, 25, 35, 45, 55, 65)
 AGE_BANDS = ("0-17", "18-24", "25-34", "35-44", "45-54", "55-64", "65+")
 UNKNOWN_BAND = "unknown"  # under the model's age abstain threshold
+AGE_BAND_VALUES = (*AGE_BANDS, UNKNOWN_BAND)  # every value of the age_band column, in order
 # Reasons a photo can be rejected for; `read_error` photos are retried by the next run.
 REJECT_REASONS = ("empty", "truncated", "corrupt", "not_an_image", "unsupported_format",
                   "too_small", "too_large", "decompression_bomb", "no_face", "bad_key",
@@ -77,13 +79,16 @@ def age_bands_of(years, confidence, abstain_threshold: float) -> list[str]:
             for i, c in zip(age_band_index(years), np.asarray(confidence, dtype=np.float64))]
 
 
+def in_band_order(counts) -> dict[str, int]:
+    """Counts per age band (a mapping, a Counter or a pandas Series) in band order, the
+    bands without any left out."""
+    return {band: int(counts[band]) for band in AGE_BAND_VALUES if band in counts and counts[band]}
+
+
 def conform(table: pa.Table) -> pa.Table:
     """History rows as the current schema: files written before a column existed get it
     as nulls (an additive change)."""
-    missing = [f for f in PREDICTIONS_SCHEMA if f.name not in table.column_names]
-    for f in missing:
-        table = table.append_column(f.name, pa.nulls(table.num_rows, f.type))
-    return table.select(PREDICTIONS_SCHEMA.names).cast(PREDICTIONS_SCHEMA)
+    return with_null_columns(table, PREDICTIONS_SCHEMA).select(PREDICTIONS_SCHEMA.names).cast(PREDICTIONS_SCHEMA)
 
 
 @dataclass

@@ -34,8 +34,8 @@ import pyarrow.parquet as pq
 
 from core.delta import APP_ID, Table, TableError, TableSpec, duckdb_session
 from core.listing import LISTING_SCHEMA, key_sample
-from core.predictions import (AGE_BANDS, DATASET, PREDICTIONS_SCHEMA, RETRYABLE_REASONS, UNKNOWN_BAND, PhotoResult,
-                              conform, published_files)
+from core.predictions import (DATASET, PREDICTIONS_SCHEMA, RETRYABLE_REASONS, PhotoResult, conform,
+                              in_band_order, published_files)
 from core.storage import ObjectInfo, Store, with_retries
 from core.timing import timed
 from core.users import TIMESTAMP, USERS, answers
@@ -901,6 +901,6 @@ def output_status(state: OutputState) -> dict:
         "models": [{"model": m, "rows": int(n)} for m, n in models],
         "users": {"table": state.users.url, "exists": users_table is not None, "users": int(total),
                   "genders": {g: int(genders.get(g, 0)) for g in ("female", "male", "unknown")},
-                  "age_bands": {b: int(bands[b]) for b in (*AGE_BANDS, UNKNOWN_BAND) if bands.get(b)},
+                  "age_bands": in_band_order(bands),
                   "models": [{"model": m, "users": int(n), "share": round(n / total, 4)} for m, n in by_model]},
     }

@@ -7,7 +7,7 @@ from collections import Counter
 
 import numpy as np
 
-from core.predictions import AGE_BANDS, UNKNOWN_BAND, PhotoResult
+from core.predictions import PhotoResult, in_band_order
 from core.run_history import completed
 from core.scoring import ScoringStats
 from core.words import plural
@@ -38,7 +38,7 @@ def summarize(rows: list[PhotoResult], stats: ScoringStats, listed: int, skipped
         "reject_reasons": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
         "genders": {g: genders.get(g, 0) for g in ("female", "male", "unknown")},
         # Tonight's scored photos by age band (empty when the model answers no age).
-        "age_bands": {b: bands[b] for b in (*AGE_BANDS, UNKNOWN_BAND) if bands.get(b)},
+        "age_bands": in_band_order(bands),
         "p_male_histogram": [{"bin": f"{edges[i]:.1f}-{edges[i + 1]:.1f}", "photos": int(counts[i])}
                              for i in range(len(counts))],
         "scoring_seconds": round(stats.seconds, 3),
@@ -125,7 +125,7 @@ def age_bands_line(bands: dict | None) -> str | None:
     """`18-24 12, 25-34 30, …, unknown 2` (bands in order; None when there is no age)."""
     if not bands:
         return None
-    return ", ".join(f"{band} {bands[band]:,}" for band in (*AGE_BANDS, UNKNOWN_BAND) if bands.get(band))
+    return ", ".join(f"{band} {count:,}" for band, count in in_band_order(bands).items())
 
 
 def outcome(summary: dict) -> tuple[str, str]:

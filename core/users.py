@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from core.delta import TableSpec
+from core.delta import TableSpec, with_null_columns
+from core.predictions import AGE_COLUMNS
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 USERS_SCHEMA_VERSION = 2  # 2: age_years, age_band, age_confidence (null where the model answers no age)
@@ -95,9 +96,7 @@ def answers(con, photos) -> pa.Table:
     """The users' rows that the rule gives for `photos` (an Arrow table or dataset with the
     photo state's columns, every known photo of each user in it)."""
     if isinstance(photos, pa.Table):  # photos answered before ages existed read as no age
-        for name in ("age_years", "age_band", "age_confidence"):
-            if name not in photos.column_names:
-                photos = photos.append_column(name, pa.nulls(photos.num_rows, USERS_SCHEMA.field(name).type))
+        photos = with_null_columns(photos, [USERS_SCHEMA.field(name) for name in AGE_COLUMNS])
     con.register("photos", photos)
     try:
         table = con.arrow(ANSWERS_SQL)

@@ -38,16 +38,16 @@ def build_uploads(root: str) -> dict[str, str]:
 def show_users(lake: str) -> None:
     from deltalake import DeltaTable
 
+    from core.summary import age_bands_line
+
     users = DeltaTable(os.path.join(lake, "users")).to_pandas().sort_values("user_id")
     print(f"\nUsers table: {lake}/users  (DeltaTable('{lake}/users').to_pandas()), one answer per user:")
     counts = users["gender"].value_counts()
     print(f"  {len(users)} users: " + ", ".join(f"{g} {int(counts.get(g, 0))}" for g in ("female", "male", "unknown"))
           + f"; answered by {', '.join(sorted(set(users['model_name'] + '@' + users['model_version'])))}")
-    bands = users["age_band"].dropna().value_counts()
-    if len(bands):
-        from core.predictions import AGE_BANDS, UNKNOWN_BAND
-
-        print("  age bands: " + ", ".join(f"{b} {int(bands[b])}" for b in (*AGE_BANDS, UNKNOWN_BAND) if b in bands))
+    bands = age_bands_line(users["age_band"].value_counts().to_dict())
+    if bands:
+        print(f"  age bands: {bands}")
 
 
 def show_answers(lake: str, known: dict[str, str]) -> None:

@@ -16,12 +16,12 @@ import yaml
 from models.chips import iter_chips
 from models.dlib_resnet import CHIP_SIZE
 from models.face_attributes import KIND as ATTRIBUTES_KIND
-from models.face_attributes import AttributeSettings, AttributeSpec
+from models.face_attributes import AttributeSettings, AttributeSpec, validation_score
 from models.face_embedding import KIND as EMBEDDING_KIND
 from models.face_embedding import EmbeddingSettings, HeadSpec
 from models.datasets import LabelledSet, dataset_ages
 from models.metrics import (age_report, classification_report, fit_temperature, group_report,
-                            threshold_for_coverage)
+                            reliability_bins, threshold_for_coverage)
 from models.predictor import Predictor, calibrate
 from models.train import RunSpec
 from core.faces import Framing
@@ -203,7 +203,7 @@ class RunResult:
     def score(self) -> float:
         """What selection minimises: the validation error in points, plus the validation
         age MAE in years for a model that answers age."""
-        return 100 * (1 - self.acc_val) + (self.age.mae_val if self.age is not None else 0.0)
+        return validation_score(self.acc_val, self.age.mae_val if self.age is not None else 0.0)
 
 
 @dataclass
@@ -309,15 +309,29 @@ def paired_error_p(a_error: np.ndarray, b_error: np.ndarray) -> float:
     return float(math.erfc(abs(z) / math.sqrt(2)))
 
 
+def faces_in_common(reports: list[dict]) -> np.ndarray:
+    """The dataset indices of the faces every report (with `keep_faces`) evaluated, sorted."""
+    common = set(reports[0]["faces"]["index"].tolist())
+    for report in reports[1:]:
+        common &= set(report["faces"]["index"].tolist())
+    return np.array(sorted(common), dtype=np.int64)
+
+
+def outcomes_on(report: dict, common: np.ndarray, key: str) -> np.ndarray:
+    """A per-face outcome of a report (`correct`, `age_error`, `age_known`) on the faces `common`."""
+    faces = report["faces"]
+    position = {index: i for i, index in enumerate(faces["index"].tolist())}
+    return np.asarray(faces[key])[[position[i] for i in common.tolist()]]
+
+
 def _paired(candidate: dict, current: dict, key: str, mask_key: str | None = None):
     """Per-face outcomes of both models over the faces both evaluated (None without them)."""
-    a, b = candidate.get("faces") or {}, current.get("faces") or {}
-    if a.get(key) is None or b.get(key) is None:
+    if (candidate.get("faces") or {}).get(key) is None or (current.get("faces") or {}).get(key) is None:
         return None
-    common, ia, ib = np.intersect1d(a["index"], b["index"], return_indices=True)
-    left, right = np.asarray(a[key])[ia], np.asarray(b[key])[ib]
+    common = faces_in_common([candidate, current])
+    left, right = outcomes_on(candidate, common, key), outcomes_on(current, common, key)
     if mask_key:
-        keep = np.asarray(a[mask_key])[ia]
+        keep = outcomes_on(candidate, common, mask_key).astype(bool)
         left, right = left[keep], right[keep]
     return left, right
 
@@ -328,21 +342,24 @@ def decide_promotion(candidate: dict, current: dict, alpha: float = 0.05) -> dic
     errors, p < `alpha`; without per-face outcomes, any drop), or does not answer at all,
     blocks the promotion; at least one attribute must get better (or be new)."""
     verdicts, better, worse = {}, [], []
+
+    def judge(attribute: str, new: float, old: float, pair, test, higher_is_better: bool, text: str) -> None:
+        change = new - old
+        p = test(*pair) if pair is not None else None
+        verdicts[attribute] = {"candidate": new, "production": old, "change": change, "p": p}
+        line = text + (f" (p={p:.3g})" if p is not None else "")
+        got_worse, got_better = (change < 0, change > 0) if higher_is_better else (change > 0, change < 0)
+        if got_worse and (p is None or p < alpha):
+            worse.append(line)
+        elif got_better:
+            better.append(line)
+
     if "accuracy" in current or "accuracy" in candidate:
         if "accuracy" not in candidate:
             worse.append("gender (not answered)")
         elif "accuracy" in current:
-            change = candidate["accuracy"] - current["accuracy"]
-            pair = _paired(candidate, current, "correct")
-            p = mcnemar_p(*pair) if pair is not None else None
-            verdicts["gender"] = {"candidate": candidate["accuracy"], "production": current["accuracy"],
-                                  "change": change, "p": p}
-            if change < 0 and (p is None or p < alpha):
-                worse.append(f"gender accuracy {candidate['accuracy']:.4f} vs {current['accuracy']:.4f}"
-                             + (f" (p={p:.3g})" if p is not None else ""))
-            elif change > 0:
-                better.append(f"gender accuracy {candidate['accuracy']:.4f} vs {current['accuracy']:.4f}"
-                              + (f" (p={p:.3g})" if p is not None else ""))
+            judge("gender", candidate["accuracy"], current["accuracy"], _paired(candidate, current, "correct"),
+                  mcnemar_p, True, f"gender accuracy {candidate['accuracy']:.4f} vs {current['accuracy']:.4f}")
     new_age, old_age = candidate.get("age", {}), current.get("age", {})
     if old_age.get("count") and not new_age.get("count"):
         worse.append("age (not answered)")
@@ -350,16 +367,8 @@ def decide_promotion(candidate: dict, current: dict, alpha: float = 0.05) -> dic
         better.append(f"age is new (MAE {new_age['mae']:.2f} years)")
         verdicts["age"] = {"candidate": new_age["mae"], "production": None}
     elif new_age.get("count"):
-        change = new_age["mae"] - old_age["mae"]
-        pair = _paired(candidate, current, "age_error", "age_known")
-        p = paired_error_p(*pair) if pair is not None else None
-        verdicts["age"] = {"candidate": new_age["mae"], "production": old_age["mae"], "change": change, "p": p}
-        if change > 0 and (p is None or p < alpha):
-            worse.append(f"age MAE {new_age['mae']:.2f} vs {old_age['mae']:.2f} years"
-                         + (f" (p={p:.3g})" if p is not None else ""))
-        elif change < 0:
-            better.append(f"age MAE {new_age['mae']:.2f} vs {old_age['mae']:.2f} years"
-                          + (f" (p={p:.3g})" if p is not None else ""))
+        judge("age", new_age["mae"], old_age["mae"], _paired(candidate, current, "age_error", "age_known"),
+              paired_error_p, False, f"age MAE {new_age['mae']:.2f} vs {old_age['mae']:.2f} years")
     promote = bool(better) and not worse
     images = candidate.get("images", "?")
     if promote:
@@ -535,17 +544,10 @@ def plot_calibration(labels: np.ndarray, p_male: np.ndarray, true_ages: np.ndarr
     for axis, conf, right, low, title in ((axes[0], confidence, correct, 0.5, "gender"),
                                           (axes[1], np.asarray(band_confidence)[known], band_correct, 0.0,
                                            "age band")):
-        edges = np.linspace(low, 1.0, bins + 1)
-        centres, rates, counts = [], [], []
-        for k in range(bins):
-            inside = (conf >= edges[k]) & ((conf <= edges[k + 1]) if k == bins - 1 else (conf < edges[k + 1]))
-            if inside.any():
-                centres.append(conf[inside].mean())
-                rates.append(right[inside].mean())
-                counts.append(int(inside.sum()))
+        points = reliability_bins(conf, right, low, bins)  # (mean confidence, share right, faces)
         axis.plot([low, 1], [low, 1], color="black", linewidth=0.8)
-        axis.plot(centres, rates, marker="o")
-        for x, y, n in zip(centres, rates, counts):
+        axis.plot([x for x, _, _ in points], [y for _, y, _ in points], marker="o")
+        for x, y, n in points:
             axis.annotate(str(n), (x, y), fontsize=6, textcoords="offset points", xytext=(0, 4))
         axis.set_xlabel("confidence given")
         axis.set_ylabel("share right")

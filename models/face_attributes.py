@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.dlib_resnet import BLOCKS, FEATURE_SIZE, DlibFaceResNet, backbone_for_card
+from models.metrics import golden_section_minimum
 from models.predictor import Predictor, autocast, cuda_batch_size, device_batch
 from core.stopping import STOP
 
@@ -282,6 +283,18 @@ class _Feed:
             return frozen_part(self.backbone, self.settings, x.flip(3) if mirrored else x)
 
 
+def answers(net: AttributeNet, features: Callable[[bool], torch.Tensor],
+            flip_average: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The male logit and age logits (float32) for `features(False)`, averaged with those
+    for the mirror image, `features(True)`, when `flip_average`: the same at training,
+    evaluation and scoring."""
+    gender, age = net(features(False))
+    if flip_average:
+        gender_m, age_m = net(features(True))
+        gender, age = (gender + gender_m) / 2, (age.float() + age_m.float()) / 2
+    return gender.float(), age.float()
+
+
 def predict_inputs(net: AttributeNet, inputs: Inputs, backbone: DlibFaceResNet, settings: AttributeSettings,
                    device: str, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Male logits and age logits (averaged with the mirror image's when the settings ask)
@@ -292,12 +305,9 @@ def predict_inputs(net: AttributeNet, inputs: Inputs, backbone: DlibFaceResNet, 
     with torch.inference_mode(), autocast(device):
         for start in range(0, len(inputs), batch_size):
             rows = slice(start, start + batch_size)
-            gender, age = net(feed.plain(rows, False))
-            if settings.flip_average:
-                gender_m, age_m = net(feed.plain(rows, True))
-                gender, age = (gender + gender_m) / 2, (age.float() + age_m.float()) / 2
-            logits.append(gender.float().cpu().numpy())
-            ages.append(age.float().cpu().numpy())
+            gender, age = answers(net, lambda mirrored: feed.plain(rows, mirrored), settings.flip_average)
+            logits.append(gender.cpu().numpy())
+            ages.append(age.cpu().numpy())
     if not logits:
         return np.zeros(0, np.float32), np.zeros((0, AGE_MAX + 1), np.float32)
     return np.concatenate(logits), np.concatenate(ages)
@@ -407,15 +417,7 @@ def fit_age_temperature(age_logits: np.ndarray, ages: np.ndarray) -> float:
         p = softmax(logits, math.exp(log_t))
         return float(-np.log(np.clip(p[np.arange(len(years)), years], 1e-12, None)).mean())
 
-    low, high = math.log(0.2), math.log(10.0)
-    ratio = (math.sqrt(5) - 1) / 2
-    for _ in range(60):
-        a, b = high - ratio * (high - low), low + ratio * (high - low)
-        if nll(a) < nll(b):
-            high = b
-        else:
-            low = a
-    return float(math.exp((low + high) / 2))
+    return float(math.exp(golden_section_minimum(nll, math.log(0.2), math.log(10.0), 60)))
 
 
 def band_answers(probabilities: np.ndarray, class_ages: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -442,12 +444,6 @@ def band_threshold(confidence: np.ndarray, coverage: float) -> float:
 
 
 # ---- stored form and the predictor --------------------------------------------------------
-
-def net_bytes(net: AttributeNet) -> bytes:
-    buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, buffer)
-    return buffer.getvalue()
-
 
 def load_net(data: bytes, settings: AttributeSettings, backbone: DlibFaceResNet) -> AttributeNet:
     net = AttributeNet(backbone, settings.train_from)
@@ -483,11 +479,10 @@ class AttributePredictor(Predictor):
     def _outputs(self, chips) -> tuple[np.ndarray, np.ndarray]:
         x = device_batch(chips, self.device)
         with torch.inference_mode(), autocast(self.device):
-            gender, age = self._net(frozen_part(self._backbone, self.settings, x))
-            if self.settings.flip_average:
-                gender_m, age_m = self._net(frozen_part(self._backbone, self.settings, x.flip(3)))
-                gender, age = (gender + gender_m) / 2, (age.float() + age_m.float()) / 2
-        return gender.float().cpu().numpy(), age.float().cpu().numpy()
+            gender, age = answers(self._net, lambda mirrored: frozen_part(self._backbone, self.settings,
+                                                                          x.flip(3) if mirrored else x),
+                                  self.settings.flip_average)
+        return gender.cpu().numpy(), age.cpu().numpy()
 
     def male_logits(self, chips) -> np.ndarray:
         return self._outputs(chips)[0]

@@ -31,27 +31,38 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
-def expected_calibration_error(labels: np.ndarray, p_male: np.ndarray, bins: int = 15) -> float:
-    """Weighted gap between confidence and accuracy over equal-width confidence bins."""
-    labels, p_male = np.asarray(labels), np.asarray(p_male, dtype=np.float64)
-    if len(labels) == 0:
-        return float("nan")
-    predicted = (p_male >= 0.5).astype(int)
-    confidence = np.maximum(p_male, 1 - p_male)
-    correct = predicted == labels
-    edges = np.linspace(0.5, 1.0, bins + 1)
-    total = 0.0
+def reliability_bins(confidence: np.ndarray, correct: np.ndarray, low: float = 0.5,
+                     bins: int = 15) -> list[tuple[float, float, int]]:
+    """Equal-width confidence bins from `low` to 1 (the last one closed): for each bin
+    with faces, (mean confidence, share right, faces)."""
+    confidence, correct = np.asarray(confidence, dtype=np.float64), np.asarray(correct)
+    edges = np.linspace(low, 1.0, bins + 1)
+    out = []
     for k in range(bins):
         upper = confidence <= edges[k + 1] if k == bins - 1 else confidence < edges[k + 1]
         inside = (confidence >= edges[k]) & upper
         if inside.any():
-            total += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
-    return float(total)
+            out.append((float(confidence[inside].mean()), float(correct[inside].mean()), int(inside.sum())))
+    return out
 
 
-def confusion(labels: np.ndarray, predicted: np.ndarray) -> list[list[int]]:
-    """Rows are the true class, columns the predicted class, in CLASSES order."""
-    matrix = np.zeros((2, 2), dtype=int)
+def calibration_error(confidence: np.ndarray, correct: np.ndarray, low: float = 0.5, bins: int = 15) -> float:
+    """Weighted gap between confidence and accuracy over equal-width confidence bins."""
+    if len(confidence) == 0:
+        return float("nan")
+    return float(sum(count / len(confidence) * abs(right - mean)
+                     for mean, right, count in reliability_bins(confidence, correct, low, bins)))
+
+
+def expected_calibration_error(labels: np.ndarray, p_male: np.ndarray, bins: int = 15) -> float:
+    """The calibration error of the gender answer (its confidence: max(p, 1 - p))."""
+    labels, p_male = np.asarray(labels), np.asarray(p_male, dtype=np.float64)
+    return calibration_error(np.maximum(p_male, 1 - p_male), (p_male >= 0.5).astype(int) == labels, 0.5, bins)
+
+
+def confusion(labels: np.ndarray, predicted: np.ndarray, classes: int = 2) -> list[list[int]]:
+    """Rows are the true class, columns the predicted class (CLASSES order by default)."""
+    matrix = np.zeros((classes, classes), dtype=int)
     for t, p in zip(np.asarray(labels, dtype=int), np.asarray(predicted, dtype=int)):
         matrix[t, p] += 1
     return matrix.tolist()
@@ -152,23 +163,14 @@ def age_report(true_ages: np.ndarray, years: np.ndarray, confidence: np.ndarray,
     correct = (band == true_band).astype(np.float64)
     adults = true_ages >= 18
     answering = confidence >= abstain_threshold
-    matrix = np.zeros((len(AGE_BANDS), len(AGE_BANDS)), dtype=int)
-    for t, p in zip(true_band, band):
-        matrix[t, p] += 1
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    ece = 0.0
-    for k in range(bins):
-        inside = (confidence >= edges[k]) & ((confidence <= edges[k + 1]) if k == bins - 1 else
-                                            (confidence < edges[k + 1]))
-        if inside.any():
-            ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
     report = {
         "count": int(len(true_ages)), "mae": float(error.mean()),
         "mae_adults": float(error[adults].mean()) if adults.any() else float("nan"),
         "median_error": float(np.median(error)),
         "band_accuracy": float(correct.mean()),
         "band_accuracy_within_one": float((np.abs(band - true_band) <= 1).mean()),
-        "band_confusion": matrix.tolist(), "bands": list(AGE_BANDS), "band_ece": float(ece),
+        "band_confusion": confusion(true_band, band, len(AGE_BANDS)), "bands": list(AGE_BANDS),
+        "band_ece": calibration_error(confidence, correct, 0.0, bins),
         "abstain_threshold": float(abstain_threshold), "coverage": float(answering.mean()),
         "band_accuracy_when_answering": float(correct[answering].mean()) if answering.any() else float("nan"),
         "mean_error": float((years - true_ages).mean()),  # > 0: the model guesses older
@@ -190,20 +192,25 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         z = logits / math.exp(log_t)
         return float(np.mean(np.logaddexp(0, z) - labels * z))
 
-    low, high = math.log(0.05), math.log(20.0)
+    return float(math.exp(golden_section_minimum(nll, math.log(0.05), math.log(20.0), 80)))
+
+
+def golden_section_minimum(f, low: float, high: float, iterations: int) -> float:
+    """Where the unimodal `f` is smallest in [low, high]: golden-section search, one new
+    evaluation per iteration (deterministic, no optimizer state)."""
     ratio = (math.sqrt(5) - 1) / 2
     a, b = high - ratio * (high - low), low + ratio * (high - low)
-    fa, fb = nll(a), nll(b)
-    for _ in range(80):
+    fa, fb = f(a), f(b)
+    for _ in range(iterations):
         if fa < fb:
             high, b, fb = b, a, fa
             a = high - ratio * (high - low)
-            fa = nll(a)
+            fa = f(a)
         else:
             low, a, fa = a, b, fb
             b = low + ratio * (high - low)
-            fb = nll(b)
-    return float(math.exp((low + high) / 2))
+            fb = f(b)
+    return (low + high) / 2
 
 
 def threshold_for_coverage(p_male: np.ndarray, coverage: float) -> float:

