@@ -52,8 +52,8 @@ def copy_uploads(folder: str, keys: list[str], source: str, prefix: str) -> None
 
 def build_answered(source: str, output: str, count: int, photo: str) -> None:
     """`count` user folders holding a hard link of `photo`, and their history."""
-    from core.predictions import conform, write_predictions
-    from core.storage import Store
+    from gender_pipeline.lake.history import conform, write_predictions
+    from gender_pipeline.lake.storage import Store
 
     links = os.path.join(source, "..", "originals")
     os.makedirs(links, exist_ok=True)

@@ -56,11 +56,11 @@ def user_ids(start: int, stop: int, new: bool = False) -> list[str]:
 def build(work: str, size: int, new: int, with_history: bool) -> None:
     """The output of `size` answered photos (one per user, answered over 1,000 days) and a
     listing of them plus `new` photos of new users, uploaded since."""
-    from core.listing import Spool
-    from core.predictions import conform, write_predictions
-    from core.state import OutputState, PHOTOS_SCHEMA
-    from core.storage import Store
-    from core.users import USERS_SCHEMA
+    from gender_pipeline.lake.listing import Spool
+    from gender_pipeline.lake.history import conform, write_predictions
+    from gender_pipeline.lake.state import OutputState, PHOTOS_SCHEMA
+    from gender_pipeline.lake.storage import Store
+    from gender_pipeline.lake.users import USERS_SCHEMA
 
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
@@ -172,7 +172,7 @@ def table_of(columns: dict, schema: pa.Schema) -> pa.Table:
 
 def night_rows(objects, run_id: str):
     """The night's answers, as the scoring shards would publish them (every photo scored)."""
-    from core.predictions import conform
+    from gender_pipeline.lake.history import conform
 
     n = len(objects)
     p = np.random.default_rng(1).random(n).astype(np.float32)
@@ -193,10 +193,10 @@ def measure(work: str) -> dict:
     import duckdb  # noqa: F401
 
     sampler = Sampler()
-    from core.predictions import write_predictions
-    from core.state import OutputState, SourceListing
-    from core.storage import Store
-    from tasks.scoring_tasks import Listing, split_listing
+    from gender_pipeline.lake.history import write_predictions
+    from gender_pipeline.lake.state import OutputState, SourceListing
+    from gender_pipeline.lake.storage import Store
+    from gender_pipeline.tasks.scoring_tasks import Listing, split_listing
 
     results: dict = {"start_mib": round(sampler.mib(), 1)}
     store = Store(os.path.join(work, "lake"))
@@ -257,7 +257,7 @@ def read_predictions_before(store):
     """The history read whole into pandas (the previous `read_predictions`)."""
     import pyarrow.dataset as ds
 
-    from core.predictions import DATASET, PREDICTIONS_SCHEMA
+    from gender_pipeline.lake.history import DATASET, PREDICTIONS_SCHEMA
 
     dataset = ds.dataset(store.path(DATASET), filesystem=store.fs, format="parquet", partitioning="hive",
                          schema=PREDICTIONS_SCHEMA.append(pa.field("dt", pa.string())))
@@ -291,7 +291,7 @@ def diff_before(objects, existing) -> Diff:
 def measure_before(work: str) -> dict:
     import pandas  # noqa: F401
 
-    from core.storage import ObjectInfo, Store
+    from gender_pipeline.lake.storage import ObjectInfo, Store
 
     table = pq.read_table(os.path.join(work, "listing.parquet"))
     objects = [ObjectInfo(k, s, m) for k, s, m in zip(table["key"].to_pylist(), table["size"].to_pylist(),
@@ -387,8 +387,8 @@ def serve_stub(keys: int, delay: float) -> None:
 def time_listings(endpoint: str, keys: int, variants) -> list[dict]:
     import s3fs
 
-    from core.listing import key_sample, list_source
-    from core.storage import Store
+    from gender_pipeline.lake.listing import key_sample, list_source
+    from gender_pipeline.lake.storage import Store
 
     sample = key_sample(listing_keys(keys)[::97], 32)
     rows = []
@@ -435,7 +435,7 @@ def write_inventory(endpoint: str, keys: int, fmt: str) -> str:
 
 
 def bench_listing(keys: int, delay: float) -> None:
-    from core.listing import ListingSpec
+    from gender_pipeline.lake.listing import ListingSpec
 
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     variants = [("s3fs (botocore), serial", ListingSpec(fanout=1, client="s3fs"), False),
@@ -460,8 +460,8 @@ def bench_listing(keys: int, delay: float) -> None:
             if command == "--_moto":
                 import s3fs
 
-                from core.listing import list_source
-                from core.storage import Store
+                from gender_pipeline.lake.listing import list_source
+                from gender_pipeline.lake.storage import Store
 
                 for fmt in ("Parquet", "CSV"):
                     url = write_inventory(endpoint, keys, fmt)

@@ -35,8 +35,8 @@ from datetime import datetime, timezone
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from core.decoding import DecodedPhoto, decode_photo  # noqa: E402
-from core.faces import FIRST_SIDE  # noqa: E402
+from gender_pipeline.faces.decoding import DecodedPhoto, decode_photo  # noqa: E402
+from gender_pipeline.faces.front_end import FIRST_SIDE  # noqa: E402
 from benchmarks.bench_scoring import load_truth  # noqa: E402
 
 
@@ -68,8 +68,8 @@ def decode_only(payloads: list[bytes], workers: int) -> tuple[float, float]:
 
 
 def score(root: str, predictor, workers: int, first_side: int) -> tuple[float, float, dict]:
-    from core.scoring import ScoringOptions, score_objects
-    from core.storage import Store
+    from gender_pipeline.engine.scoring import ScoringOptions, score_objects
+    from gender_pipeline.lake.storage import Store
 
     store = Store(root)
     objects = store.list_objects()
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; medians are reported")
     args = parser.parse_args()
 
-    from models.registry import Registry
+    from gender_pipeline.models.registry import Registry
 
     root = os.path.join(args.uploads, "uploads")
     if not os.path.isdir(root):

@@ -30,7 +30,7 @@ def main() -> int:
     from prefect_dask import DaskTaskRunner
 
     from benchmarks.bench_scaling import build_source
-    from flows.scoring import nightly_scoring
+    from gender_pipeline.flows.scoring import nightly_scoring
 
     server = SubprocessASGIServer()
     server.start()

@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
-from models.dlib_resnet import CHIP_SIZE, dat_path, load_dlib_face_resnet  # noqa: E402
+from gender_pipeline.models.dlib_resnet import CHIP_SIZE, dat_path, load_dlib_face_resnet  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 

@@ -27,9 +27,9 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from core.predictions import PREDICTIONS_SCHEMA, conform, published_files, write_predictions  # noqa: E402
-from core.state import LISTING_SCHEMA, OutputState, erase  # noqa: E402
-from core.storage import Store, with_retries  # noqa: E402
+from gender_pipeline.lake.history import PREDICTIONS_SCHEMA, conform, published_files, write_predictions  # noqa: E402
+from gender_pipeline.lake.state import LISTING_SCHEMA, OutputState, erase  # noqa: E402
+from gender_pipeline.lake.storage import Store, with_retries  # noqa: E402
 
 SHARD = 2000
 T0 = datetime(2024, 1, 1, 2, tzinfo=timezone.utc)

@@ -40,11 +40,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from core import shm  # noqa: E402
-from core.decoding import DecodedPhoto, DecodeLimits, Rejection, decode_photo  # noqa: E402
-from core.gpu_faces import GpuFaceFrontEnd  # noqa: E402
-from core.headers import inspect  # noqa: E402
-from core.scoring import Prepared  # noqa: E402
+from gender_pipeline.runtime import shm  # noqa: E402
+from gender_pipeline.faces.decoding import DecodedPhoto, DecodeLimits, Rejection, decode_photo  # noqa: E402
+from gender_pipeline.faces.device import GpuFaceFrontEnd  # noqa: E402
+from gender_pipeline.faces.headers import inspect  # noqa: E402
+from gender_pipeline.engine.scoring import Prepared  # noqa: E402
 
 
 def clock() -> float:

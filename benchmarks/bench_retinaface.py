@@ -25,9 +25,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
-from core.decoding import shrunk  # noqa: E402
-from core.processes import cpu_count  # noqa: E402
-from core.retinaface import RetinaFaceOnnx, RetinaFaceTorch, detect_batch, padded_size  # noqa: E402
+from gender_pipeline.faces.decoding import shrunk  # noqa: E402
+from gender_pipeline.runtime.processes import cpu_count  # noqa: E402
+from gender_pipeline.faces.retinaface import RetinaFaceOnnx, RetinaFaceTorch, detect_batch, padded_size  # noqa: E402
 from gender_pipeline import samples  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")

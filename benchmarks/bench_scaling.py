@@ -79,9 +79,9 @@ def model_ceiling(predictor, batch_size: int, seconds: float = 5.0) -> float:
 
 def front_end_ceiling(uploads: str, framing, sample: int = 60) -> float:
     """Photos per second of read+decode+detect+align on one core, times the cores."""
-    from core.processes import cpu_count
-    from core.decoding import DecodeLimits
-    from core.scoring import face_chip
+    from gender_pipeline.runtime.processes import cpu_count
+    from gender_pipeline.faces.decoding import DecodeLimits
+    from gender_pipeline.engine.scoring import face_chip
 
     files = sorted(os.path.join(d, f) for d, _, names in os.walk(uploads) for f in names)[:sample]
     started = time.perf_counter()
@@ -101,9 +101,9 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
-    from models.registry import Registry
-    from core.scoring import ScoringOptions, score_objects
-    from core.storage import Store
+    from gender_pipeline.models.registry import Registry
+    from gender_pipeline.engine.scoring import ScoringOptions, score_objects
+    from gender_pipeline.lake.storage import Store
 
     uploads = os.path.join(args.uploads, "uploads")
     work = tempfile.mkdtemp(prefix="bench-scaling-")

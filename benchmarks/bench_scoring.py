@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
-from models.registry import Registry  # noqa: E402
+from gender_pipeline.models.registry import Registry  # noqa: E402
 
 
 def load_truth(folder: str) -> dict[str, str]:
@@ -40,7 +40,7 @@ def naive_loop(root: str, keys: list[str], predictor) -> dict[str, str | None]:
     """One photo at a time, shrunk to 1024 pixels, HOG detection, batch of one."""
     import pillow_heif
 
-    from core.faces import FaceFrontEnd
+    from gender_pipeline.faces.front_end import FaceFrontEnd
 
     pillow_heif.register_heif_opener()
     frontend = FaceFrontEnd(detector="hog", detect_side=1024)
@@ -81,7 +81,7 @@ def contenders(source: Registry, work: Registry, refs: list[str], detectors: lis
 
 
 def copy_model(source: Registry, work: Registry, ref: str, detector: str | None) -> str:
-    from models.registry import ModelRef
+    from gender_pipeline.models.registry import ModelRef
 
     name, version = source.resolve(ModelRef.parse(ref))
     card = source.card(name, version)
@@ -111,7 +111,7 @@ def main() -> int:
     parser.add_argument("--skip-naive", action="store_true", help="time the flow only")
     args = parser.parse_args()
 
-    from flows.scoring import nightly_scoring
+    from gender_pipeline.flows.scoring import nightly_scoring
 
     truth = load_truth(args.uploads)
     keys = sorted(truth)[: args.limit] if args.limit else sorted(truth)

@@ -6,7 +6,7 @@ from the command's start to the first photo read, the first answer and the end.
 
 "cold" runs after the page cache is dropped (root only; said when not possible), "warm"
 runs follow each other. The first read is seen by a sitecustomize hook on
-`core.storage.Store.read_many` (so any version of the code can be timed: `--code` puts
+`Store.read_many` (so any version of the code can be timed: `--code` puts
 another checkout first on the path); GENDER_PIPELINE_TIMELINE=1 adds the run's own
 milestones where the code has them (core/timeline.py).
 """
@@ -32,7 +32,7 @@ _T0 = float(os.environ["BENCH_T0"])
 
 class _Hook:
     def find_spec(self, name, path, target=None):
-        if name != "core.storage":
+        if name not in ("core.storage", "gender_pipeline.lake.storage"):  # before and after the namespace
             return None
         sys.meta_path.remove(self)
         import importlib.util

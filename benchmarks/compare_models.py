@@ -26,10 +26,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models.datasets import load_dataset  # noqa: E402
-from models.experiment import (evaluate_predictor, faces_in_common, mcnemar_p, outcomes_on,  # noqa: E402
+from gender_pipeline.models.datasets import load_dataset  # noqa: E402
+from gender_pipeline.models.experiment import (evaluate_predictor, faces_in_common, mcnemar_p, outcomes_on,  # noqa: E402
                                paired_error_p)
-from models.registry import Registry  # noqa: E402
+from gender_pipeline.models.registry import Registry  # noqa: E402
 
 
 def gender_table(runs: list[tuple[str, dict]], images: int) -> None:

@@ -34,9 +34,9 @@ def main() -> None:
                              "the detection the GPU path runs)")
     args = parser.parse_args()
 
-    from core.scoring import ScoringOptions, score_objects
-    from core.storage import Store
-    from models.registry import Registry
+    from gender_pipeline.engine.scoring import ScoringOptions, score_objects
+    from gender_pipeline.lake.storage import Store
+    from gender_pipeline.models.registry import Registry
 
     root = os.path.join(args.uploads, "uploads") if os.path.isdir(os.path.join(args.uploads, "uploads")) \
         else args.uploads

@@ -4,7 +4,7 @@ dlib's five-point landmark model was trained on HOG's boxes; handing it RetinaFa
 as is moves the landmarks. This measures, on images where both detectors find the same
 single face, HOG's box centre and size relative to RetinaFace's (medians, robust), and how
 far the five landmarks land from HOG's, before and after the mapping (in % of the face's
-width). The printed constants are `core.faces.HOG_FROM_RETINAFACE`.
+width). The printed constants are `faces.front_end.HOG_FROM_RETINAFACE`.
 
     python benchmarks/fit_box_mapping.py --data PATH/utkface-dev/images --limit 2000
 """
@@ -19,8 +19,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from core import faces  # noqa: E402
-from core.decoding import DecodedPhoto, decode_photo  # noqa: E402
+from gender_pipeline.faces import faces  # noqa: E402
+from gender_pipeline.faces.decoding import DecodedPhoto, decode_photo  # noqa: E402
 
 
 def landmarks(front, rgb, box) -> np.ndarray:

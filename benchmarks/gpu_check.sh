@@ -14,9 +14,9 @@ $PY -m pytest -q -m gpu tests/test_gpu.py tests/test_dlib_resnet.py
 $PY - "${1:-}" <<'PYEOF'
 import io, json, os, sys, tempfile, time
 import numpy as np, torch
-from models.networks import build_network
-from models.registry import Registry
-from core.faces import Framing
+from gender_pipeline.models.networks import build_network
+from gender_pipeline.models.registry import Registry
+from gender_pipeline.faces.front_end import Framing
 
 registry = Registry(tempfile.mkdtemp())
 net = build_network("resnet18", pretrained="none")
@@ -42,8 +42,8 @@ rate, batch = throughput(predictor, 224)
 print(json.dumps({"model_only_images_per_s": round(rate, 1), "batch_size": batch,
                   "peak_gpu_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20),
                   "gpu": torch.cuda.get_device_name()}))
-from models.dlib_resnet import load_dlib_face_resnet
-from models.face_embedding import Embedder, EmbeddingPredictor, EmbeddingSettings, GenderHead, HeadSpec
+from gender_pipeline.models.dlib_resnet import load_dlib_face_resnet
+from gender_pipeline.models.face_embedding import Embedder, EmbeddingPredictor, EmbeddingSettings, GenderHead, HeadSpec
 framing = Framing(size=150, padding=0.25)
 embedding = EmbeddingPredictor(Embedder(load_dlib_face_resnet(), EmbeddingSettings(), framing, "cuda"),
                                GenderHead(HeadSpec(name="h"), EmbeddingSettings()), name="e", version="1",
@@ -54,8 +54,8 @@ print(json.dumps({"face_embedding_faces_per_s": round(faces_per_s, 1), "flip_ave
 uploads = sys.argv[1]
 if uploads:
     from datetime import datetime, timezone
-    from core.scoring import ScoringOptions, score_objects
-    from core.storage import Store
+    from gender_pipeline.engine.scoring import ScoringOptions, score_objects
+    from gender_pipeline.lake.storage import Store
     store = Store(os.path.join(uploads, "uploads"))
     objects = store.list_objects()
     start = time.perf_counter()

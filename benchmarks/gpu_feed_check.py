@@ -97,8 +97,8 @@ class Utilisation:
 def run(folder: str, predictor, batch: int, gpu_batch: int, label: str) -> dict:
     import torch
 
-    from core.scoring import ScoringOptions, score_objects
-    from core.storage import Store
+    from gender_pipeline.engine.scoring import ScoringOptions, score_objects
+    from gender_pipeline.lake.storage import Store
 
     store = Store(folder)
     objects = store.list_objects()
@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     args = parser.parse_args()
 
-    from models.registry import Registry
+    from gender_pipeline.models.registry import Registry
 
     work = tempfile.mkdtemp(prefix="gpu-feed-")
     try:

@@ -8,9 +8,9 @@ from pydantic import NonNegativeInt
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from core.locking import acquire
-from core.state import OutputState
-from core.storage import Store, retry_if_transient, storage_options
+from gender_pipeline.lake.lock import acquire
+from gender_pipeline.lake.state import OutputState
+from gender_pipeline.lake.storage import Store, retry_if_transient, storage_options
 
 
 @task(name="compact-tables", retries=2, retry_delay_seconds=[30, 120], retry_condition_fn=retry_if_transient,

@@ -8,13 +8,13 @@ from typing import Literal
 from prefect import flow, get_run_logger
 from pydantic import NonNegativeInt, PositiveInt
 
-from models.experiment import load_experiment, select_winner
-from models.predictor import resolve_device
-from tasks.run_control import stoppable_run, stopped
-from core.stopping import StopRequested
-from models.face_attributes import KIND as ATTRIBUTES_KIND
-from models.face_embedding import KIND as EMBEDDING_KIND
-from tasks.training_tasks import (align_faces, cache_attribute_inputs, check_pretrained_weights, embed_faces,
+from gender_pipeline.models.experiment import load_experiment, select_winner
+from gender_pipeline.models.predictor import resolve_device
+from gender_pipeline.tasks.run_control import stoppable_run, stopped
+from gender_pipeline.runtime.stopping import StopRequested
+from gender_pipeline.models.face_attributes import KIND as ATTRIBUTES_KIND
+from gender_pipeline.models.face_embedding import KIND as EMBEDDING_KIND
+from gender_pipeline.tasks.training_tasks import (align_faces, cache_attribute_inputs, check_pretrained_weights, embed_faces,
                                   load_labelled_dataset, promotion_gate, publish_results, register_winner,
                                   train_attributes, train_head, train_run)
 

@@ -14,21 +14,21 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from models.predictor import resolve_device
-from models.registry import PRODUCTION_MODEL
-from core.decoding import DecodeLimits
-from core.scoring import ScoringOptions
-from core.expectations import warm_up as warm_up_expectations
-from core import timeline
-from core.summary import state_name
-from core.words import plural
-from core.timing import timed
-from tasks.run_control import (failed, finish_all, one_line, resolved_model, scoring_run_name, stoppable_run,
+from gender_pipeline.models.predictor import resolve_device
+from gender_pipeline.models.registry import PRODUCTION_MODEL
+from gender_pipeline.faces.decoding import DecodeLimits
+from gender_pipeline.engine.scoring import ScoringOptions
+from gender_pipeline.night.checks import warm_up as warm_up_expectations
+from gender_pipeline.runtime import timeline
+from gender_pipeline.night.report import state_name
+from gender_pipeline.night.words import plural
+from gender_pipeline.runtime.timing import timed
+from gender_pipeline.tasks.run_control import (failed, finish_all, one_line, resolved_model, scoring_run_name, stoppable_run,
                                stopped, tag_run)
-from tasks.scoring_tasks import (check_photo_metadata_task, list_new_photos, lock_output, report_failure,
+from gender_pipeline.tasks.scoring_tasks import (check_photo_metadata_task, list_new_photos, lock_output, report_failure,
                                  report_run, score_shard, split_listing, unlock_output, update_users_table)
-from core.stopping import StopRequested
-from flows.schedule import NIGHTLY_CONCURRENCY, NIGHTLY_CRON, NIGHTLY_TIMEZONE  # noqa: F401 - the schedule
+from gender_pipeline.runtime.stopping import StopRequested
+from gender_pipeline.flows.schedule import NIGHTLY_CONCURRENCY, NIGHTLY_CRON, NIGHTLY_TIMEZONE  # noqa: F401 - the schedule
 
 
 # One shard at a time in this process by default; `--task-runner dask` maps shards over a

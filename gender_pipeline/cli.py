@@ -11,8 +11,8 @@ import re
 import sys
 from datetime import date
 
-from core import timeline
-from flows.schedule import NIGHTLY_CRON, NIGHTLY_TIMEZONE
+from gender_pipeline.runtime import timeline
+from gender_pipeline.flows.schedule import NIGHTLY_CRON, NIGHTLY_TIMEZONE
 
 # Offline by default: no telemetry from Prefect's server or from Great Expectations.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _output(args: argparse.Namespace):
     """The output store, which must hold what `score` writes: a mistyped --output is a
     storage error (exit 3) that names it, not an empty result."""
-    from core.storage import StorageError, Store, storage_options
+    from gender_pipeline.lake.storage import StorageError, Store, storage_options
 
     store = Store(args.output, storage_options(args.endpoint_url))
     if not store.exists() or not any(store.fs.exists(store.path(k)) for k in ("predictions", "users", "_state")):
@@ -234,11 +234,11 @@ def _output(args: argparse.Namespace):
 def _forget(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
 
-    from core.locking import acquire
-    from core.run_history import ERASURES, recent_runs, record_run
-    from core.state import OutputState, erase
-    from core.storage import StorageError, Store, read_lines, storage_options
-    from core.words import plural
+    from gender_pipeline.lake.lock import acquire
+    from gender_pipeline.lake.runs import ERASURES, recent_runs, record_run
+    from gender_pipeline.lake.state import OutputState, erase
+    from gender_pipeline.lake.storage import StorageError, Store, read_lines, storage_options
+    from gender_pipeline.night.words import plural
 
     ids = list(args.user_id)
     if args.users_from:
@@ -283,8 +283,8 @@ def _forget(args: argparse.Namespace) -> int:
 
 
 def _compact(args: argparse.Namespace) -> int:
-    from core.locking import acquire
-    from core.state import OutputState
+    from gender_pipeline.lake.lock import acquire
+    from gender_pipeline.lake.state import OutputState
 
     store = _output(args)
     lease = acquire(store, f"compact-{os.getpid()}", wait_seconds=args.lock_wait)
@@ -297,10 +297,10 @@ def _compact(args: argparse.Namespace) -> int:
 
 
 def _rebuild_users(args: argparse.Namespace) -> int:
-    from core.listing import ListingSpec, list_source
-    from core.locking import acquire
-    from core.state import OutputState, SourceListing
-    from core.storage import StorageError, Store, read_lines, storage_options
+    from gender_pipeline.lake.listing import ListingSpec, list_source
+    from gender_pipeline.lake.lock import acquire
+    from gender_pipeline.lake.state import OutputState, SourceListing
+    from gender_pipeline.lake.storage import StorageError, Store, read_lines, storage_options
 
     options = storage_options(args.endpoint_url)
     store, source = Store(args.output, options), Store(args.source, options)
@@ -320,7 +320,7 @@ def _rebuild_users(args: argparse.Namespace) -> int:
 
 
 def _fetch_models(args: argparse.Namespace) -> int:
-    from core.model_files import fetch_all
+    from gender_pipeline.faces.model_files import fetch_all
 
     for name, path in fetch_all().items():
         print(f"{name}: {path}")
@@ -328,8 +328,8 @@ def _fetch_models(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from core.state import OutputState, output_status
-    from core.summary import render_status
+    from gender_pipeline.lake.state import OutputState, output_status
+    from gender_pipeline.night.report import render_status
 
     status = output_status(OutputState(_output(args)))
     print(json.dumps(status, indent=2, default=str) if args.json else render_status(status))
@@ -337,7 +337,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _retrain(args: argparse.Namespace) -> int:
-    from flows.retrain import retrain
+    from gender_pipeline.flows.retrain import retrain
 
     if not os.path.exists(args.config):
         print(f"gender-pipeline: config {args.config} not found", file=sys.stderr)
@@ -353,10 +353,10 @@ def _retrain(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from models.datasets import load_dataset, stratified_sample
-    from models.experiment import evaluate_predictor
-    from models.registry import Registry
-    from core.storage import storage_options
+    from gender_pipeline.models.datasets import load_dataset, stratified_sample
+    from gender_pipeline.models.experiment import evaluate_predictor
+    from gender_pipeline.models.registry import Registry
+    from gender_pipeline.lake.storage import storage_options
 
     options = storage_options(args.endpoint_url)
     data = load_dataset(args.data, args.format, options)
@@ -369,8 +369,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from models.registry import ModelRef, Registry
-    from core.storage import storage_options
+    from gender_pipeline.models.registry import ModelRef, Registry
+    from gender_pipeline.lake.storage import storage_options
 
     ref = ModelRef.parse(args.model)
     if not ref.version:
@@ -382,13 +382,13 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from flows.scoring import nightly_scoring
-    from core.summary import render_text
+    from gender_pipeline.flows.scoring import nightly_scoring
+    from gender_pipeline.night.report import render_text
 
     if args.workers is not None and args.workers < 0:
         print("gender-pipeline: --workers must be 0 or more", file=sys.stderr)
         return EXIT_USAGE
-    from core.listing import ListingSpec
+    from gender_pipeline.lake.listing import ListingSpec
 
     ListingSpec.parse(args.listing, args.listing_fanout)  # a bad --listing is exit 2 before anything starts
     summary = with_task_runner(nightly_scoring, args)(
@@ -434,8 +434,8 @@ def _serve(args: argparse.Namespace) -> int:
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.deployments.runner import EntrypointType
 
-    from flows.schedule import NIGHTLY_CONCURRENCY, schedule_text
-    from flows.scoring import nightly_scoring
+    from gender_pipeline.flows.schedule import NIGHTLY_CONCURRENCY, schedule_text
+    from gender_pipeline.flows.scoring import nightly_scoring
 
     print(f"gender-pipeline: serving nightly-scoring, {schedule_text(args.cron, args.timezone)}", flush=True)
 
@@ -473,7 +473,8 @@ HANDLERS = {"score": _score, "serve": _serve, "retrain": _retrain, "evaluate": _
             "forget": _forget, "status": _status, "fetch-models": _fetch_models, "rebuild-users": _rebuild_users,
             "compact": _compact}
 # Commands that run a Prefect flow, and the module that holds it.
-FLOWS = {"score": "flows.scoring", "serve": "flows.scoring", "retrain": "flows.retrain"}
+FLOWS = {"score": "gender_pipeline.flows.scoring", "serve": "gender_pipeline.flows.scoring",
+         "retrain": "gender_pipeline.flows.retrain"}
 
 
 def _quiet_console() -> None:
@@ -505,15 +506,15 @@ def _print_outcome(args: argparse.Namespace, outcome: str, status: int, error: B
 def _failure(error: Exception) -> tuple[str, int] | None:
     """What a user can fix: the message prefix and the exit status (subclasses first);
     None for anything else. The classes are imported here, once something failed."""
-    from core.delta import TableError
-    from core.expectations import ExpectationsFailed
-    from core.locking import OutputLocked
-    from core.model_files import ModelFetchError, ModelFileMissing
-    from core.run_history import ListingLooksWrong
-    from core.storage import StorageError
-    from models.datasets import DatasetError
-    from models.networks import PretrainedWeightsUnavailable
-    from models.registry import RegistryError
+    from gender_pipeline.lake.tables import TableError
+    from gender_pipeline.night.checks import ExpectationsFailed
+    from gender_pipeline.lake.lock import OutputLocked
+    from gender_pipeline.faces.model_files import ModelFetchError, ModelFileMissing
+    from gender_pipeline.lake.runs import ListingLooksWrong
+    from gender_pipeline.lake.storage import StorageError
+    from gender_pipeline.models.datasets import DatasetError
+    from gender_pipeline.models.networks import PretrainedWeightsUnavailable
+    from gender_pipeline.models.registry import RegistryError
 
     failures = [
         (OutputLocked, "", EXIT_LOCKED),
@@ -540,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         server = TemporaryServer()
     try:
         if args.command == "score":
-            from core.expectations import warm_up
+            from gender_pipeline.night.checks import warm_up
 
             warm_up()  # Great Expectations' start-up, while Prefect's
         if server is not None:
@@ -566,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as error:
         if type(error).__name__ == "CancelledRun":
-            from core.stopping import STOP
+            from gender_pipeline.runtime.stopping import STOP
 
             print(f"gender-pipeline: run {error}", file=sys.stderr)
             status = 128 + STOP.signum if STOP.signum else EXIT_STOPPED

@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 
-from core.processes import tied_command
+from gender_pipeline.runtime.processes import tied_command
 
 
 def _free_port() -> int:

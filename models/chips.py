@@ -1,7 +1,7 @@
 """Run a labelled dataset through the face front end: aligned chips, in memory or chunk
 by chunk.
 
-Training, evaluation and scoring share core.scoring.face_chip, so a model sees the same
+Training, evaluation and scoring share engine.scoring.face_chip, so a model sees the same
 face framing in all three. Images without a usable face are skipped and counted.
 """
 
@@ -18,14 +18,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.datasets import DatasetError, LabelledSet
-from core.decoding import DecodeLimits
-from core.faces import Framing
-from core.processes import cpu_count
-from core.processes import kill_pool
-from core.scoring import face_chip, init_face_worker, worker_threads
-from core.stopping import STOP, result_unless_stopped
-from core.storage import Store
+from gender_pipeline.models.datasets import DatasetError, LabelledSet
+from gender_pipeline.faces.decoding import DecodeLimits
+from gender_pipeline.faces.front_end import Framing
+from gender_pipeline.runtime.processes import cpu_count
+from gender_pipeline.runtime.processes import kill_pool
+from gender_pipeline.engine.scoring import face_chip, init_face_worker, worker_threads
+from gender_pipeline.runtime.stopping import STOP, result_unless_stopped
+from gender_pipeline.lake.storage import Store
 
 log = logging.getLogger(__name__)
 

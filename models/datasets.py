@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from core.storage import Store
+from gender_pipeline.lake.storage import Store
 
 log = logging.getLogger(__name__)
 

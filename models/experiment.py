@@ -13,18 +13,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import yaml
 
-from models.chips import iter_chips
-from models.dlib_resnet import CHIP_SIZE
-from models.face_attributes import KIND as ATTRIBUTES_KIND
-from models.face_attributes import AttributeSettings, AttributeSpec, validation_score
-from models.face_embedding import KIND as EMBEDDING_KIND
-from models.face_embedding import EmbeddingSettings, HeadSpec
-from models.datasets import LabelledSet, dataset_ages
-from models.metrics import (age_report, classification_report, fit_temperature, group_report,
+from gender_pipeline.models.chips import iter_chips
+from gender_pipeline.models.dlib_resnet import CHIP_SIZE
+from gender_pipeline.models.face_attributes import KIND as ATTRIBUTES_KIND
+from gender_pipeline.models.face_attributes import AttributeSettings, AttributeSpec, validation_score
+from gender_pipeline.models.face_embedding import KIND as EMBEDDING_KIND
+from gender_pipeline.models.face_embedding import EmbeddingSettings, HeadSpec
+from gender_pipeline.models.datasets import LabelledSet, dataset_ages
+from gender_pipeline.models.metrics import (age_report, classification_report, fit_temperature, group_report,
                             reliability_bins, threshold_for_coverage)
-from models.predictor import Predictor, calibrate
-from models.train import RunSpec
-from core.faces import Framing
+from gender_pipeline.models.predictor import Predictor, calibrate
+from gender_pipeline.models.train import RunSpec
+from gender_pipeline.faces.front_end import Framing
 
 
 STUDY = "study"  # torchvision networks trained on aligned chips (configs/celeba_experiment.yaml)
@@ -534,7 +534,7 @@ def plot_calibration(labels: np.ndarray, p_male: np.ndarray, true_ages: np.ndarr
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from core.predictions import age_band_index
+    from gender_pipeline.lake.history import age_band_index
 
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.8))
     confidence = np.maximum(p_male, 1 - p_male)

@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.dlib_resnet import BLOCKS, FEATURE_SIZE, DlibFaceResNet, backbone_for_card
-from models.metrics import golden_section_minimum
-from models.predictor import Predictor, autocast, cuda_batch_size, device_batch
-from core.stopping import STOP
+from gender_pipeline.models.dlib_resnet import BLOCKS, FEATURE_SIZE, DlibFaceResNet, backbone_for_card
+from gender_pipeline.models.metrics import golden_section_minimum
+from gender_pipeline.models.predictor import Predictor, autocast, cuda_batch_size, device_batch
+from gender_pipeline.runtime.stopping import STOP
 
 KIND = "face-attributes"
 FORMAT = "face-attributes"
@@ -423,7 +423,7 @@ def fit_age_temperature(age_logits: np.ndarray, ages: np.ndarray) -> float:
 def band_answers(probabilities: np.ndarray, class_ages: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """From age distributions: the expected age, its band (an index into AGE_BANDS), and
     the probability mass of that band."""
-    from core.predictions import AGE_BAND_STARTS, age_band_index
+    from gender_pipeline.lake.history import AGE_BAND_STARTS, age_band_index
 
     years = probabilities @ class_ages
     band = age_band_index(years)

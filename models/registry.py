@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from models.predictor import (OnnxAgePredictor, OnnxAttributesPredictor, OnnxGenderPredictor, Predictor,
+from gender_pipeline.models.predictor import (OnnxAgePredictor, OnnxAttributesPredictor, OnnxGenderPredictor, Predictor,
                               TorchPredictor, resolve_device)
-from core.faces import Framing
-from core.storage import Store
+from gender_pipeline.faces.front_end import Framing
+from gender_pipeline.lake.storage import Store
 
 BASELINE_NAME = "dlib-gender-v1"
 BASELINE_VERSION = "1"
@@ -226,20 +226,20 @@ class Registry:
             return OnnxAgePredictor(weights, means=tuple(card["input"]["means"]),
                                     class_ages=tuple(card["age"]["class_ages"]), **common)
         if card["format"] == ATTRIBUTES_FORMAT:
-            from models.face_attributes import load_attribute_predictor
+            from gender_pipeline.models.face_attributes import load_attribute_predictor
 
             return load_attribute_predictor(weights, compile=compile, **common)
         if card["format"] == "torch":
             import torch
 
-            from models.networks import build_network
+            from gender_pipeline.models.networks import build_network
 
             net = build_network(card["arch"], num_classes=len(card["class_order"]),
                                 dropout=float(card.get("dropout", 0.0)))
             net.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))
             return TorchPredictor(net, class_order=card["class_order"], compile=compile, **common)
         if card["format"] == "face-embedding":
-            from models.face_embedding import load_embedding_predictor
+            from gender_pipeline.models.face_embedding import load_embedding_predictor
 
             shipped = (self.load_predictor(ModelRef(BASELINE_NAME, BASELINE_VERSION), device="cpu")
                        if card["embedding"].get("stack_shipped_logit") else None)

@@ -1,4 +1,4 @@
-"""The Prefect side of stopping a run (see core.stopping for the plain side).
+"""The Prefect side of stopping a run (see runtime.stopping for the plain side).
 
 A run stops on SIGTERM/SIGINT (a worker or runner cancelling it, Kubernetes, systemd,
 Ctrl-C) and on a cancel from the Prefect UI or API, which a watcher thread notices within
@@ -16,7 +16,7 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, State
 
-from core.stopping import STOP, Stop, StopRequested, stop_on_signals
+from gender_pipeline.runtime.stopping import STOP, Stop, StopRequested, stop_on_signals
 
 
 CANCELLED_FROM_PREFECT = "cancelled from Prefect (UI or API)"
@@ -111,13 +111,13 @@ def expected_failure(error: BaseException) -> bool:
     """A failure the README lists with its exit status (a wrong listing, a failed data check,
     storage, a locked output, a foreign table, a bad model or argument): it ends the run with
     one line; its traceback goes to the run's logs only."""
-    from core.delta import TableError
-    from core.expectations import ExpectationsFailed
-    from core.locking import OutputLocked
-    from core.model_files import ModelFetchError, ModelFileMissing
-    from core.run_history import ListingLooksWrong
-    from core.storage import StorageError
-    from models.registry import RegistryError
+    from gender_pipeline.lake.tables import TableError
+    from gender_pipeline.night.checks import ExpectationsFailed
+    from gender_pipeline.lake.lock import OutputLocked
+    from gender_pipeline.faces.model_files import ModelFetchError, ModelFileMissing
+    from gender_pipeline.lake.runs import ListingLooksWrong
+    from gender_pipeline.lake.storage import StorageError
+    from gender_pipeline.models.registry import RegistryError
 
     return isinstance(error, (ListingLooksWrong, ExpectationsFailed, StorageError, OutputLocked, TableError,
                               RegistryError, ModelFileMissing, ModelFetchError, FileNotFoundError, PermissionError))
@@ -144,8 +144,8 @@ def failed(error: Exception):
 def resolved_model(registry: str | None, model: str, endpoint_url: str | None) -> str:
     """NAME@VERSION of the model `model` resolves to (the production alias, else the
     shipped network), for reports and tags; `model` itself when it cannot be resolved."""
-    from core.storage import storage_options
-    from models.registry import ModelRef, Registry
+    from gender_pipeline.lake.storage import storage_options
+    from gender_pipeline.models.registry import ModelRef, Registry
 
     try:
         name, version = Registry(registry, storage_options(endpoint_url)).resolve(ModelRef.parse(model))

@@ -1,5 +1,5 @@
 """Prefect tasks for the scoring flow: thin wrappers (names, retries, logs, artifacts)
-around the plain functions in core.storage, core.scoring, core.predictions."""
+around the plain functions in lake.storage, engine.scoring, lake.history."""
 
 from __future__ import annotations
 
@@ -18,18 +18,18 @@ from prefect.artifacts import (create_link_artifact, create_markdown_artifact,
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Cancelled
 
-from models.registry import ModelRef, Registry, RegistryError
-from core.expectations import ExpectationsFailed, check_photo_metadata, check_predictions
-from core.predictions import PhotoResult, to_table, write_predictions
-from core.scoring import ScoringOptions, ScoringStats, merge_stats, score_objects, user_of
-from core.locking import Lease, LeaseRef, acquire
-from tasks.run_control import retry_unless_stopped
-from core.stopping import STOP, StopRequested
-from core.listing import ListingSpec, list_source
-from core.state import Applied, NightPlan, OutputState, SourceListing, rows_table
-from core.storage import ObjectInfo, StorageError, Store, read_lines, retry_if_transient, storage_options
-from core.run_history import ERASURES, check_listing, completed, key_shape_warnings, recent_runs, record_run
-from core.summary import (alarms, outcome, rejected_rows, render_failure_markdown, render_markdown,
+from gender_pipeline.models.registry import ModelRef, Registry, RegistryError
+from gender_pipeline.night.checks import ExpectationsFailed, check_photo_metadata, check_predictions
+from gender_pipeline.lake.history import PhotoResult, to_table, write_predictions
+from gender_pipeline.engine.scoring import ScoringOptions, ScoringStats, merge_stats, score_objects, user_of
+from gender_pipeline.lake.lock import Lease, LeaseRef, acquire
+from gender_pipeline.tasks.run_control import retry_unless_stopped
+from gender_pipeline.runtime.stopping import STOP, StopRequested
+from gender_pipeline.lake.listing import ListingSpec, list_source
+from gender_pipeline.lake.state import Applied, NightPlan, OutputState, SourceListing, rows_table
+from gender_pipeline.lake.storage import ObjectInfo, StorageError, Store, read_lines, retry_if_transient, storage_options
+from gender_pipeline.lake.runs import ERASURES, check_listing, completed, key_shape_warnings, recent_runs, record_run
+from gender_pipeline.night.report import (alarms, outcome, rejected_rows, render_failure_markdown, render_markdown,
                           summarize)
 
 

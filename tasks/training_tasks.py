@@ -15,28 +15,28 @@ from prefect.artifacts import (create_link_artifact, create_markdown_artifact, c
                                create_table_artifact, update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
 
-from models.chips import ChipSet, cached_parts, check_skipped, extract_chips
-from models.datasets import DatasetError, LabelledSet, dataset_ages, load_dataset
-from models.dlib_resnet import BLOCKS, load_dlib_face_resnet
-from models.experiment import (AgeResult, Experiment, RunResult, age_metrics, calibration_for, decide_promotion,
+from gender_pipeline.models.chips import ChipSet, cached_parts, check_skipped, extract_chips
+from gender_pipeline.models.datasets import DatasetError, LabelledSet, dataset_ages, load_dataset
+from gender_pipeline.models.dlib_resnet import BLOCKS, load_dlib_face_resnet
+from gender_pipeline.models.experiment import (AgeResult, Experiment, RunResult, age_metrics, calibration_for, decide_promotion,
                                evaluate_predictor,
                                metrics_report, plot_age, plot_calibration, plot_confusion, plot_curves,
                                plot_face_grid, results_json)
-from models.face_attributes import KIND as ATTRIBUTES_KIND
-from models.face_attributes import FORMAT as ATTRIBUTES_FORMAT
-from models.face_attributes import (AGES, ATTRIBUTES, AttributeSpec, Inputs, band_answers, band_threshold, cached_views,
+from gender_pipeline.models.face_attributes import KIND as ATTRIBUTES_KIND
+from gender_pipeline.models.face_attributes import FORMAT as ATTRIBUTES_FORMAT
+from gender_pipeline.models.face_attributes import (AGES, ATTRIBUTES, AttributeSpec, Inputs, band_answers, band_threshold, cached_views,
                                     fit_age_temperature, fit_attributes, predict_inputs, softmax, split_metrics)
-from models.face_embedding import BACKBONE, Embedder, Embeddings, HeadSpec, embed_dataset, fit_head, head_logits
-from models.face_embedding import FORMAT as EMBEDDING_FORMAT
-from models.face_embedding import KIND as EMBEDDING_KIND
-from models.metrics import classification_report
-from models.networks import build_network
-from models.predictor import calibrate
-from models.registry import BASELINE_NAME, BASELINE_VERSION, ModelRef, Registry
-from models.train import evaluate, fit, make_loader
-from models.presets import eval_preset
-from core.predictions import AGE_BANDS
-from core.storage import storage_options
+from gender_pipeline.models.face_embedding import BACKBONE, Embedder, Embeddings, HeadSpec, embed_dataset, fit_head, head_logits
+from gender_pipeline.models.face_embedding import FORMAT as EMBEDDING_FORMAT
+from gender_pipeline.models.face_embedding import KIND as EMBEDDING_KIND
+from gender_pipeline.models.metrics import classification_report
+from gender_pipeline.models.networks import build_network
+from gender_pipeline.models.predictor import calibrate
+from gender_pipeline.models.registry import BASELINE_NAME, BASELINE_VERSION, ModelRef, Registry
+from gender_pipeline.models.train import evaluate, fit, make_loader
+from gender_pipeline.models.presets import eval_preset
+from gender_pipeline.lake.history import AGE_BANDS
+from gender_pipeline.lake.storage import storage_options
 
 
 @task(name="check-pretrained-weights", cache_policy=NO_CACHE)

@@ -3,7 +3,7 @@ worker processes), and behaves normally on every other photo."""
 
 import os
 
-from core.scoring import _prepare_in_worker
+from gender_pipeline.engine.scoring import _prepare_in_worker
 
 
 def crash_on_poison(key, data, sha256):

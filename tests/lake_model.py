@@ -32,12 +32,12 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from core.faces import Framing
-from core.listing import ListingSpec, list_source
-from core.predictions import to_table, write_predictions
-from core.scoring import Prepared, ScoringOptions, score_objects, user_of
-from core.state import OutputState, SourceListing, erase, rows_table
-from core.storage import Store
+from gender_pipeline.faces.front_end import Framing
+from gender_pipeline.lake.listing import ListingSpec, list_source
+from gender_pipeline.lake.history import to_table, write_predictions
+from gender_pipeline.engine.scoring import Prepared, ScoringOptions, score_objects, user_of
+from gender_pipeline.lake.state import OutputState, SourceListing, erase, rows_table
+from gender_pipeline.lake.storage import Store
 
 START = datetime(2026, 1, 1, 2, 0, tzinfo=timezone.utc)
 SIZES = (64, 80, 96)  # few sizes: an overwrite often keeps the size, as a re-encoded photo may
@@ -295,7 +295,7 @@ class Lake:
     def users(self) -> pd.DataFrame:
         from deltalake import DeltaTable
 
-        from core.users import USERS_SCHEMA
+        from gender_pipeline.lake.users import USERS_SCHEMA
 
         path = os.path.join(self.output_dir, "users")
         table = DeltaTable(path).to_pandas() if os.path.isdir(path) else USERS_SCHEMA.empty_table().to_pandas()

@@ -31,7 +31,7 @@ def _slow(original, stage: str, seconds: float, after: bool = False):
 
 def slow_prepare(key, data, sha256):
     """A decoder worker job that takes a minute (runs in a spawned worker process)."""
-    from core import scoring
+    from gender_pipeline.engine import scoring
 
     _reached("decoding")
     time.sleep(60)
@@ -40,8 +40,8 @@ def slow_prepare(key, data, sha256):
 
 def slow_chip(data, framing):
     """A training-image alignment job that takes a minute (in a worker process, where
-    models.chips._chip_job is the real one)."""
-    from models import chips
+    gender_pipeline.models.chips._chip_job is the real one)."""
+    from gender_pipeline.models import chips
 
     _reached("extraction")
     time.sleep(60)
@@ -49,39 +49,37 @@ def slow_chip(data, framing):
 
 
 def _patch(stage: str) -> None:
-    import models.chips
-    import models.predictor
-    import models.train
-    import core.scoring
-    import core.state
-    import tasks.scoring_tasks
-    import core.storage
-
+    import gender_pipeline.models.chips as models_chips
+    import gender_pipeline.models.predictor as models_predictor
+    import gender_pipeline.models.train as models_train
+    import gender_pipeline.engine.scoring as core_scoring
+    import gender_pipeline.lake.state as core_state
+    import gender_pipeline.tasks.scoring_tasks as tasks_scoring_tasks
+    import gender_pipeline.lake.storage as core_storage
     if stage == "listing":
-        import core.listing
-
-        core.listing.iter_listing = _slow(core.listing.iter_listing, stage, 60)
+        import gender_pipeline.lake.listing as core_listing
+        core_listing.iter_listing = _slow(core_listing.iter_listing, stage, 60)
     elif stage == "suite":
-        tasks.scoring_tasks.check_photo_metadata = _slow(tasks.scoring_tasks.check_photo_metadata, stage, 60)
+        tasks_scoring_tasks.check_photo_metadata = _slow(tasks_scoring_tasks.check_photo_metadata, stage, 60)
     elif stage == "reading":
-        core.storage.Store.read_many = _slow(core.storage.Store.read_many, stage, 2)
+        core_storage.Store.read_many = _slow(core_storage.Store.read_many, stage, 2)
     elif stage == "decoding":
-        _REAL["prepare"], core.scoring._prepare_in_worker = core.scoring._prepare_in_worker, slow_prepare
+        _REAL["prepare"], core_scoring._prepare_in_worker = core_scoring._prepare_in_worker, slow_prepare
     elif stage == "model":
-        cls = models.predictor.OnnxGenderPredictor
+        cls = models_predictor.OnnxGenderPredictor
         cls.male_logits = _slow(cls.male_logits, stage, 2)
     elif stage == "publishing":  # a predictions file is written under its temporary name, not moved yet
-        original = core.storage.Store._write_temporary
+        original = core_storage.Store._write_temporary
         slow = _slow(original, stage, 3, after=True)
-        core.storage.Store._write_temporary = (
+        core_storage.Store._write_temporary = (
             lambda self, temp, data: (slow if "/predictions/" in temp else original)(self, temp, data))
     elif stage == "users":  # the photo state is committed; the users table's MERGE is next
-        cls = core.state.OutputState
+        cls = core_state.OutputState
         cls._merge_users = _slow(cls._merge_users, stage, 60)
     elif stage == "extraction":
-        _REAL["chip"], models.chips._chip_job = models.chips._chip_job, slow_chip
+        _REAL["chip"], models_chips._chip_job = models_chips._chip_job, slow_chip
     elif stage == "training":  # slow batches; the marker comes once epoch 1 is checkpointed
-        original_save, original_item = models.train._save, models.train.ChipDataset.__getitem__
+        original_save, original_item = models_train._save, models_train.ChipDataset.__getitem__
 
         def save(store, key, state):
             original_save(store, key, state)
@@ -91,7 +89,7 @@ def _patch(stage: str) -> None:
             time.sleep(0.01)
             return original_item(self, index)
 
-        models.train._save, models.train.ChipDataset.__getitem__ = save, item
+        models_train._save, models_train.ChipDataset.__getitem__ = save, item
     elif stage != "none":
         raise SystemExit(f"unknown stage {stage}")
 

@@ -59,7 +59,7 @@ def test_unknown_model_exits_2(uploads, tmp_path, capsys):
 
 
 def test_serve_passes_schedule_and_parameters(monkeypatch):
-    from flows.scoring import nightly_scoring
+    from gender_pipeline.flows.scoring import nightly_scoring
 
     seen = {}
     monkeypatch.setattr(type(nightly_scoring), "serve", lambda self, **kwargs: seen.update(kwargs))
@@ -79,8 +79,8 @@ def test_serve_and_the_deployment_file_agree():
     """`serve` schedules and limits the nightly run as deployments/prefect.yaml does."""
     import yaml
 
-    from flows.schedule import schedule_text
-    from flows.scoring import NIGHTLY_CONCURRENCY, NIGHTLY_CRON, NIGHTLY_TIMEZONE
+    from gender_pipeline.flows.schedule import schedule_text
+    from gender_pipeline.flows.scoring import NIGHTLY_CONCURRENCY, NIGHTLY_CRON, NIGHTLY_TIMEZONE
     from gender_pipeline.cli import build_parser
 
     with open(os.path.join(ROOT, "deployments", "prefect.yaml")) as handle:
@@ -88,7 +88,7 @@ def test_serve_and_the_deployment_file_agree():
     (schedule,) = nightly["schedules"]
     assert (schedule["cron"], schedule["timezone"]) == (NIGHTLY_CRON, NIGHTLY_TIMEZONE)
     assert nightly["concurrency_limit"] == NIGHTLY_CONCURRENCY
-    assert nightly["entrypoint"] == "flows.scoring.nightly_scoring"
+    assert nightly["entrypoint"] == "gender_pipeline.flows.scoring.nightly_scoring"
     serve = build_parser().parse_args(["serve", "--source", "a", "--output", "b"])
     assert (serve.cron, serve.timezone) == (NIGHTLY_CRON, NIGHTLY_TIMEZONE)
     assert nightly["parameters"]["model"] == serve.model == "production"

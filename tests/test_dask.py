@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from flows.scoring import nightly_scoring
+from gender_pipeline.flows.scoring import nightly_scoring
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -40,8 +40,7 @@ def test_shards_on_dask_equal_one_process(uploads, tmp_path, monkeypatch):
 
 
 def test_a_rerun_after_some_shards_were_published_redoes_only_the_rest(uploads, tmp_path, monkeypatch):
-    import tasks.scoring_tasks as scoring_tasks
-
+    import gender_pipeline.tasks.scoring_tasks as scoring_tasks
     source, files = uploads
     output, registry = tmp_path / "lake", tmp_path / "registry"
     original = scoring_tasks.write_predictions

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from gender_pipeline import samples
-from models.datasets import DatasetError, load_dataset, stratified_sample, stratified_split
+from gender_pipeline.models.datasets import DatasetError, load_dataset, stratified_sample, stratified_split
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +67,8 @@ def test_unknown_format(manifest):
 
 
 def test_unreadable_images_are_skipped_and_counted_up_to_a_limit(tmp_path):
-    from models.chips import extract_chips
-    from core.faces import Framing
+    from gender_pipeline.models.chips import extract_chips
+    from gender_pipeline.faces.front_end import Framing
 
     samples.write_manifest_dataset(str(tmp_path), 10)
     (tmp_path / "images" / "img_0001.jpg").write_bytes(b"garbage")

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from gender_pipeline import samples
-from core.decoding import DecodedPhoto, DecodeLimits, Rejection, decode_photo, sniff_format
+from gender_pipeline.faces.decoding import DecodedPhoto, DecodeLimits, Rejection, decode_photo, sniff_format
 
 
 @pytest.mark.parametrize("name", sorted(samples.broken_files()))

@@ -13,7 +13,7 @@ import pandas as pd
 import psutil
 import pytest
 
-from tasks.scoring_tasks import artifact_key
+from gender_pipeline.tasks.scoring_tasks import artifact_key
 from tests.conftest import free_port
 
 
@@ -82,7 +82,7 @@ def test_served_deployment_runs_on_a_real_server(prefect_server, uploads, tmp_pa
         # As deployments/prefect.yaml has it: a clean entrypoint, the schedule's time zone, one run at a time.
         assert deployment.schedules and deployment.schedules[0].schedule.cron == "0 3 * * *"
         assert deployment.schedules[0].schedule.timezone == "Europe/Berlin"
-        assert deployment.entrypoint == "flows.scoring.nightly_scoring"
+        assert deployment.entrypoint == "gender_pipeline.flows.scoring.nightly_scoring"
         assert deployment.global_concurrency_limit is not None and deployment.global_concurrency_limit.limit == 1
         keys = {a.key for a in artifacts}
         assert {artifact_key(name, str(output)) for name in ("scoring-counts", "rejected-photos",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.faces import FaceFrontEnd, Framing
+from gender_pipeline.faces.front_end import FaceFrontEnd, Framing
 from gender_pipeline import samples
 
 PORTRAITS = {"grace": samples.grace_hopper(), "astronaut": samples.astronaut()}
@@ -126,8 +126,8 @@ def test_retinaface_own_points_framing():
 def test_training_chips_with_retinaface_points(tmp_path):
     """The retrain flow can train on RetinaFace's own alignment: its chips come out of the
     same front end as scoring's."""
-    from models.chips import extract_chips
-    from models.datasets import load_manifest
+    from gender_pipeline.models.chips import extract_chips
+    from gender_pipeline.models.datasets import load_manifest
 
     samples.write_manifest_dataset(str(tmp_path / "data"), 6, seed=3)
     framing = Framing(kind="retinaface_5pt", size=64, padding=0.2)

@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from core.model_files import sha256_file
+from gender_pipeline.faces.model_files import sha256_file
 from gender_pipeline import samples
-from models import dlib_resnet
-from models.dlib_resnet import DlibFaceResNet, dat_path, load_dlib_face_resnet, padded_add, read_dat
+from gender_pipeline.models import dlib_resnet
+from gender_pipeline.models.dlib_resnet import DlibFaceResNet, dat_path, load_dlib_face_resnet, padded_add, read_dat
 
 # dlib and the port sum in different orders; on these 8 chips the largest gap seen is 5.1e-7
 TOLERANCE = 1e-5

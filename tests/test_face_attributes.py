@@ -12,7 +12,7 @@ import torch
 from gender_pipeline import samples
 from gender_pipeline.cli import main
 from tests.conftest import retrain_on_generated_faces
-from models.face_attributes import (AGES, AttributeSettings, AttributeSpec, Augment, Inputs,
+from gender_pipeline.models.face_attributes import (AGES, AttributeSettings, AttributeSpec, Augment, Inputs,
                                     age_targets, augment_chips, band_answers, band_threshold, fit_age_temperature,
                                     fit_attributes, predict_inputs, softmax, split_metrics)
 
@@ -21,7 +21,7 @@ CONFIG = open("configs/face_attributes.yaml").read()
 
 @pytest.fixture(scope="module")
 def backbone():
-    from models.dlib_resnet import load_dlib_face_resnet
+    from gender_pipeline.models.dlib_resnet import load_dlib_face_resnet
 
     return load_dlib_face_resnet()
 
@@ -111,7 +111,7 @@ def test_age_calibration_bands_and_abstention():
     assert np.abs(years - ages).mean() < 2 and ((0 < confidence) & (confidence <= 1)).all()
     threshold = band_threshold(confidence, 0.8)
     assert (confidence >= threshold).mean() == pytest.approx(0.8, abs=0.01)
-    from core.predictions import age_bands_of
+    from gender_pipeline.lake.history import age_bands_of
 
     bands = age_bands_of(years, confidence, threshold)
     assert bands.count("unknown") == pytest.approx(100, abs=5)
@@ -220,8 +220,8 @@ def test_the_refresh_moves_users_to_the_attribute_model_and_ages_reach_the_users
 
 
 def test_the_age_band_abstains_under_its_threshold(trained):
-    from models.registry import Registry
-    from core.faces import FaceFrontEnd
+    from gender_pipeline.models.registry import Registry
+    from gender_pipeline.faces.front_end import FaceFrontEnd
 
     reg = Registry(str(trained / "registry"))
     predictor = reg.load_predictor("gender-classifier@1", "cpu")

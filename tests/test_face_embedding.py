@@ -11,10 +11,10 @@ import torch
 from gender_pipeline import samples
 from gender_pipeline.cli import main
 from tests.conftest import retrain_on_generated_faces
-from models.experiment import load_experiment
-from models.face_embedding import (SHIPPED_FRAMING, EmbeddingSettings, Embeddings, HeadSpec, embed_dataset,
+from gender_pipeline.models.experiment import load_experiment
+from gender_pipeline.models.face_embedding import (SHIPPED_FRAMING, EmbeddingSettings, Embeddings, HeadSpec, embed_dataset,
                                    fit_head, head_logits, shipped_chips)
-from core.faces import Framing
+from gender_pipeline.faces.front_end import Framing
 
 CONFIG = open("configs/face_embedding.yaml").read()
 
@@ -31,7 +31,7 @@ def _config(tmp_path, **replace):
 
 @pytest.fixture(scope="module")
 def backbone():
-    from models.dlib_resnet import load_dlib_face_resnet
+    from gender_pipeline.models.dlib_resnet import load_dlib_face_resnet
 
     return load_dlib_face_resnet()
 
@@ -73,7 +73,7 @@ def test_fine_tuning_the_last_block_and_stacking_the_shipped_logit(backbone):
 
 
 def test_the_shipped_chip_is_cut_from_the_larger_chip():
-    from core.faces import FaceFrontEnd
+    from gender_pipeline.faces.front_end import FaceFrontEnd
 
     front = FaceFrontEnd()
     photo = samples.grace_hopper()
@@ -97,11 +97,11 @@ def test_config_errors_are_clear(tmp_path):
 
 
 def test_embedding_is_resumable_part_by_part(tmp_path, backbone, monkeypatch):
-    import models.chips as fe
-    from models.datasets import load_manifest
-    from models.face_embedding import Embedder
-    from core.stopping import StopRequested
-    from core.storage import Store
+    import gender_pipeline.models.chips as fe
+    from gender_pipeline.models.datasets import load_manifest
+    from gender_pipeline.models.face_embedding import Embedder
+    from gender_pipeline.runtime.stopping import StopRequested
+    from gender_pipeline.lake.storage import Store
 
     samples.write_manifest_dataset(str(tmp_path / "data"), 12, seed=4)
     data = load_manifest(str(tmp_path / "data"))
@@ -156,8 +156,8 @@ def test_retrain_registers_a_face_embedding_model(trained):
 
 
 def test_the_registered_model_answers_like_its_head_on_the_embeddings(trained):
-    from models.registry import Registry
-    from core.faces import FaceFrontEnd
+    from gender_pipeline.models.registry import Registry
+    from gender_pipeline.faces.front_end import FaceFrontEnd
 
     predictor = Registry(str(trained / "registry")).load_predictor("gender-classifier@1", "cpu")
     front = FaceFrontEnd()
@@ -193,7 +193,7 @@ def test_evaluate_and_scoring_use_the_new_kind(trained, tmp_path, capsys, upload
 def test_a_model_trained_on_other_backbone_weights_is_refused(trained, tmp_path):
     import shutil
 
-    from models.registry import Registry
+    from gender_pipeline.models.registry import Registry
 
     copy = tmp_path / "registry"
     shutil.copytree(trained / "registry" / "gender-classifier" / "1", copy / "m" / "1")

@@ -3,9 +3,9 @@ import pytest
 from PIL import Image
 
 from gender_pipeline import samples
-from core.decoding import DecodeLimits
-from core.faces import FaceFrontEnd, Framing
-from core.scoring import prepare_photo
+from gender_pipeline.faces.decoding import DecodeLimits
+from gender_pipeline.faces.front_end import FaceFrontEnd, Framing
+from gender_pipeline.engine.scoring import prepare_photo
 
 
 @pytest.fixture(scope="module", params=["retinaface", "hog"])
@@ -80,7 +80,7 @@ def test_edge_fill_repeats_the_border_where_the_chip_leaves_the_photo():
     import pytest
 
     from gender_pipeline import samples
-    from core.faces import FaceFrontEnd, Framing
+    from gender_pipeline.faces.front_end import FaceFrontEnd, Framing
 
     front = FaceFrontEnd()
     photo = samples.grace_hopper()

@@ -8,7 +8,7 @@ import threading
 import pandas as pd
 import pytest
 
-from flows.scoring import nightly_scoring
+from gender_pipeline.flows.scoring import nightly_scoring
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -66,7 +66,7 @@ class DroppingProxy:
 def test_dropped_connections_lose_and_duplicate_nothing(s3_endpoint, uploads, tmp_path, monkeypatch):
     import s3fs
 
-    from core import storage
+    from gender_pipeline.lake import storage
 
     source, files = uploads
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})

@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flows.scoring import nightly_scoring
-from tasks.scoring_tasks import artifact_key
+from gender_pipeline.flows.scoring import nightly_scoring
+from gender_pipeline.tasks.scoring_tasks import artifact_key
 from gender_pipeline import samples
-from core.expectations import ExpectationsFailed
+from gender_pipeline.night.checks import ExpectationsFailed
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -76,8 +76,7 @@ def crashing(message):
 
 
 def test_crash_before_publish_then_rerun_gives_one_row_per_photo(uploads, tmp_path, monkeypatch):
-    import tasks.scoring_tasks as scoring_tasks
-
+    import gender_pipeline.tasks.scoring_tasks as scoring_tasks
     source, files = uploads
     output, registry = tmp_path / "lake", tmp_path / "registry"
 
@@ -92,8 +91,7 @@ def test_crash_before_publish_then_rerun_gives_one_row_per_photo(uploads, tmp_pa
 
 
 def test_crash_after_publish_then_rerun_adds_nothing(uploads, tmp_path, monkeypatch):
-    import tasks.scoring_tasks as scoring_tasks
-
+    import gender_pipeline.tasks.scoring_tasks as scoring_tasks
     source, files = uploads
     output, registry = tmp_path / "lake", tmp_path / "registry"
 
@@ -108,7 +106,7 @@ def test_crash_after_publish_then_rerun_adds_nothing(uploads, tmp_path, monkeypa
 
 
 def test_failing_predictions_suite_stops_the_publish(uploads, tmp_path, monkeypatch):
-    import models.predictor as predictor_module
+    import gender_pipeline.models.predictor as predictor_module
     from prefect.artifacts import Artifact
 
     source, _ = uploads
@@ -121,7 +119,7 @@ def test_failing_predictions_suite_stops_the_publish(uploads, tmp_path, monkeypa
 
 
 def test_missing_source_fails_clearly(tmp_path):
-    from core.storage import StorageError
+    from gender_pipeline.lake.storage import StorageError
 
     with pytest.raises(StorageError, match="does not exist"):
         run(tmp_path / "no-such-folder", tmp_path / "lake", tmp_path / "registry")

@@ -1,9 +1,9 @@
 import json
 from datetime import date
 
-from core.predictions import to_table, write_predictions
-from core.state import OutputState, listing_table, output_status
-from core.storage import ObjectInfo, Store
+from gender_pipeline.lake.history import to_table, write_predictions
+from gender_pipeline.lake.state import OutputState, listing_table, output_status
+from gender_pipeline.lake.storage import ObjectInfo, Store
 from gender_pipeline.cli import main
 from tests.test_storage_and_predictions import T0, row
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.networks import build_network
-from models.predictor import TorchPredictor, cuda_batch_size
-from core.faces import Framing
+from gender_pipeline.models.networks import build_network
+from gender_pipeline.models.predictor import TorchPredictor, cuda_batch_size
+from gender_pipeline.faces.front_end import Framing
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -39,8 +39,8 @@ def test_compiled_predictor_matches_eager():
 
 
 def test_one_training_epoch_with_amp(tmp_path):
-    from models.train import RunSpec, fit
-    from core.storage import Store
+    from gender_pipeline.models.train import RunSpec, fit
+    from gender_pipeline.lake.storage import Store
 
     rng = np.random.default_rng(0)
     chips = rng.integers(0, 256, (64, 64, 64, 3), dtype=np.uint8)
@@ -52,7 +52,7 @@ def test_one_training_epoch_with_amp(tmp_path):
 
 def test_nvjpeg_decode_matches_pillow():
     from gender_pipeline import samples
-    from core.decoding import decode_photo
+    from gender_pipeline.faces.decoding import decode_photo
 
     data = samples.encode(samples.grace_hopper(), "JPEG", quality=90)
     gpu = decode_photo(data, jpeg_device="cuda")
@@ -61,8 +61,8 @@ def test_nvjpeg_decode_matches_pillow():
 
 
 def _embedding_predictor(device):
-    from models.dlib_resnet import load_dlib_face_resnet
-    from models.face_embedding import Embedder, EmbeddingPredictor, EmbeddingSettings, GenderHead, HeadSpec
+    from gender_pipeline.models.dlib_resnet import load_dlib_face_resnet
+    from gender_pipeline.models.face_embedding import Embedder, EmbeddingPredictor, EmbeddingSettings, GenderHead, HeadSpec
 
     torch.manual_seed(0)
     settings, framing = EmbeddingSettings(), Framing(size=150, padding=0.25)
@@ -73,7 +73,7 @@ def _embedding_predictor(device):
 
 def test_face_embedding_model_on_cuda_matches_cpu():
     from gender_pipeline import samples
-    from core.faces import FaceFrontEnd
+    from gender_pipeline.faces.front_end import FaceFrontEnd
 
     front = FaceFrontEnd()
     photos = [samples.grace_hopper(), samples.astronaut()]
@@ -86,8 +86,8 @@ def test_face_embedding_model_on_cuda_matches_cpu():
 
 def test_gpu_front_end_on_cuda_matches_the_cpu_front_end():
     from gender_pipeline import samples
-    from core.faces import FaceFrontEnd
-    from core.gpu_faces import GpuFaceFrontEnd
+    from gender_pipeline.faces.front_end import FaceFrontEnd
+    from gender_pipeline.faces.device import GpuFaceFrontEnd
 
     photos = [samples.grace_hopper(), samples.astronaut(),
               samples.pasted_into(samples.grace_hopper(), (4032, 3024), (2000, 1500))]

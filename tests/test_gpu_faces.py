@@ -6,10 +6,10 @@ from datetime import datetime, timezone
 import numpy as np
 import pytest
 
-from core.faces import FaceFrontEnd, Framing
-from core.gpu_faces import GpuFaceFrontEnd
-from core.scoring import ScoringOptions, score_objects
-from core.storage import Store
+from gender_pipeline.faces.front_end import FaceFrontEnd, Framing
+from gender_pipeline.faces.device import GpuFaceFrontEnd
+from gender_pipeline.engine.scoring import ScoringOptions, score_objects
+from gender_pipeline.lake.storage import Store
 from gender_pipeline import samples
 
 PHOTOS = [samples.grace_hopper(), samples.astronaut(),
@@ -36,7 +36,7 @@ def test_batched_chips_equal_the_cpu_front_end(framing):
 
 @pytest.fixture
 def scored(uploads, tmp_path):
-    from models.registry import Registry
+    from gender_pipeline.models.registry import Registry
 
     source, files = uploads
     predictor = Registry(str(tmp_path / "registry")).load_predictor("dlib-gender-v1", "cpu")

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from core import shm
-from core.decoding import DecodeLimits, Rejection, decode_photo
-from core.gpu_faces import GpuFaceFrontEnd
-from core.headers import Header, inspect
-from core.scoring import ScoringOptions, score_objects
-from core.storage import Store
+from gender_pipeline.runtime import shm
+from gender_pipeline.faces.decoding import DecodeLimits, Rejection, decode_photo
+from gender_pipeline.faces.device import GpuFaceFrontEnd
+from gender_pipeline.faces.headers import Header, inspect
+from gender_pipeline.engine.scoring import ScoringOptions, score_objects
+from gender_pipeline.lake.storage import Store
 from gender_pipeline import samples
 
 
@@ -128,7 +128,7 @@ def mixed_uploads(tmp_path_factory, face_files, broken_files):
 
 @pytest.fixture(scope="module")
 def predictor(tmp_path_factory):
-    from models.registry import Registry
+    from gender_pipeline.models.registry import Registry
 
     return Registry(str(tmp_path_factory.mktemp("registry"))).load_predictor("dlib-gender-v1", "cpu")
 

@@ -52,9 +52,9 @@ def test_killed_runs_then_a_rerun_leave_one_row_per_photo(uploads, tmp_path):
     # The users table caught up with what the killed runs published: it equals a rebuild.
     from deltalake import DeltaTable
 
-    from core.listing import list_source
-    from core.state import OutputState, SourceListing
-    from core.storage import Store
+    from gender_pipeline.lake.listing import list_source
+    from gender_pipeline.lake.state import OutputState, SourceListing
+    from gender_pipeline.lake.storage import Store
 
     def users():
         return DeltaTable(str(output / "users")).to_pandas().sort_values("user_id").reset_index(drop=True)

@@ -13,13 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import core.listing as listing_module
-from core.delta import duckdb_session
-from core.inventory import InventoryError
-from core.listing import ListingSpec, list_source, split_points
-from core.scoring import user_of
-from core.state import BAD_KEY_SQL
-from core.storage import StorageError, Store
+import gender_pipeline.lake.listing as listing_module
+from gender_pipeline.lake.tables import duckdb_session
+from gender_pipeline.lake.inventory import InventoryError
+from gender_pipeline.lake.listing import ListingSpec, list_source, split_points
+from gender_pipeline.engine.scoring import user_of
+from gender_pipeline.lake.state import BAD_KEY_SQL
+from gender_pipeline.lake.storage import StorageError, Store
 
 ODD_KEYS = ["a b/c d.jpg", "ü ñ/😀.jpg", "p%41ct/x%2By.jpg", "plus+/a+b.jpg", "hash#/q?.jpg", "ok/z.jpg",
             "star*/[x].png", "noext/photo"]
@@ -113,7 +113,7 @@ DROPPED = ("Generic S3 error: Error performing list request: Error performing GE
 def test_an_obstore_page_is_retried_when_its_request_failed_not_when_it_was_refused(monkeypatch, text, retried):
     from types import SimpleNamespace
 
-    from core import storage
+    from gender_pipeline.lake import storage
 
     monkeypatch.setattr(storage, "_sleep", lambda s: None)
     page = listing_module.Page(pa.array(["a/1.jpg"]), pa.array([4], pa.int64()),

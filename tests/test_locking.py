@@ -8,8 +8,8 @@ from datetime import datetime, timezone
 import pytest
 
 from gender_pipeline.cli import EXIT_LOCKED, main
-from core.locking import OutputLocked, acquire, read_holder
-from core.storage import Store
+from gender_pipeline.lake.lock import OutputLocked, acquire, read_holder
+from gender_pipeline.lake.storage import Store
 
 
 def test_one_holder_at_a_time(tmp_path):
@@ -95,7 +95,7 @@ def test_lock_on_s3_uses_conditional_create(s3_endpoint):
 def _holder_record(**fields):
     from datetime import datetime, timedelta, timezone
 
-    from core.locking import this_process
+    from gender_pipeline.lake.lock import this_process
 
     expires = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
     return json.dumps({"owner": "other-run", "token": "t", "expires_at": expires, **this_process(),
@@ -129,8 +129,8 @@ def test_a_lock_of_a_live_process_or_of_another_host_waits_for_its_lease(tmp_pat
 def test_a_publish_checks_the_lease_just_before_the_move(tmp_path):
     from datetime import date
 
-    from core.locking import LeaseLost
-    from core.predictions import PhotoResult, to_table, write_predictions
+    from gender_pipeline.lake.lock import LeaseLost
+    from gender_pipeline.lake.history import PhotoResult, to_table, write_predictions
 
     store = Store(str(tmp_path))
     lease = acquire(store, "run-1")
@@ -145,7 +145,7 @@ def test_a_publish_checks_the_lease_just_before_the_move(tmp_path):
 
 
 def test_a_stop_request_reaches_other_processes_through_the_lease(tmp_path):
-    from core.stopping import Stop, StopRequested
+    from gender_pipeline.runtime.stopping import Stop, StopRequested
 
     store, stop = Store(str(tmp_path)), Stop()
     lease = acquire(store, "run-1", lease_seconds=60, stop=stop)

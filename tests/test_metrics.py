@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from models.metrics import (classification_report, expected_calibration_error, fit_temperature,
+from gender_pipeline.models.metrics import (classification_report, expected_calibration_error, fit_temperature,
                             group_report, roc_auc, threshold_for_coverage)
 
 
@@ -72,7 +72,7 @@ def test_numeric_columns_become_bands():
 
 
 def test_age_report():
-    from models.metrics import age_report
+    from gender_pipeline.models.metrics import age_report
 
     true = np.array([20, 30, 40, 70, -1])  # -1: no age in the label
     years = np.array([22.0, 30.0, 50.0, 66.0, 5.0])

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from core.summary import alarms, headline, outcome, render_markdown, state_name
-from flows.scoring import nightly_scoring
+from gender_pipeline.night.report import alarms, headline, outcome, render_markdown, state_name
+from gender_pipeline.flows.scoring import nightly_scoring
 from gender_pipeline.cli import EXIT_EXPECTATIONS, main
 from tests.test_operator_view import artifacts_of, by_prefix, flow_run
 from tests.test_stop import ROOT
@@ -159,7 +159,7 @@ def test_status_reads_as_a_summary_and_json_for_scripts(tmp_path, capsys):
 
 
 def test_status_shows_the_last_runs_with_their_outcomes(tmp_path, capsys):
-    from core.run_history import record_run
+    from gender_pipeline.lake.runs import record_run
     from tests.test_forget_and_status import lake
 
     store = lake(tmp_path)

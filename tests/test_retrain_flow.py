@@ -6,7 +6,7 @@ import pytest
 
 from gender_pipeline import samples
 from gender_pipeline.cli import main
-from tasks.training_tasks import decide_promotion
+from gender_pipeline.tasks.training_tasks import decide_promotion
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -59,7 +59,7 @@ def test_retrain_registers_reports_and_gates_promotion(tiny, capsys):
     assert alias.exists() == promoted
 
     # Scoring uses what the registry says, through the same interface.
-    from models.registry import Registry
+    from gender_pipeline.models.registry import Registry
 
     predictor = Registry(str(registry)).load_predictor("gender-classifier@1", "cpu")
     assert predictor.framing.size == 32 and predictor.temperature == card["calibration"]["temperature"]
@@ -85,7 +85,7 @@ def test_evaluate_prints_the_report(tiny, capsys):
 
 
 def test_promote_and_rollback_from_the_cli(tmp_path, capsys):
-    from models.registry import Registry
+    from gender_pipeline.models.registry import Registry
     from tests.test_registry import _register_torch
 
     registry = str(tmp_path / "registry")

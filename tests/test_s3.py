@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from flows.scoring import nightly_scoring
+from gender_pipeline.flows.scoring import nightly_scoring
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -39,10 +39,10 @@ def test_flow_reads_and_writes_s3(bucket, s3_endpoint):
 
 @pytest.mark.usefixtures("s3_endpoint")
 def test_unreachable_storage_fails_the_run(monkeypatch):
-    from core import storage
-    from core.storage import StorageError
+    from gender_pipeline.lake import storage
+    from gender_pipeline.lake.storage import StorageError
 
-    from tasks.scoring_tasks import list_new_photos, lock_output
+    from gender_pipeline.tasks.scoring_tasks import list_new_photos, lock_output
 
     monkeypatch.setattr(storage, "_sleep", lambda s: None)
     monkeypatch.setattr(list_new_photos, "retry_delay_seconds", [0, 0])
@@ -57,7 +57,7 @@ def test_unreachable_storage_fails_the_run(monkeypatch):
 
 
 def test_missing_credentials_are_a_clear_error(monkeypatch):
-    from core.storage import StorageError, Store
+    from gender_pipeline.lake.storage import StorageError, Store
 
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE"):
         monkeypatch.delenv(name, raising=False)

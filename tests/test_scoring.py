@@ -3,9 +3,9 @@ from datetime import datetime, timezone
 import numpy as np
 import pytest
 
-from models.registry import Registry
-from core.scoring import ScoringOptions, prepare_photo, score_objects, user_of
-from core.storage import Store
+from gender_pipeline.models.registry import Registry
+from gender_pipeline.engine.scoring import ScoringOptions, prepare_photo, score_objects, user_of
+from gender_pipeline.lake.storage import Store
 
 AT = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
@@ -82,7 +82,7 @@ def test_oversize_objects_are_rejected_from_the_listing_without_download(predict
     read = []
     original = store.read_many
     monkeypatch.setattr(store, "read_many", lambda keys: read.extend(keys) or original(keys))
-    from core.decoding import DecodeLimits
+    from gender_pipeline.faces.decoding import DecodeLimits
 
     rows, _ = score_objects(store, store.list_objects(), {}, predictor,
                             ScoringOptions(workers=0, limits=DecodeLimits(max_bytes=1000)), "r", AT)
@@ -106,8 +106,8 @@ def test_abstain_threshold_override(predictor, face_files):
 
 
 def test_prepare_photo_is_a_plain_function(face_files):
-    from core.decoding import DecodeLimits
-    from core.faces import Framing
+    from gender_pipeline.faces.decoding import DecodeLimits
+    from gender_pipeline.faces.front_end import Framing
 
     prepared = prepare_photo("u/p.jpg", face_files["baseline.jpg"], "sha", Framing(size=40), DecodeLimits())
     assert prepared.chip.shape == (40, 40, 3) and prepared.user_id == "u"
@@ -135,7 +135,7 @@ def test_worker_pool_survives_a_photo_that_kills_its_decoder(predictor, face_fil
 
 def test_fast_path_equals_one_photo_at_a_time(predictor, face_files, broken_files):
     """Concurrent reads, worker processes and batches change nothing but speed."""
-    from core.decoding import DecodeLimits
+    from gender_pipeline.faces.decoding import DecodeLimits
 
     files = {f"u{i}/{name}": data for i, (name, data) in enumerate(face_files.items())}
     files.update({f"b{i}/{name}": data for i, (name, (data, _)) in enumerate(broken_files.items())})
@@ -152,7 +152,7 @@ def test_fast_path_equals_one_photo_at_a_time(predictor, face_files, broken_file
 
 
 def test_a_pool_that_cannot_start_fails_the_run_instead_of_rejecting_photos(predictor, face_files, monkeypatch):
-    import core.scoring as scoring
+    import gender_pipeline.engine.scoring as scoring
     from tests.crashing_decoder import broken_initializer
 
     monkeypatch.setattr(scoring, "_init_worker", broken_initializer)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from core.stopping import Stop, StopRequested, result_unless_stopped, stop_on_signals
+from gender_pipeline.runtime.stopping import Stop, StopRequested, result_unless_stopped, stop_on_signals
 
 
 def test_a_signal_asks_to_stop_and_interrupts_only_interruptible_stretches():
@@ -55,7 +55,7 @@ def test_waiting_for_a_worker_stops_when_asked():
 def test_stop_travels_to_other_processes_as_their_own():
     import pickle
 
-    from core.stopping import STOP
+    from gender_pipeline.runtime.stopping import STOP
 
     assert pickle.loads(pickle.dumps(STOP)) is STOP
 
@@ -71,7 +71,7 @@ def test_a_signal_delivered_to_another_thread_is_handled_while_tasks_run():
 
     from prefect.futures import PrefectConcurrentFuture
 
-    from tasks.run_control import finish_all
+    from gender_pipeline.tasks.run_control import finish_all
 
     stop = Stop()
     release = threading.Event()

@@ -5,10 +5,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from core import storage as storage_module
-from core.predictions import PREDICTIONS_SCHEMA, PhotoResult, to_table, write_predictions
-from core.state import OutputState, listing_table
-from core.storage import ObjectInfo, StorageError, Store, with_retries
+from gender_pipeline.lake import storage as storage_module
+from gender_pipeline.lake.history import PREDICTIONS_SCHEMA, PhotoResult, to_table, write_predictions
+from gender_pipeline.lake.state import OutputState, listing_table
+from gender_pipeline.lake.storage import ObjectInfo, StorageError, Store, with_retries
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
@@ -41,7 +41,7 @@ def test_a_history_of_v1_and_v2_files_reads_as_v2(tmp_path):
     history sees them as rows without an age."""
     import pyarrow.dataset as ds
 
-    from core.state import history_dataset, read_history_files
+    from gender_pipeline.lake.state import history_dataset, read_history_files
 
     store = Store(str(tmp_path / "lake"))
     old = to_table([row("a/1.jpg", "h1")]).drop_columns(["age_years", "age_band", "age_confidence"])
@@ -59,7 +59,7 @@ def test_a_history_of_v1_and_v2_files_reads_as_v2(tmp_path):
                                       "predictions/dt=2026-01-02/part-new.parquet"])
     assert both.column("age_years").to_pylist() == [None, 31.5]
     # The README's readers: pyarrow with the current schema, DuckDB by name.
-    from core.predictions import PREDICTIONS_SCHEMA as schema
+    from gender_pipeline.lake.history import PREDICTIONS_SCHEMA as schema
     frame = ds.dataset(str(tmp_path / "lake" / "predictions"), schema=schema, partitioning="hive").to_table()
     assert sorted(frame.column("age_band").to_pylist(), key=str) == ["25-34", None]
     import duckdb

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from deltalake import DeltaTable
 
-from core.storage import Store
-from flows.scoring import nightly_scoring
+from gender_pipeline.lake.storage import Store
+from gender_pipeline.flows.scoring import nightly_scoring
 from gender_pipeline import samples
 from gender_pipeline.cli import EXIT_EXPECTATIONS, EXIT_STORAGE, main
 
@@ -83,7 +83,7 @@ def test_one_row_per_user_over_nights_and_the_readme_readers(uploads, tmp_path, 
 
 
 def copy_baseline(registry, version):
-    from models.registry import Registry
+    from gender_pipeline.models.registry import Registry
 
     reg = Registry(str(registry))
     reg.ensure_baseline()

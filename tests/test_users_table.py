@@ -8,11 +8,11 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
-from core.delta import TableError, duckdb_session
-from core.predictions import PhotoResult, to_table, write_predictions
-from core.state import OutputState, SourceListing, erase, listing_table, rows_table
-from core.storage import ObjectInfo, Store
-from core.users import answers
+from gender_pipeline.lake.tables import TableError, duckdb_session
+from gender_pipeline.lake.history import PhotoResult, to_table, write_predictions
+from gender_pipeline.lake.state import OutputState, SourceListing, erase, listing_table, rows_table
+from gender_pipeline.lake.storage import ObjectInfo, Store
+from gender_pipeline.lake.users import answers
 
 T0 = datetime(2026, 3, 1, 2, 0, tzinfo=timezone.utc)
 

@@ -6,7 +6,7 @@ Beside the history (`predictions/`, the audit log) an output keeps:
   at the last run: key, user, size, upload time, hash, the latest answer (status, reason,
   gender, p_male, confidence, model, run) and when its bytes were last checked. A Delta
   table partitioned by `answered_on`.
-- `users/`: the recommender's table (core.users), derived from `_state/photos` by the rule.
+- `users/`: the recommender's table (lake.users), derived from `_state/photos` by the rule.
 - `_state/erased/`: one tombstone per erased user (the id and the time, nothing else).
 - `_state/pending/`: a marker per run that may have published history rows not yet in
   the tables; the next run applies those rows first (a run killed between its writes).
@@ -32,13 +32,13 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from core.delta import APP_ID, Table, TableError, TableSpec, duckdb_session
-from core.listing import LISTING_SCHEMA, key_sample
-from core.predictions import (DATASET, PREDICTIONS_SCHEMA, RETRYABLE_REASONS, PhotoResult, conform,
+from gender_pipeline.lake.tables import APP_ID, Table, TableError, TableSpec, duckdb_session
+from gender_pipeline.lake.listing import LISTING_SCHEMA, key_sample
+from gender_pipeline.lake.history import (DATASET, PREDICTIONS_SCHEMA, RETRYABLE_REASONS, PhotoResult, conform,
                               in_band_order, published_files)
-from core.storage import ObjectInfo, Store, with_retries
-from core.timing import timed
-from core.users import TIMESTAMP, USERS, answers
+from gender_pipeline.lake.storage import ObjectInfo, Store, with_retries
+from gender_pipeline.runtime.timing import timed
+from gender_pipeline.lake.users import TIMESTAMP, USERS, answers
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def erased_photo_sql(listed: str) -> str:
     OR (e.source_listed IS NULL AND ({listed}.modified IS NULL OR {listed}.modified <= e.erased_at)))"""
 
 # A key without a usable user id: no '/', an empty segment, or a '.' or '..' segment
-# (core.scoring.user_of, in SQL).
+# (engine.scoring.user_of, in SQL).
 BAD_KEY_SQL = ("(NOT contains(key, '/') OR contains('/' || key || '/', '//') OR contains('/' || key || '/', '/./') "
                "OR contains('/' || key || '/', '/../'))")
 
@@ -706,7 +706,7 @@ def read_history_files(store: Store, keys: list[str]) -> pa.Table:
 
 
 def rows_table(rows: list[PhotoResult], scoring_date: date) -> pa.Table:
-    from core.predictions import to_table
+    from gender_pipeline.lake.history import to_table
 
     table = to_table(rows)
     return table.append_column("dt", pa.array([scoring_date.isoformat()] * table.num_rows, pa.string()))
@@ -887,7 +887,7 @@ def output_status(state: OutputState) -> dict:
                             "ORDER BY 2 DESC, 1")
         bands = dict(con.rows("SELECT age_band, count(*) FROM users WHERE age_band IS NOT NULL GROUP BY ALL"))
         total = sum(n for _, n in by_model)
-    from core.run_history import ERASURES, recent_runs
+    from gender_pipeline.lake.runs import ERASURES, recent_runs
 
     return {
         "output": store.url,

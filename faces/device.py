@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from core.faces import FaceFrontEnd, Framing, clip_box, hog_box, image_tensor, template_points
-from core.timing import timed
+from gender_pipeline.faces.front_end import FaceFrontEnd, Framing, clip_box, hog_box, image_tensor, template_points
+from gender_pipeline.runtime.timing import timed
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class GpuFaceFrontEnd:
     """RetinaFace in PyTorch on `device` and the chip warp, for batches of photos."""
 
     def __init__(self, framing: Framing, device: str, detect_side: int = 640) -> None:
-        from core.retinaface import RetinaFaceTorch
+        from gender_pipeline.faces.retinaface import RetinaFaceTorch
 
         if framing.detector != "retinaface":
             raise ValueError(f"the GPU front end detects with RetinaFace; this model's framing asks for "
@@ -96,7 +96,7 @@ class GpuFaceFrontEnd:
 
     @staticmethod
     def _working(image: torch.Tensor, side: int) -> tuple[torch.Tensor, int, int]:
-        from core.decoding import shrunk_tensor
+        from gender_pipeline.faces.decoding import shrunk_tensor
 
         height, width = image.shape[-2:]
         return shrunk_tensor(image, side), int(width), int(height)
@@ -105,7 +105,7 @@ class GpuFaceFrontEnd:
     def faces(self, images: list, timings: dict | None = None) -> list[GpuFace | None]:
         """The largest face of each photo, or None. A photo is an RGB array (H x W x 3
         uint8, as decoded on the CPU) or a 3 x H x W uint8 tensor on the device."""
-        from core.retinaface import detect_batch, letterbox
+        from gender_pipeline.faces.retinaface import detect_batch, letterbox
 
         with timed(timings, "detect"):
             on_device = [image if isinstance(image, torch.Tensor) else
@@ -129,7 +129,7 @@ class GpuFaceFrontEnd:
         return out
 
     def _matrix(self, image: torch.Tensor, box, points: torch.Tensor, timings: dict | None) -> torch.Tensor:
-        from core.warp import dlib_chip_matrix, similarity
+        from gender_pipeline.faces.warp import dlib_chip_matrix, similarity
 
         if self._landmarks is None:
             target = torch.as_tensor(template_points(self.framing), dtype=torch.float32, device=points.device)
@@ -143,7 +143,7 @@ class GpuFaceFrontEnd:
         return torch.as_tensor(matrix, dtype=torch.float32, device=self.device)
 
     def _warp(self, image: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-        from core.warp import warp_chips
+        from gender_pipeline.faces.warp import warp_chips
 
         # dlib_chip models saw dlib's own chips: its pyramid and sampling, reproduced
         if self.framing.kind == "dlib_chip":

@@ -24,16 +24,16 @@ from typing import Protocol
 
 import numpy as np
 
-from core import shm
-from core.decoding import TOO_LARGE, DecodedPhoto, DecodeLimits, Rejection, decode_photo
-from core.faces import FIRST_SIDE, NO_FACE, FaceFrontEnd, Framing
-from core.headers import inspect
-from core.predictions import PhotoResult, gender_of
-from core.processes import cpu_count, kill_pool, quiet_worker
-from core.stopping import STOP, result_unless_stopped
-from core import timeline
-from core.timing import timed
-from core.storage import ObjectInfo, Store
+from gender_pipeline.runtime import shm
+from gender_pipeline.faces.decoding import TOO_LARGE, DecodedPhoto, DecodeLimits, Rejection, decode_photo
+from gender_pipeline.faces.front_end import FIRST_SIDE, NO_FACE, FaceFrontEnd, Framing
+from gender_pipeline.faces.headers import inspect
+from gender_pipeline.lake.history import PhotoResult, gender_of
+from gender_pipeline.runtime.processes import cpu_count, kill_pool, quiet_worker
+from gender_pipeline.runtime.stopping import STOP, result_unless_stopped
+from gender_pipeline.runtime import timeline
+from gender_pipeline.runtime.timing import timed
+from gender_pipeline.lake.storage import ObjectInfo, Store
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class ScoringOptions:
     abstain_threshold: float | None = None  # None: the model card's value
     jpeg_device: str | None = None  # "cuda": decode plain JPEGs with nvJPEG
     # Where faces are found and aligned: "gpu" (batched on the model's device, see
-    # core.gpu_faces), "cpu" (in the worker processes), "auto" (gpu when the model is on CUDA).
+    # faces.device), "cpu" (in the worker processes), "auto" (gpu when the model is on CUDA).
     front_end: str = "auto"
     gpu_batch: int = 32  # photos per GPU detection batch
 
@@ -442,7 +442,7 @@ def gpu_front_end(options: ScoringOptions, predictor: FaceModel):
                                             and predictor.framing.detector == "retinaface")
     if not wanted:
         return None
-    from core.gpu_faces import GpuFaceFrontEnd
+    from gender_pipeline.faces.device import GpuFaceFrontEnd
 
     return GpuFaceFrontEnd(predictor.framing, device, options.detect_side)
 

@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from core.delta import with_null_columns
-from core.storage import Store, modified_time
+from gender_pipeline.lake.tables import with_null_columns
+from gender_pipeline.lake.storage import Store, modified_time
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from core.stopping import STOP, Stop, StopRequested
-from core.storage import StorageError, Store, with_retries
+from gender_pipeline.runtime.stopping import STOP, Stop, StopRequested
+from gender_pipeline.lake.storage import StorageError, Store, with_retries
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
-from core.storage import Store, with_retries
+from gender_pipeline.lake.storage import Store, with_retries
 
 FOLDER = "_runs"
 ERASURES = "_erasures"  # one record per `forget` call: when, how many users, what it rewrote (no ids)

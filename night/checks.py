@@ -10,7 +10,7 @@ from functools import lru_cache
 
 import pandas as pd
 
-from core.predictions import AGE_BAND_VALUES, AGE_COLUMNS, GENDERS, REJECT_REASONS, STATUSES
+from gender_pipeline.lake.history import AGE_BAND_VALUES, AGE_COLUMNS, GENDERS, REJECT_REASONS, STATUSES
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 

@@ -11,7 +11,7 @@ Where it comes from:
   a sample of the keys the output already knows (so each holds about as many keys), and a
   range that turns out long is cut again where its keys vary, so a first night lists in
   parallel too;
-- an S3 Inventory report (`inventory:URL`, see core.inventory): no LIST call at all;
+- an S3 Inventory report (`inventory:URL`, see lake.inventory): no LIST call at all;
 - any other fsspec store: its `find`, one page of 50,000 keys at a time.
 """
 
@@ -35,8 +35,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from core.processes import cpu_count, kill_pool, quiet_worker
-from core.storage import StorageError, Store, _kind, modified_time, with_retries
+from gender_pipeline.runtime.processes import cpu_count, kill_pool, quiet_worker
+from gender_pipeline.lake.storage import StorageError, Store, _kind, modified_time, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def list_source(store: Store, spec: ListingSpec = ListingSpec(), boundaries: lis
 def iter_listing(store: Store, spec: ListingSpec = ListingSpec(),
                  boundaries: list[str] | None = None) -> Iterator[pa.RecordBatch]:
     if spec.kind == "inventory":
-        from core.inventory import iter_inventory
+        from gender_pipeline.lake.inventory import iter_inventory
 
         yield from iter_inventory(spec.url, store)
     elif store.protocol in ("file", "local"):
@@ -334,7 +334,7 @@ class S3Lister:
             raise StorageError(f"listing {self.store.url}: no usable credentials; set AWS_ACCESS_KEY_ID/"
                                f"AWS_SECRET_ACCESS_KEY or AWS_PROFILE", transient=False)
         options.update(credentials)
-        # Few quick retries inside obstore; ours (core.storage.with_retries) come on top, so
+        # Few quick retries inside obstore; ours (lake.storage.with_retries) come on top, so
         # an endpoint that refuses connections fails in seconds, not after object_store's
         # default ten retries.
         retry = {"max_retries": 2, "retry_timeout": timedelta(seconds=20),

@@ -2,7 +2,7 @@
 
 `{output}/users/` is a Delta table with one row per user who has a usable answer. The
 rule, written down once (here) and applied to the photos the pipeline knows of a user
-(see core.state: every photo still in the source, with its latest answer):
+(see lake.state: every photo still in the source, with its latest answer):
 
 1. The user's newest photo by upload time whose latest answer is *scored* gives the
    answer (its gender, p_male and confidence, from the model that scored it). `unknown`
@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from core.delta import TableSpec, with_null_columns
-from core.predictions import AGE_COLUMNS
+from gender_pipeline.lake.tables import TableSpec, with_null_columns
+from gender_pipeline.lake.history import AGE_COLUMNS
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 USERS_SCHEMA_VERSION = 2  # 2: age_years, age_band, age_confidence (null where the model answers no age)

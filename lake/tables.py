@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from core.processes import cpu_count
-from core.storage import TRANSIENT_NAMES, Store, with_retries
+from gender_pipeline.runtime.processes import cpu_count
+from gender_pipeline.lake.storage import TRANSIENT_NAMES, Store, with_retries
 
 APP_ID = "gender-pipeline"  # the app transaction id our commits carry
 # DuckDB's working memory for the bookkeeping joins; beyond it DuckDB spills to disk.

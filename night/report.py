@@ -7,10 +7,10 @@ from collections import Counter
 
 import numpy as np
 
-from core.predictions import PhotoResult, in_band_order
-from core.run_history import completed
-from core.scoring import ScoringStats
-from core.words import plural
+from gender_pipeline.lake.history import PhotoResult, in_band_order
+from gender_pipeline.lake.runs import completed
+from gender_pipeline.engine.scoring import ScoringStats
+from gender_pipeline.night.words import plural
 
 # The flow's stages, in order, for the time table.
 STAGES = (("list", "list the source"), ("listing_suite", "check the listing (suite)"),
