@@ -58,7 +58,8 @@ def build(work: str, size: int, new: int, with_history: bool) -> None:
     listing of them plus `new` photos of new users, uploaded since."""
     from gender_pipeline.lake.listing import Spool
     from gender_pipeline.lake.history import conform, write_predictions
-    from gender_pipeline.lake.state import OutputState, PHOTOS_SCHEMA
+    from gender_pipeline.lake.output import OutputState
+    from gender_pipeline.lake.photo_state import PHOTOS_SCHEMA
     from gender_pipeline.lake.storage import Store
     from gender_pipeline.lake.users import USERS_SCHEMA
 
@@ -194,9 +195,11 @@ def measure(work: str) -> dict:
 
     sampler = Sampler()
     from gender_pipeline.lake.history import write_predictions
-    from gender_pipeline.lake.state import OutputState, SourceListing
+    from gender_pipeline.lake.output import OutputState
+    from gender_pipeline.lake.photo_state import SourceListing
     from gender_pipeline.lake.storage import Store
-    from gender_pipeline.tasks.scoring_tasks import Listing, split_listing
+    from gender_pipeline.night.options import Listing
+    from gender_pipeline.tasks.scoring_tasks import split_listing
 
     results: dict = {"start_mib": round(sampler.mib(), 1)}
     store = Store(os.path.join(work, "lake"))

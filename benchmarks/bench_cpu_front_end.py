@@ -4,7 +4,7 @@ On the same uploads and the same number of worker processes:
 
 * decode only: the project's `decode_photo` over every upload in `--workers` processes
   (bytes read beforehand), the rate at which decoding alone could feed the pipeline;
-* the scoring stage (`score_objects`, CPU front end, reading from the folder) with the
+* the scoring stage (`ScoringEngine`, CPU front end, reading from the folder) with the
   detector's first look at `--first-sides` (0: RetinaFace at 640 px only, as before; 256,
   the default: a look at a 256 x 192 canvas first, 640 px where it finds nothing or a
   small face).
@@ -68,7 +68,7 @@ def decode_only(payloads: list[bytes], workers: int) -> tuple[float, float]:
 
 
 def score(root: str, predictor, workers: int, first_side: int) -> tuple[float, float, dict]:
-    from gender_pipeline.engine.scoring import ScoringOptions, score_objects
+    from gender_pipeline.engine.engine import RunStamp, ScoringEngine, ScoringOptions
     from gender_pipeline.lake.storage import Store
 
     store = Store(root)
@@ -83,9 +83,9 @@ def score(root: str, predictor, workers: int, first_side: int) -> tuple[float, f
 
     cpu = time.process_time()
     start = time.perf_counter()
-    rows, stats = score_objects(store, objects, {}, predictor,
-                                ScoringOptions(workers=workers, front_end="cpu", detect_first_side=first_side),
-                                "bench", datetime.now(timezone.utc), progress=progress)
+    options = ScoringOptions(workers=workers, front_end="cpu", detect_first_side=first_side)
+    engine = ScoringEngine(predictor, options, RunStamp("bench", datetime.now(timezone.utc)), progress=progress)
+    rows, stats = engine.score(store, objects, {})
     wall = time.perf_counter() - start
     main_cpu = time.process_time() - cpu
     return steady(marks, len(objects)), wall, {"rows": {r.photo_key: r for r in rows}, "stats": stats,

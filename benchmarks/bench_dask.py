@@ -31,6 +31,7 @@ def main() -> int:
 
     from benchmarks.bench_scaling import build_source
     from gender_pipeline.flows.scoring import nightly_scoring
+    from gender_pipeline.night.options import NightOptions
 
     server = SubprocessASGIServer()
     server.start()
@@ -38,11 +39,11 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="bench-dask-")
     source, registry = os.path.join(work, "src"), os.path.join(work, "registry")
     build_source(os.path.join(args.uploads, "uploads"), args.count, source)
-    nightly_scoring(source=os.path.join(work, "src"), output=os.path.join(work, "warm"), registry=registry,
-                    max_photos=1)  # registry and server warm for both contenders
+    nightly_scoring(NightOptions.from_flat(dict(source=os.path.join(work, "src"), output=os.path.join(work, "warm"), registry=registry,
+                    max_photos=1)))  # registry and server warm for both contenders
 
     started = time.perf_counter()
-    nightly_scoring(source=source, output=os.path.join(work, "one"), registry=registry)
+    nightly_scoring(NightOptions.from_flat(dict(source=source, output=os.path.join(work, "one"), registry=registry)))
     one = time.perf_counter() - started
 
     import dask
@@ -51,9 +52,9 @@ def main() -> int:
     runner = DaskTaskRunner(cluster_kwargs={"n_workers": args.dask_workers, "threads_per_worker": 1,
                                             "processes": True, "host": "127.0.0.1", "dashboard_address": None})
     started = time.perf_counter()
-    summary = nightly_scoring.with_options(task_runner=runner)(
+    summary = nightly_scoring.with_options(task_runner=runner)(NightOptions.from_flat(dict(
         source=source, output=os.path.join(work, "dask"), registry=registry, workers=1,
-        shard_size=max(1, args.count // (2 * args.dask_workers)))
+        shard_size=max(1, args.count // (2 * args.dask_workers)))))
     dask = time.perf_counter() - started
 
     columns = ["photo_key", "status", "reject_reason", "gender", "p_male", "face_count"]

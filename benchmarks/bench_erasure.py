@@ -28,7 +28,9 @@ import pyarrow.parquet as pq
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gender_pipeline.lake.history import PREDICTIONS_SCHEMA, conform, published_files, write_predictions  # noqa: E402
-from gender_pipeline.lake.state import LISTING_SCHEMA, OutputState, erase  # noqa: E402
+from gender_pipeline.lake.columns import LISTING_SCHEMA
+from gender_pipeline.lake.erasure import erase
+from gender_pipeline.lake.output import OutputState  # noqa: E402
 from gender_pipeline.lake.storage import Store, with_retries  # noqa: E402
 
 SHARD = 2000

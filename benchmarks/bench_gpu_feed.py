@@ -44,7 +44,7 @@ from gender_pipeline.runtime import shm  # noqa: E402
 from gender_pipeline.faces.decoding import DecodedPhoto, DecodeLimits, Rejection, decode_photo  # noqa: E402
 from gender_pipeline.faces.device import GpuFaceFrontEnd  # noqa: E402
 from gender_pipeline.faces.headers import inspect  # noqa: E402
-from gender_pipeline.engine.scoring import Prepared  # noqa: E402
+from gender_pipeline.engine.prepared import Prepared  # noqa: E402
 
 
 def clock() -> float:

@@ -81,7 +81,7 @@ def front_end_ceiling(uploads: str, framing, sample: int = 60) -> float:
     """Photos per second of read+decode+detect+align on one core, times the cores."""
     from gender_pipeline.runtime.processes import cpu_count
     from gender_pipeline.faces.decoding import DecodeLimits
-    from gender_pipeline.engine.scoring import face_chip
+    from gender_pipeline.faces.chip import face_chip
 
     files = sorted(os.path.join(d, f) for d, _, names in os.walk(uploads) for f in names)[:sample]
     started = time.perf_counter()
@@ -102,7 +102,8 @@ def main() -> int:
     args = parser.parse_args()
 
     from gender_pipeline.models.registry import Registry
-    from gender_pipeline.engine.scoring import ScoringOptions, score_objects
+    from gender_pipeline.engine.engine import ScoringOptions
+    from gender_pipeline.engine.engine import RunStamp, ScoringEngine
     from gender_pipeline.lake.storage import Store
 
     uploads = os.path.join(args.uploads, "uploads")
@@ -119,8 +120,7 @@ def main() -> int:
         objects = store.list_objects()
         with PeakMemory() as memory:
             started = time.perf_counter()
-            results, stats = score_objects(store, objects, {}, predictor, options, "bench",
-                                           datetime.now(timezone.utc))
+            results, stats = ScoringEngine(predictor, options, RunStamp("bench", datetime.now(timezone.utc))).score(store, objects, {})
             seconds = time.perf_counter() - started
         assert len(results) == size
         rows.append((size, seconds, size / seconds, memory.peak / 2**20))

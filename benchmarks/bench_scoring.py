@@ -112,6 +112,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from gender_pipeline.flows.scoring import nightly_scoring
+    from gender_pipeline.night.options import NightOptions
 
     truth = load_truth(args.uploads)
     keys = sorted(truth)[: args.limit] if args.limit else sorted(truth)
@@ -137,15 +138,15 @@ def main() -> int:
 
     # Start Prefect's temporary server before timing, as a deployment's worker has one.
     os.makedirs(os.path.join(work, "empty"))
-    nightly_scoring(source=os.path.join(work, "empty"), output=os.path.join(work, "warm"), registry=registry)
+    nightly_scoring(NightOptions.from_flat(dict(source=os.path.join(work, "empty"), output=os.path.join(work, "warm"), registry=registry)))
     import pandas as pd
 
     print(f"uploads: {len(keys)} ({n_faces} with a face, {len(keys) - n_faces} broken)")
     for index, model in enumerate(models):
         lake = os.path.join(work, f"lake-{index}")
         started = time.perf_counter()
-        summary = nightly_scoring(source=source, output=lake, registry=registry, model=model,
-                                  workers=args.workers, batch_size=args.batch_size)
+        summary = nightly_scoring(NightOptions.from_flat(dict(source=source, output=lake, registry=registry, model=model,
+                                  workers=args.workers, batch_size=args.batch_size)))
         seconds = time.perf_counter() - started
         frame = pd.read_parquet(os.path.join(lake, "predictions"))
         ours = {k: (g if s == "scored" else None) for k, g, s in zip(frame.photo_key, frame.gender, frame.status)}

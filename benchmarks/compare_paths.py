@@ -34,7 +34,8 @@ def main() -> None:
                              "the detection the GPU path runs)")
     args = parser.parse_args()
 
-    from gender_pipeline.engine.scoring import ScoringOptions, score_objects
+    from gender_pipeline.engine.engine import ScoringOptions
+    from gender_pipeline.engine.engine import RunStamp, ScoringEngine
     from gender_pipeline.lake.storage import Store
     from gender_pipeline.models.registry import Registry
 
@@ -49,7 +50,7 @@ def main() -> None:
         options = ScoringOptions(workers=args.workers, front_end=front_end)
         if args.first_side is not None:
             options = ScoringOptions(workers=args.workers, front_end=front_end, detect_first_side=args.first_side)
-        out, _ = score_objects(store, objects, {}, predictor, options, front_end, datetime.now(timezone.utc))
+        out, _ = ScoringEngine(predictor, options, RunStamp(front_end, datetime.now(timezone.utc))).score(store, objects, {})
         rows[front_end] = {r.photo_key: r for r in out}
     cpu, gpu = rows["cpu"], rows["gpu"]
     same_status = same_answer = 0

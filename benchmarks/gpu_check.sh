@@ -16,7 +16,7 @@ import io, json, os, sys, tempfile, time
 import numpy as np, torch
 from gender_pipeline.models.networks import build_network
 from gender_pipeline.models.registry import Registry
-from gender_pipeline.faces.front_end import Framing
+from gender_pipeline.faces.framing import Framing
 
 registry = Registry(tempfile.mkdtemp())
 net = build_network("resnet18", pretrained="none")
@@ -54,12 +54,13 @@ print(json.dumps({"face_embedding_faces_per_s": round(faces_per_s, 1), "flip_ave
 uploads = sys.argv[1]
 if uploads:
     from datetime import datetime, timezone
-    from gender_pipeline.engine.scoring import ScoringOptions, score_objects
+    from gender_pipeline.engine.engine import RunStamp, ScoringEngine, ScoringOptions
     from gender_pipeline.lake.storage import Store
     store = Store(os.path.join(uploads, "uploads"))
     objects = store.list_objects()
     start = time.perf_counter()
-    rows, stats = score_objects(store, objects, {}, predictor, ScoringOptions(batch_size=batch), "gpu", datetime.now(timezone.utc))
+    rows, stats = ScoringEngine(predictor, ScoringOptions(batch_size=batch), RunStamp("gpu", datetime.now(timezone.utc))).score(
+        store, objects, {})
     seconds = time.perf_counter() - start
     print(json.dumps({"end_to_end_photos_per_s": round(len(rows) / seconds, 1), "photos": len(rows),
                       "fraction_of_model_only": round(len(rows) / seconds / rate, 4),
@@ -77,8 +78,8 @@ if uploads:
                 busy.append(float(out.splitlines()[0]) if out else 0.0)
         watcher = threading.Thread(target=sample, daemon=True); watcher.start()
         start = time.perf_counter()
-        rows, stats = score_objects(store, objects, {}, shipped, ScoringOptions(front_end=front_end, gpu_batch=64),
-                                    "gpu", datetime.now(timezone.utc))
+        rows, stats = ScoringEngine(shipped, ScoringOptions(front_end=front_end, gpu_batch=64),
+                                    RunStamp("gpu", datetime.now(timezone.utc))).score(store, objects, {})
         seconds = time.perf_counter() - start
         done.set(); watcher.join()
         print(json.dumps({"front_end": front_end, "photos_per_s": round(len(rows) / seconds, 1),

@@ -1,5 +1,5 @@
 """End to end on the GPU path: phone-sized JPEG uploads (and optionally a mixed uploads
-folder) scored through `score_objects` with the GPU front end, JPEGs decoded on the device.
+folder) scored through the ScoringEngine with the GPU front end, JPEGs decoded on the device.
 
 Prints photos per second end to end, the GPU's mean utilisation (nvidia-smi, sampled
 twice a second), seconds per stage and the stage that limits the run. The uploads are
@@ -97,16 +97,15 @@ class Utilisation:
 def run(folder: str, predictor, batch: int, gpu_batch: int, label: str) -> dict:
     import torch
 
-    from gender_pipeline.engine.scoring import ScoringOptions, score_objects
+    from gender_pipeline.engine.engine import ScoringOptions
+    from gender_pipeline.engine.engine import RunStamp, ScoringEngine
     from gender_pipeline.lake.storage import Store
 
     store = Store(folder)
     objects = store.list_objects()
     with Utilisation() as busy:
         start = time.perf_counter()
-        rows, stats = score_objects(store, objects, {}, predictor,
-                                    ScoringOptions(front_end="gpu", gpu_batch=gpu_batch, batch_size=batch),
-                                    "gpu-feed", datetime.now(timezone.utc))
+        rows, stats = ScoringEngine(predictor, ScoringOptions(front_end="gpu", gpu_batch=gpu_batch, batch_size=batch), RunStamp("gpu-feed", datetime.now(timezone.utc))).score(store, objects, {})
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start

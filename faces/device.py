@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gender_pipeline.faces.front_end import FaceFrontEnd, Framing, clip_box, hog_box, image_tensor, template_points
+from gender_pipeline.faces.framing import Framing, clip_box, hog_box, template_points
+from gender_pipeline.faces.front_end import FaceFrontEnd, image_tensor
 from gender_pipeline.runtime.timing import timed
 
 log = logging.getLogger(__name__)

@@ -21,6 +21,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from gender_pipeline.runtime.errors import UsageFailure
+
 FETCH_HINT = "run `gender-pipeline fetch-models` (or `python -m gender_pipeline.faces.model_files`) once to fetch it"
 
 
@@ -57,11 +59,11 @@ RETINAFACE = ShippedModel(
 KNOWN_MODELS: tuple[ShippedModel, ...] = (RETINAFACE,)
 
 
-class ModelFileMissing(FileNotFoundError):
+class ModelFileMissing(UsageFailure, FileNotFoundError):
     """A shipped model is not in the cache (or its bytes are not the expected ones)."""
 
 
-class ModelFetchError(RuntimeError):
+class ModelFetchError(UsageFailure, RuntimeError):
     """Downloading or verifying a shipped model failed."""
 
 

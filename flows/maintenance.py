@@ -3,31 +3,18 @@ photo state): small files merged, the log checkpointed, files older than the ret
 vacuumed. Nightly runs add a few files each; compacting every night would rewrite the
 tables every night, so it runs on its own schedule (deployments/prefect.yaml: Sundays)."""
 
+from prefect import flow, get_run_logger
 from pydantic import NonNegativeInt
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from gender_pipeline.lake.tables import RETENTION_HOURS
+from gender_pipeline.tasks.upkeep_tasks import compact_tables
 
-from gender_pipeline.lake.lock import acquire
-from gender_pipeline.lake.state import OutputState
-from gender_pipeline.lake.storage import Store, retry_if_transient, storage_options
-
-
-@task(name="compact-tables", retries=2, retry_delay_seconds=[30, 120], retry_condition_fn=retry_if_transient,
-      cache_policy=NO_CACHE)
-def compact_tables(output: str, endpoint_url: str | None, retention_hours: int, lock_wait_seconds: float) -> dict:
-    """Hold the output (no nightly run writes meanwhile), then compact each table."""
-    store = Store(output, storage_options(endpoint_url))
-    lease = acquire(store, "compact-output", wait_seconds=lock_wait_seconds)
-    try:
-        return OutputState(store).compact(retention_hours)
-    finally:
-        lease.release()
+COMPACT_LOCK_WAIT = 3600.0  # a weekly upkeep waits for the night to finish
 
 
 @flow(name="compact-output", description="Compact the users table and the photo state of an output (weekly).")
-def compact_output(output: str, endpoint_url: str | None = None, retention_hours: NonNegativeInt = 168,
-                   lock_wait_seconds: float = 3600) -> dict:
+def compact_output(output: str, endpoint_url: str | None = None, retention_hours: NonNegativeInt = RETENTION_HOURS,
+                   lock_wait_seconds: float = COMPACT_LOCK_WAIT) -> dict:
     """Merge the small files nightly runs add, checkpoint the logs, vacuum old files.
 
     Args:

@@ -38,7 +38,7 @@ def build_uploads(root: str) -> dict[str, str]:
 def show_users(lake: str) -> None:
     from deltalake import DeltaTable
 
-    from gender_pipeline.night.report import age_bands_line
+    from gender_pipeline.night.render import age_bands_line
 
     users = DeltaTable(os.path.join(lake, "users")).to_pandas().sort_values("user_id")
     print(f"\nUsers table: {lake}/users  (DeltaTable('{lake}/users').to_pandas()), one answer per user:")

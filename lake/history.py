@@ -1,18 +1,21 @@
-"""The predictions dataset: its schema, incremental diff, and atomic writes."""
+"""The history: every answer, one Parquet row per photo a run read, Hive-partitioned by
+day at `{output}/predictions/dt=YYYY-MM-DD/`. Its schema is the recommender's contract;
+files are published atomically and never rewritten, except by an erasure."""
 
 from __future__ import annotations
 
 import io
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 
-import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from gender_pipeline.lake.tables import with_null_columns
+from gender_pipeline.lake.columns import AGE_ANSWER, schema, with_null_columns
 from gender_pipeline.lake.storage import Store, modified_time
 
 log = logging.getLogger(__name__)
@@ -22,67 +25,15 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 2
 DATASET = "predictions"
 
-PREDICTIONS_SCHEMA = pa.schema([
-    pa.field("user_id", pa.string()),
-    pa.field("photo_key", pa.string(), nullable=False),
-    pa.field("photo_sha256", pa.string()),
-    pa.field("status", pa.string(), nullable=False),
-    pa.field("reject_reason", pa.string()),
-    pa.field("gender", pa.string()),
-    pa.field("p_male", pa.float32()),
-    pa.field("p_female", pa.float32()),
-    pa.field("confidence", pa.float32()),
-    pa.field("face_count", pa.int16(), nullable=False),
-    pa.field("face_box", pa.list_(pa.int32())),
-    pa.field("model_name", pa.string()),
-    pa.field("model_version", pa.string()),
-    pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
-    pa.field("run_id", pa.string(), nullable=False),
-    pa.field("schema_version", pa.int16(), nullable=False),
-    pa.field("age_years", pa.float32()),
-    pa.field("age_band", pa.string()),
-    pa.field("age_confidence", pa.float32()),
-], metadata={"schema_version": str(SCHEMA_VERSION)})
-AGE_COLUMNS = ("age_years", "age_band", "age_confidence")
-
-COLUMNS = PREDICTIONS_SCHEMA.names
-STATUSES = ("scored", "rejected")
-GENDERS = ("male", "female", "unknown")
-# Age bands: the first age of each band (the last one open-ended), then their names.
-AGE_BAND_STARTS = (0, 18, 25, 35, 45, 55, 65)
-AGE_BANDS = ("0-17", "18-24", "25-34", "35-44", "45-54", "55-64", "65+")
-UNKNOWN_BAND = "unknown"  # under the model's age abstain threshold
-AGE_BAND_VALUES = (*AGE_BANDS, UNKNOWN_BAND)  # every value of the age_band column, in order
-# Reasons a photo can be rejected for; `read_error` photos are retried by the next run.
-REJECT_REASONS = ("empty", "truncated", "corrupt", "not_an_image", "unsupported_format",
-                  "too_small", "too_large", "decompression_bomb", "no_face", "bad_key",
-                  "read_error", "decoder_crash")
-RETRYABLE_REASONS = ("read_error",)
-
-
-def gender_of(p_male: np.ndarray, abstain_threshold: float) -> list[str]:
-    """'male' / 'female', or 'unknown' where the confidence is under the threshold."""
-    confidence = np.maximum(p_male, 1.0 - p_male)
-    return ["unknown" if c < abstain_threshold else ("male" if p >= 0.5 else "female")
-            for p, c in zip(p_male, confidence)]
-
-
-def age_band_index(years) -> np.ndarray:
-    """The band of each age in years (an index into AGE_BANDS)."""
-    return np.searchsorted(np.asarray(AGE_BAND_STARTS[1:]), np.asarray(years, dtype=np.float64), side="right")
-
-
-def age_bands_of(years, confidence, abstain_threshold: float) -> list[str]:
-    """The band of each age, or `unknown` where the band's probability is under the
-    threshold."""
-    return [UNKNOWN_BAND if c < abstain_threshold else AGE_BANDS[i]
-            for i, c in zip(age_band_index(years), np.asarray(confidence, dtype=np.float64))]
-
-
-def in_band_order(counts) -> dict[str, int]:
-    """Counts per age band (a mapping, a Counter or a pandas Series) in band order, the
-    bands without any left out."""
-    return {band: int(counts[band]) for band in AGE_BAND_VALUES if band in counts and counts[band]}
+PREDICTIONS_SCHEMA = schema(
+    ("user_id", "photo_key", "photo_sha256", "status", "reject_reason", "gender", "p_male", "p_female",
+     "confidence", "face_count", "face_box", "model_name", "model_version", "scored_at", "run_id",
+     "schema_version", *AGE_ANSWER),
+    required=("photo_key", "status", "face_count", "scored_at", "run_id", "schema_version"),
+    metadata={"schema_version": str(SCHEMA_VERSION)})
+# The history's rows with their day, as read back (the partition column).
+DAY = pa.field("dt", pa.string())
+HISTORY_SCHEMA = PREDICTIONS_SCHEMA.append(DAY)
 
 
 def conform(table: pa.Table) -> pa.Table:
@@ -124,9 +75,13 @@ class PhotoResult:
                    reject_reason=reason, face_count=face_count, reject_detail=detail)
 
 
-def to_table(rows: list[PhotoResult]) -> pa.Table:
-    columns = {name: [getattr(r, name) for r in rows] for name in COLUMNS}
-    return pa.Table.from_pydict(columns, schema=PREDICTIONS_SCHEMA)
+def to_table(rows: list[PhotoResult], scoring_date: date | None = None) -> pa.Table:
+    """Rows as Arrow; with `scoring_date`, with their day (`dt`) as the history reads back."""
+    table = pa.Table.from_pydict({name: [getattr(r, name) for r in rows] for name in PREDICTIONS_SCHEMA.names},
+                                 schema=PREDICTIONS_SCHEMA)
+    if scoring_date is None:
+        return table
+    return table.append_column(DAY, pa.array([scoring_date.isoformat()] * table.num_rows, pa.string()))
 
 
 def partition_dir(scoring_date: date) -> str:
@@ -165,10 +120,6 @@ def remove_stale_temporaries(store: Store, folder: str, older_than: timedelta = 
     return removed
 
 
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
 def published_files(store: Store) -> list[str]:
     """Keys of the published Parquet files (temporaries and hidden files excluded)."""
     root = store.path(DATASET)
@@ -178,3 +129,27 @@ def published_files(store: Store) -> list[str]:
     keys = [store.key_of(p) for p in store.fs.find(root)]
     return sorted(k for k in keys if k.endswith(".parquet")
                   and not any(part.startswith(("_", ".")) for part in k.split("/")))
+
+
+def empty_history() -> pa.Table:
+    return HISTORY_SCHEMA.empty_table()
+
+
+def history_dataset(store: Store) -> ds.Dataset | None:
+    """The published history as one Arrow dataset (with `dt`), or None when there is none."""
+    files = published_files(store)
+    if not files:
+        return None
+    return ds.dataset([store.path(k) for k in files], filesystem=store.fs, format="parquet",
+                      schema=HISTORY_SCHEMA, partitioning=ds.partitioning(pa.schema([DAY]), flavor="hive"),
+                      partition_base_dir=store.path(DATASET))
+
+
+def read_history_files(store: Store, keys: list[str]) -> pa.Table:
+    """Rows of some history files, with their `dt`."""
+    tables = []
+    for key in keys:
+        table = conform(pq.read_table(io.BytesIO(store.read(key))))
+        day = re.search(r"dt=(\d{4}-\d{2}-\d{2})", key).group(1)
+        tables.append(table.append_column(DAY, pa.array([day] * table.num_rows, pa.string())))
+    return pa.concat_tables(tables) if tables else empty_history()

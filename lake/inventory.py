@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from gender_pipeline.lake.listing import LISTING_SCHEMA, TIMESTAMP
+from gender_pipeline.lake.columns import LISTING_SCHEMA, TIMESTAMP
 from gender_pipeline.lake.storage import StorageError, Store, with_retries
 
 REPORT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}-\d{2}Z$")

@@ -26,12 +26,17 @@ from datetime import datetime, timedelta, timezone
 
 from gender_pipeline.runtime.stopping import STOP, Stop, StopRequested
 from gender_pipeline.lake.storage import StorageError, Store, with_retries
+from gender_pipeline.runtime.errors import EXIT_LOCKED, ExpectedFailure
 
 log = logging.getLogger(__name__)
 
+LEASE_SECONDS = 300.0  # how long a dead run's lock outlives it (a live run renews it every third)
 
-class OutputLocked(RuntimeError):
-    """Another live run holds the output."""
+
+class OutputLocked(ExpectedFailure, RuntimeError):
+    """Another live run holds the output (exit 5)."""
+
+    exit_status = EXIT_LOCKED
 
 
 class LeaseLost(StopRequested):
@@ -120,6 +125,12 @@ class Lease:
                 log.error("%s", error)
             next_beat = time.monotonic() + self.seconds / 3
 
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.release()
+
     def release(self) -> None:
         """Let go of the output. Call only when nothing of this run can write any more."""
         self._done.set()
@@ -145,6 +156,28 @@ class LeaseRef:
             raise LeaseLost(f"the output lock {self.key} is no longer held by this run")
         if holder.get("stop"):
             raise StopRequested(holder["stop"])
+
+
+@dataclass
+class LeaseGuard:
+    """The one "does this run still hold the output" check: called before a file is moved
+    into place, before each table commit, and between a shard's photos. It raises
+    StopRequested when this process was asked to stop, LeaseLost when the run's lease is
+    not ours any more, StopRequested when the holding run was asked to stop (the way a
+    shard on another machine learns it). The lease is read at most every `every` seconds
+    (0: at every call)."""
+
+    lease: LeaseRef | None
+    store: Store
+    every: float = 0.0
+    stop: Stop = STOP
+    _last: float = field(default_factory=time.monotonic)
+
+    def __call__(self) -> None:
+        self.stop.check()
+        if self.lease is not None and time.monotonic() - self._last >= self.every:
+            self._last = time.monotonic()
+            self.lease.check(self.store)
 
 
 def read_holder(store: Store, key: str) -> dict | None:
@@ -174,9 +207,10 @@ def _describe(holder: dict) -> str:
     return f"run {holder.get('owner')}{where}"
 
 
-def acquire(store: Store, owner: str, lease_seconds: float = 300, wait_seconds: float = 0,
+def acquire(store: Store, owner: str, lease_seconds: float = LEASE_SECONDS, wait_seconds: float = 0,
             name: str = "nightly-scoring", stop: Stop | None = STOP) -> Lease:
-    """Hold the output's lock, waiting up to `wait_seconds` for a live holder to finish."""
+    """Hold the output's lock, waiting up to `wait_seconds` for a live holder to finish.
+    The lease is a context manager: `with acquire(...) as lease:` lets go at the end."""
     lease = Lease(store, f"_locks/{name}.json", owner, lease_seconds, stop=stop)
     path = store.path(lease.key)
     with_retries(lambda: store.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True), f"locking {store.url}")

@@ -17,15 +17,6 @@ FOLDER = "_runs"
 ERASURES = "_erasures"  # one record per `forget` call: when, how many users, what it rewrote (no ids)
 
 
-class ListingLooksWrong(RuntimeError):
-    """The source lists far fewer photos than a guard allows: probably the wrong prefix.
-    It says what was listed (`listed` objects, `new` of them to read)."""
-
-    def __init__(self, message: str, listed: int = 0, new: int = 0) -> None:
-        super().__init__(message)
-        self.listed, self.new = listed, new
-
-
 def completed(record: dict) -> bool:
     """A night that completed (records written before outcomes were kept did)."""
     return record.get("outcome", "completed") == "completed"
@@ -53,41 +44,3 @@ def recent_runs(store: Store, count: int = 10, folder: str = FOLDER) -> list[dic
         except (FileNotFoundError, ValueError):  # removed or being written: skip it
             continue
     return records
-
-
-def check_listing(listed: int, new: int, previous: list[dict], min_new_photos: int = 0,
-                  max_listing_drop: float = 0.9) -> list[str]:
-    """Raise ListingLooksWrong when the listing breaks a guard; return warnings otherwise.
-
-    Guards: fewer than `min_new_photos` new photos; fewer objects listed than
-    (1 - `max_listing_drop`) of what the previous run listed (1 turns this off)."""
-    warnings = []
-    # Only a night that completed tells what the source holds (a failed one may have failed
-    # precisely because its listing looked wrong).
-    last = next((r for r in reversed(previous) if r.get("listed") and completed(r)), None)
-    if new < min_new_photos:
-        raise ListingLooksWrong(f"{new} new photos, fewer than --min-new-photos {min_new_photos}: nothing was "
-                                f"scored. Check the source, or lower the guard.", listed, new)
-    if last is not None and listed < (1 - max_listing_drop) * last["listed"]:
-        raise ListingLooksWrong(
-            f"the source lists {listed} objects, the run of {str(last.get('listed_at', '?'))[:16]} listed "
-            f"{last['listed']}: a drop of more than {max_listing_drop:.0%} usually means a wrong prefix or a "
-            f"missing mount; nothing was scored. If the photos really were removed, run once with "
-            f"--max-listing-drop 1 (the max_listing_drop parameter).", listed, new)
-    if listed == 0:
-        warnings.append("the source is empty: no object listed" + (
-            "" if last is None else f" (the run of {str(last.get('listed_at', '?'))[:16]} listed {last['listed']})"))
-    return warnings
-
-
-def key_shape_warnings(listed: int, bad_keys: int, one_user: str | None) -> list[str]:
-    """Warnings when the listed keys do not look like {user_id}/{file name}: most keys have
-    no user id (the source is one folder too deep), or every key has the same one (one
-    folder too high)."""
-    warnings = []
-    if listed and bad_keys > listed / 2:
-        warnings.append(f"{bad_keys} of {listed} keys are not {{user_id}}/{{file name}}: is the source one "
-                        f"folder too deep?")
-    if listed >= 20 and one_user is not None and bad_keys < listed:
-        warnings.append(f"all {listed} photos share the user id {one_user!r}: is the source one folder too high?")
-    return warnings

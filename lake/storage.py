@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ from datetime import datetime, timezone
 from typing import TypeVar
 
 import fsspec
+
+from gender_pipeline.runtime.errors import StorageFailure
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -41,7 +44,7 @@ def _sleep(seconds: float) -> None:
     time.sleep(seconds)
 
 
-class StorageError(RuntimeError):
+class StorageError(StorageFailure, RuntimeError):
     """Storage could not be reached or read. `transient` errors may pass if tried later."""
 
     def __init__(self, message: str, transient: bool = True) -> None:
@@ -53,11 +56,6 @@ def retry_if_transient(task, task_run, state) -> bool:
     """Prefect retry condition: retry a task only for storage trouble that may pass."""
     error = state.data if isinstance(state.data, BaseException) else None
     return isinstance(error, StorageError) and error.transient
-
-
-def storage_options(endpoint_url: str | None = None) -> dict:
-    """fsspec options for S3-compatible stores (MinIO, Ceph, moto) given an endpoint."""
-    return {"client_kwargs": {"endpoint_url": endpoint_url}} if endpoint_url else {}
 
 
 def with_retries(action: Callable[[], T], what: str, attempts: int = 4, backoff: float = 0.5) -> T:
@@ -210,8 +208,6 @@ class Store:
 def read_lines(url: str, options: dict | None = None) -> list[str]:
     """The non-empty lines of a text file at a path or URL, stripped (a line that starts
     with `#` is a comment); `-` is standard input. A missing file is a storage error that names it."""
-    import sys
-
     if url == "-":
         text = sys.stdin.read()
     else:
@@ -224,3 +220,24 @@ def read_lines(url: str, options: dict | None = None) -> list[str]:
             raise StorageError(f"{url} is not a UTF-8 text file", transient=False) from None
     lines = (line.strip() for line in text.splitlines())
     return [line for line in lines if line and not line.startswith("#")]
+
+
+@dataclass(frozen=True)
+class Stores:
+    """Where a run or a command reads and writes: every store it opens gets the same
+    storage options, set once (an S3-compatible endpoint such as MinIO, Ceph or moto; none
+    for AWS and local files)."""
+
+    endpoint_url: str | None = None
+
+    @property
+    def options(self) -> dict:
+        """fsspec's options for these stores."""
+        return {"client_kwargs": {"endpoint_url": self.endpoint_url}} if self.endpoint_url else {}
+
+    def at(self, url: str) -> Store:
+        return Store(url, self.options)
+
+    def lines(self, url: str) -> list[str]:
+        """The lines of a text file at `url` (see read_lines)."""
+        return read_lines(url, self.options)

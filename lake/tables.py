@@ -14,33 +14,26 @@ concurrent writers without a DynamoDB lock; S3-compatible stores that lack them 
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pyarrow as pa
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake.exceptions import DeltaError, TableNotFoundError
+from deltalake.schema import Field
 
-from gender_pipeline.runtime.processes import cpu_count
-from gender_pipeline.lake.storage import TRANSIENT_NAMES, Store, with_retries
+from gender_pipeline.lake.sql import duckdb_type, retried_query
+from gender_pipeline.lake.storage import Store, with_retries
+from gender_pipeline.runtime.errors import DataFailure
 
 APP_ID = "gender-pipeline"  # the app transaction id our commits carry
-# DuckDB's working memory for the bookkeeping joins; beyond it DuckDB spills to disk.
-DUCKDB_MEMORY = os.environ.get("GENDER_PIPELINE_DUCKDB_MEMORY", "256MB")
+RETENTION_HOURS = 168  # compaction keeps a week of time travel
+# A `touch` (same bytes seen again) updates only these columns of a photo's state.
+TOUCH_COLUMNS = ("size", "uploaded_at", "checked_at")
 
 
-class TableError(RuntimeError):
+class TableError(DataFailure, RuntimeError):
     """A table under the output is damaged or was not written by this pipeline. Nothing
     is overwritten: move it away, or rebuild it (`gender-pipeline rebuild-users --replace`)."""
-
-
-def with_null_columns(table: pa.Table, fields) -> pa.Table:
-    """`table` with each of `fields` (pyarrow fields) it lacks added at the end as nulls:
-    how rows written before an additive schema change are read."""
-    for f in fields:
-        if f.name not in table.column_names:
-            table = table.append_column(f.name, pa.nulls(table.num_rows, f.type))
-    return table
 
 
 @dataclass(frozen=True)
@@ -76,8 +69,6 @@ def delta_location(store: Store, key: str) -> tuple[str, dict[str, str]]:
 
 
 def _commit(seq: int | None):
-    from deltalake import CommitProperties, Transaction
-
     if seq is None:
         return None
     return CommitProperties(app_transactions=[Transaction(app_id=APP_ID, version=seq)])
@@ -102,15 +93,11 @@ class Table:
         return with_retries(lambda: self.store.fs.exists(path), f"checking {self.url}")
 
     def _load(self):
-        from deltalake import DeltaTable
-
         return with_retries(lambda: DeltaTable(self.uri, storage_options=self.options), f"reading {self.url}")
 
     def open(self):
         """The table, or None when nothing is there; TableError when what is there is not
         a table of ours or cannot be read."""
-        from deltalake.exceptions import DeltaError, TableNotFoundError
-
         self.store.fs.invalidate_cache()
         if not self.exists():
             return None
@@ -141,8 +128,6 @@ class Table:
     def evolve(self, table):
         """Add the spec's new (nullable) columns to `table` before a write: an additive
         schema change, so older readers keep working. Returns the table as it is now."""
-        from deltalake.schema import Field
-
         missing = self.missing_columns(table)
         if not missing:
             return table
@@ -174,8 +159,6 @@ class Table:
     def create(self, data: pa.Table | None = None, seq: int | None = None, mode: str = "error"):
         """Write `data` (or nothing) as a new table version: `error` creates the table,
         `overwrite` replaces an existing table of ours in one commit."""
-        from deltalake import write_deltalake
-
         configuration = {"delta.dataSkippingStatsColumns": ",".join(self.spec.stats_columns)} \
             if self.spec.stats_columns else None
         data = self._data(data if data is not None else self.spec.schema.empty_table())
@@ -196,8 +179,6 @@ class Table:
         return self._load()
 
     def append(self, data: pa.Table, seq: int | None) -> None:
-        from deltalake import write_deltalake
-
         data = self._data(data)
         current = self.open()
         if current is not None:
@@ -250,7 +231,7 @@ class Table:
                                                        enforce_retention_duration=False),
                            f"vacuuming {self.url}", None)
 
-    def compact(self, retention_hours: int = 168) -> dict:
+    def compact(self, retention_hours: int = RETENTION_HOURS) -> dict:
         """Merge small files (each night adds some), checkpoint the log, and vacuum files
         older than `retention_hours` that no version newer than that uses."""
         metrics = with_retries(lambda: self._load().optimize.compact(), f"compacting {self.url}")
@@ -275,84 +256,9 @@ class Table:
             con.register_filesystem(self.store.fs)
         # Files written before a column was added lack it: read by name, and a column no
         # file has yet is null.
-        relation = _retried(lambda: con.read_parquet(files, hive_partitioning=bool(self.spec.partition_by),
+        relation = retried_query(lambda: con.read_parquet(files, hive_partitioning=bool(self.spec.partition_by),
                                                      union_by_name=True), f"reading {self.url}")
         have = set(relation.columns)
         columns = ", ".join(f'"{f.name}"' if f.name in have else f'CAST(NULL AS {duckdb_type(f.type)}) AS "{f.name}"'
                             for f in self.spec.schema)
-        _retried(lambda: relation.project(columns).create_view(name, replace=True), f"reading {self.url}")
-
-
-def duckdb_type(arrow_type: pa.DataType) -> str:
-    """DuckDB's name for an Arrow type of our schemas (for a column that is still null)."""
-    if pa.types.is_timestamp(arrow_type):
-        return "TIMESTAMPTZ" if arrow_type.tz else "TIMESTAMP"
-    names = {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.int32(): "INTEGER", pa.int16(): "SMALLINT",
-             pa.float32(): "FLOAT", pa.float64(): "DOUBLE", pa.date32(): "DATE", pa.bool_(): "BOOLEAN"}
-    if arrow_type in names:
-        return names[arrow_type]
-    raise TypeError(f"no DuckDB type for {arrow_type}")
-
-
-# A `touch` (same bytes seen again) updates only these columns of a photo's state.
-TOUCH_COLUMNS = ("size", "uploaded_at", "checked_at")
-
-
-# Words in a DuckDB error that wraps a storage error worth another try (DuckDB reads
-# remote files through the store's fsspec filesystem, and reports its errors as text).
-_TRANSIENT_TEXT = (*TRANSIENT_NAMES, "ConnectionResetError", "Connection reset", "timed out", "Broken pipe")
-
-
-def _retried(run, what: str):
-    import duckdb
-
-    def attempt():
-        try:
-            return run()
-        except duckdb.Error as error:
-            if any(word in str(error) for word in _TRANSIENT_TEXT):
-                raise ConnectionError(str(error).strip().splitlines()[-1]) from error
-            raise
-
-    return with_retries(attempt, what)
-
-
-class Session:
-    """A DuckDB connection whose queries are retried when a remote read fails for a
-    reason that may pass; results are fetched whole (they are the night's size)."""
-
-    def __init__(self, con) -> None:
-        self.con = con
-
-    def __getattr__(self, name: str):
-        return getattr(self.con, name)
-
-    def execute(self, query: str, params=None):
-        return _retried(lambda: self.con.execute(query, params) if params is not None else self.con.execute(query),
-                        "a bookkeeping query")
-
-    def rows(self, query: str, params=None) -> list[tuple]:
-        return _retried(lambda: self.con.sql(query, params=params).fetchall(), "a bookkeeping query")
-
-    def arrow(self, query: str, params=None) -> pa.Table:
-        return _retried(lambda: self.con.sql(query, params=params).to_arrow_table(), "a bookkeeping query")
-
-
-@contextmanager
-def duckdb_session() -> Iterator[Session]:
-    """A DuckDB session for the bookkeeping joins: bounded memory (spilling to a
-    temporary folder beyond it), the cores this process may use."""
-    import duckdb
-
-    with tempfile.TemporaryDirectory(prefix="gp-duckdb-") as spill:
-        con = duckdb.connect()
-        try:
-            con.execute(f"SET memory_limit = '{DUCKDB_MEMORY}'")
-            con.execute(f"SET threads = {max(1, cpu_count())}")
-            con.execute(f"SET temp_directory = '{spill}'")
-            con.execute("SET preserve_insertion_order = false")
-            con.execute("SET TimeZone = 'UTC'")
-            con.execute("SET parquet_metadata_cache = true")  # table files never change: read each footer once
-            yield Session(con)
-        finally:
-            con.close()
+        retried_query(lambda: relation.project(columns).create_view(name, replace=True), f"reading {self.url}")

@@ -2,7 +2,7 @@
 
 `{output}/users/` is a Delta table with one row per user who has a usable answer. The
 rule, written down once (here) and applied to the photos the pipeline knows of a user
-(see lake.state: every photo still in the source, with its latest answer):
+(see lake.photo_state: every photo still in the source, with its latest answer):
 
 1. The user's newest photo by upload time whose latest answer is *scored* gives the
    answer (its gender, p_male and confidence, from the model that scored it). `unknown`
@@ -30,34 +30,19 @@ MERGE rewrites only the days of the users it changes.
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from gender_pipeline.lake.tables import TableSpec, with_null_columns
-from gender_pipeline.lake.history import AGE_COLUMNS
+from gender_pipeline.lake.answers import ModelRef
+from gender_pipeline.lake.columns import AGE_ANSWER, GENDER_ANSWER, WHO_ANSWERED, schema, with_null_columns
+from gender_pipeline.lake.tables import TableSpec
 
-TIMESTAMP = pa.timestamp("us", tz="UTC")
 USERS_SCHEMA_VERSION = 2  # 2: age_years, age_band, age_confidence (null where the model answers no age)
 
-USERS_SCHEMA = pa.schema([
-    pa.field("user_id", pa.string(), nullable=False),
-    pa.field("gender", pa.string()),
-    pa.field("p_male", pa.float32()),
-    pa.field("confidence", pa.float32()),
-    pa.field("photo_key", pa.string()),
-    pa.field("photo_sha256", pa.string()),
-    pa.field("uploaded_at", TIMESTAMP),
-    pa.field("answered_at", TIMESTAMP),
-    pa.field("model_name", pa.string()),
-    pa.field("model_version", pa.string()),
-    pa.field("photos_seen", pa.int32()),
-    pa.field("newest_photo_key", pa.string()),
-    pa.field("newest_reject_reason", pa.string()),
-    pa.field("run_id", pa.string()),
-    pa.field("schema_version", pa.int16()),
-    pa.field("age_years", pa.float32()),
-    pa.field("age_band", pa.string()),
-    pa.field("age_confidence", pa.float32()),
-    pa.field("answered_on", pa.date32()),
-])
+USERS_SCHEMA = schema(
+    ("user_id", *GENDER_ANSWER, "photo_key", "photo_sha256", "uploaded_at", "answered_at", *WHO_ANSWERED,
+     "photos_seen", "newest_photo_key", "newest_reject_reason", "run_id", "schema_version", *AGE_ANSWER,
+     "answered_on"),
+    required=("user_id",))
 
 USERS = TableSpec(
     name="gender-pipeline users", schema=USERS_SCHEMA, partition_by=("answered_on",),
@@ -96,10 +81,35 @@ def answers(con, photos) -> pa.Table:
     """The users' rows that the rule gives for `photos` (an Arrow table or dataset with the
     photo state's columns, every known photo of each user in it)."""
     if isinstance(photos, pa.Table):  # photos answered before ages existed read as no age
-        photos = with_null_columns(photos, [USERS_SCHEMA.field(name) for name in AGE_COLUMNS])
+        photos = with_null_columns(photos, [USERS_SCHEMA.field(name) for name in AGE_ANSWER])
     con.register("photos", photos)
     try:
         table = con.arrow(ANSWERS_SQL)
     finally:
         con.unregister("photos")
     return table.select(USERS_SCHEMA.names).cast(USERS_SCHEMA)
+
+
+def user_counts(con, model: str) -> tuple[int, int]:
+    """(users in the registered `users` relation, those answered by another model than
+    `model`); nobody counts as behind when the run's model is not known."""
+    ref = ModelRef.of(model)
+    if ref is None:
+        return con.rows("SELECT count(*) FROM users")[0][0], 0
+    return tuple(con.rows("SELECT count(*), count(*) FILTER (WHERE model_name IS DISTINCT FROM $1 "
+                          "OR model_version IS DISTINCT FROM $2) FROM users", [ref.name, ref.version])[0])
+
+
+def behind(users: pa.Table, model: str) -> int:
+    """How many of `users` are answered by another model than `model` (none when unknown)."""
+    ref = ModelRef.of(model)
+    if ref is None or not users.num_rows:
+        return 0
+    same = pc.and_(pc.equal(users["model_name"], ref.name), pc.equal(users["model_version"], ref.version))
+    return users.num_rows - int(pc.sum(pc.cast(pc.fill_null(same, False), pa.int64())).as_py() or 0)
+
+
+def user_rows(count: int, **columns) -> pa.Table:
+    """`count` rows of the users table's columns: those given, the others null."""
+    data = {name: columns.get(name, pa.nulls(count, f.type)) for name, f in zip(USERS_SCHEMA.names, USERS_SCHEMA)}
+    return pa.table(data).cast(USERS_SCHEMA.set(0, pa.field("user_id", pa.string())))

@@ -1,7 +1,7 @@
 """Run a labelled dataset through the face front end: aligned chips, in memory or chunk
 by chunk.
 
-Training, evaluation and scoring share engine.scoring.face_chip, so a model sees the same
+Training, evaluation and scoring share faces.chip.face_chip, so a model sees the same
 face framing in all three. Images without a usable face are skipped and counted.
 """
 
@@ -19,11 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from gender_pipeline.models.datasets import DatasetError, LabelledSet
-from gender_pipeline.faces.decoding import DecodeLimits
-from gender_pipeline.faces.front_end import Framing
-from gender_pipeline.runtime.processes import cpu_count
-from gender_pipeline.runtime.processes import kill_pool
-from gender_pipeline.engine.scoring import face_chip, init_face_worker, worker_threads
+from gender_pipeline.faces.chip import ChipRecipe, face_chip, init_face_worker, worker_threads
+from gender_pipeline.faces.framing import Framing
+from gender_pipeline.runtime.processes import cpu_count, kill_pool
 from gender_pipeline.runtime.stopping import STOP, result_unless_stopped
 from gender_pipeline.lake.storage import Store
 
@@ -43,8 +41,8 @@ class ChipSet:
 
 
 def _chip_job(data: bytes, framing: Framing) -> tuple[np.ndarray | None, str | None]:
-    chip, _, _, reason, _, _ = face_chip(data, framing, DecodeLimits())
-    return chip, reason
+    found = face_chip(data, ChipRecipe(framing))
+    return found.chip, found.reject_reason
 
 
 def _results(pool: ProcessPoolExecutor | None, jobs: list[tuple[bytes, Framing]]):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gender_pipeline.lake.storage import Store
+from gender_pipeline.runtime.errors import UsageFailure
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +23,8 @@ LABELS = {"female": 0, "male": 1}
 SPLITS = ("train", "val", "test")
 
 
-class DatasetError(ValueError):
-    pass
+class DatasetError(UsageFailure, ValueError):
+    prefix = "dataset problem: "
 
 
 @dataclass

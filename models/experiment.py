@@ -24,7 +24,7 @@ from gender_pipeline.models.metrics import (age_report, classification_report, f
                             reliability_bins, threshold_for_coverage)
 from gender_pipeline.models.predictor import Predictor, calibrate
 from gender_pipeline.models.train import RunSpec
-from gender_pipeline.faces.front_end import Framing
+from gender_pipeline.faces.framing import Framing
 
 
 STUDY = "study"  # torchvision networks trained on aligned chips (configs/celeba_experiment.yaml)
@@ -534,7 +534,7 @@ def plot_calibration(labels: np.ndarray, p_male: np.ndarray, true_ages: np.ndarr
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from gender_pipeline.lake.history import age_band_index
+    from gender_pipeline.lake.answers import age_band_index
 
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.8))
     confidence = np.maximum(p_male, 1 - p_male)

@@ -423,7 +423,7 @@ def fit_age_temperature(age_logits: np.ndarray, ages: np.ndarray) -> float:
 def band_answers(probabilities: np.ndarray, class_ages: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """From age distributions: the expected age, its band (an index into AGE_BANDS), and
     the probability mass of that band."""
-    from gender_pipeline.lake.history import AGE_BAND_STARTS, age_band_index
+    from gender_pipeline.lake.answers import AGE_BAND_STARTS, age_band_index
 
     years = probabilities @ class_ages
     band = age_band_index(years)

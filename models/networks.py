@@ -9,11 +9,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gender_pipeline.runtime.errors import UsageFailure
+
 ARCHS = ("vgg16", "googlenet", "resnet18")
 
 
-class PretrainedWeightsUnavailable(RuntimeError):
-    pass
+class PretrainedWeightsUnavailable(UsageFailure, RuntimeError):
+    """ImageNet weights asked for but not on this machine (nothing downloads them at run time)."""
 
 
 def _imagenet_weights(arch: str):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gender_pipeline.faces.front_end import Framing
+from gender_pipeline.faces.framing import Framing
 from gender_pipeline.runtime.processes import cpu_count
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class Predictor:
         logits = np.asarray(logits, dtype=np.float32).reshape(-1)
         prediction = Prediction(p_male=calibrate(logits, self.temperature), logits=logits)
         if age_probabilities is not None:
-            from gender_pipeline.lake.history import age_bands_of
+            from gender_pipeline.lake.answers import age_bands_of
             from gender_pipeline.models.face_attributes import band_answers
 
             years, _, confidence = band_answers(np.asarray(age_probabilities, dtype=np.float64), class_ages)

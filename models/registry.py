@@ -16,8 +16,9 @@ from pathlib import Path
 
 from gender_pipeline.models.predictor import (OnnxAgePredictor, OnnxAttributesPredictor, OnnxGenderPredictor, Predictor,
                               TorchPredictor, resolve_device)
-from gender_pipeline.faces.front_end import Framing
+from gender_pipeline.faces.framing import Framing
 from gender_pipeline.lake.storage import Store
+from gender_pipeline.runtime.errors import UsageFailure
 
 BASELINE_NAME = "dlib-gender-v1"
 BASELINE_VERSION = "1"
@@ -38,8 +39,8 @@ def default_registry_url() -> str:
     return os.environ.get("GENDER_PIPELINE_REGISTRY") or str(Path.home() / ".gender-pipeline" / "registry")
 
 
-class RegistryError(LookupError):
-    pass
+class RegistryError(UsageFailure, LookupError):
+    """A model or version the registry does not have, or one that cannot do what is asked."""
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ from functools import lru_cache
 
 import pandas as pd
 
-from gender_pipeline.lake.history import AGE_BAND_VALUES, AGE_COLUMNS, GENDERS, REJECT_REASONS, STATUSES
+from gender_pipeline.lake.answers import AGE_BAND_VALUES, GENDERS, REJECT_REASONS, STATUSES
+from gender_pipeline.lake.columns import AGE_ANSWER
+from gender_pipeline.runtime.errors import DataFailure
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
@@ -35,7 +37,11 @@ class SuiteReport:
         return "\n".join([head, *(f"  - {f}" for f in self.failures)])
 
 
-class ExpectationsFailed(RuntimeError):
+class ExpectationsFailed(DataFailure, RuntimeError):
+    """A data check failed: nothing was published."""
+
+    prefix = "a data check failed, nothing was published:\n"
+
     def __init__(self, report: SuiteReport) -> None:
         super().__init__(report.text())
         self.report = report
@@ -165,10 +171,10 @@ def check_predictions(rows: pd.DataFrame) -> SuiteReport:
         & (frame["face_count"] > 0) & frame["reject_reason"].isna()
     rejected_ok = frame["reject_reason"].notna() & frame["p_male"].isna() & frame["gender"].isna()
     frame["row_consistent"] = (scored & complete) | (~scored & rejected_ok)
-    for column in AGE_COLUMNS:
+    for column in AGE_ANSWER:
         if column not in frame:
             frame[column] = None
-    ages = frame[list(AGE_COLUMNS)].notna()
+    ages = frame[list(AGE_ANSWER)].notna()
     frame["age_consistent"] = ~ages.any(axis=1) | (ages.all(axis=1) & scored)
     frame["face_box"] = frame["face_box"].astype(str)  # lists are not hashable for GX
     return _validate("predictions", frame, _prediction_expectations)

@@ -7,19 +7,51 @@ flow then ends in the Cancelled state with the reason."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
+from types import SimpleNamespace
 
 from prefect import get_run_logger
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
-from prefect.states import Cancelled, State
+from prefect.client.orchestration import get_client
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.logging.handlers import APILogHandler
+from prefect.states import Cancelled, Failed, State
 
+from gender_pipeline.runtime.errors import expected_failure
 from gender_pipeline.runtime.stopping import STOP, Stop, StopRequested, stop_on_signals
 
 
 CANCELLED_FROM_PREFECT = "cancelled from Prefect (UI or API)"
+
+
+class _InARun(logging.Filter):
+    """Only records logged inside a flow or task run go to the API (the lock's heartbeat
+    and the worker threads log outside any run)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+def send_logs_to_runs(name: str = "gender_pipeline") -> None:
+    """The plain code below the tasks logs with `logging` (it never imports Prefect); its
+    records from inside a run go to that run's logs in Prefect as well as to the console,
+    as `PREFECT_LOGGING_EXTRA_LOGGERS` would do in every process that runs a flow or a
+    shard (a worker's subprocess, a Dask worker) without having to be set there."""
+    logger = logging.getLogger(name)
+    if any(isinstance(h, APILogHandler) for h in logger.handlers):
+        return
+    handler = APILogHandler()
+    handler.addFilter(_InARun())
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+send_logs_to_runs()
 
 
 @contextmanager
@@ -31,8 +63,6 @@ def _watch_for_cancel(stop: Stop, every: float = 2.0) -> Iterator[None]:
     done = threading.Event()
 
     def watch() -> None:
-        from prefect.client.orchestration import get_client
-
         with get_client(sync_client=True) as client:
             while not done.wait(every):
                 try:
@@ -86,8 +116,6 @@ def _ended(future: PrefectFuture) -> bool:
 def _cancelled_in_prefect() -> bool:
     if not flow_run.id:
         return False
-    from prefect.client.orchestration import get_client
-
     try:
         with get_client(sync_client=True) as client:
             state = client.read_flow_run(flow_run.id).state
@@ -107,22 +135,6 @@ def stopped(stop: Stop, what: str) -> State:
     return Cancelled(message=message)
 
 
-def expected_failure(error: BaseException) -> bool:
-    """A failure the README lists with its exit status (a wrong listing, a failed data check,
-    storage, a locked output, a foreign table, a bad model or argument): it ends the run with
-    one line; its traceback goes to the run's logs only."""
-    from gender_pipeline.lake.tables import TableError
-    from gender_pipeline.night.checks import ExpectationsFailed
-    from gender_pipeline.lake.lock import OutputLocked
-    from gender_pipeline.faces.model_files import ModelFetchError, ModelFileMissing
-    from gender_pipeline.lake.runs import ListingLooksWrong
-    from gender_pipeline.lake.storage import StorageError
-    from gender_pipeline.models.registry import RegistryError
-
-    return isinstance(error, (ListingLooksWrong, ExpectationsFailed, StorageError, OutputLocked, TableError,
-                              RegistryError, ModelFileMissing, ModelFetchError, FileNotFoundError, PermissionError))
-
-
 def one_line(error: BaseException) -> str:
     """The error as one line for a state message (a data check's details go to the logs)."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -130,28 +142,13 @@ def one_line(error: BaseException) -> str:
 
 
 def failed(error: Exception):
-    """The end of a run that failed: for an expected failure, a Failed state with its one
-    line (the traceback in the run's logs only, not on the console); anything else raises,
-    traceback and all."""
-    from prefect.states import Failed
-
-    if not expected_failure(error):
+    """The end of a run that failed: for a failure the README lists (runtime.errors), a
+    Failed state with its one line (the traceback in the run's logs only, not on the
+    console); anything else raises, traceback and all."""
+    if expected_failure(error) is None:
         raise error
     get_run_logger().error("%s", one_line(error), exc_info=error, extra={"console": False})
     return Failed(message=one_line(error), data=error)
-
-
-def resolved_model(registry: str | None, model: str, endpoint_url: str | None) -> str:
-    """NAME@VERSION of the model `model` resolves to (the production alias, else the
-    shipped network), for reports and tags; `model` itself when it cannot be resolved."""
-    from gender_pipeline.lake.storage import storage_options
-    from gender_pipeline.models.registry import ModelRef, Registry
-
-    try:
-        name, version = Registry(registry, storage_options(endpoint_url)).resolve(ModelRef.parse(model))
-    except Exception:  # a report must not fail the run; loading the model will say why
-        return model
-    return f"{name}@{version}"
 
 
 def _short(url: str) -> str:
@@ -159,19 +156,19 @@ def _short(url: str) -> str:
 
 
 def scoring_run_name() -> str:
-    """A scoring run's name from its parameters: the date, the source and the output."""
-    from datetime import datetime, timezone
-
-    parameters = flow_run.parameters
-    day = parameters.get("scoring_date") or datetime.now(timezone.utc).date()
-    return f"{day} {_short(parameters.get('source', '?'))} → {_short(parameters.get('output', '?'))}"
+    """A scoring run's name from its options: the date, the source and the output."""
+    options = flow_run.parameters.get("options")
+    if isinstance(options, dict):  # the parameters as they were sent
+        options = SimpleNamespace(scoring_date=options.get("scoring_date"),
+                                  where=SimpleNamespace(**(options.get("where") or {})))
+    day = getattr(options, "scoring_date", None) or datetime.now(timezone.utc).date()
+    where = getattr(options, "where", None)
+    return f"{day} {_short(getattr(where, 'source', '?'))} → {_short(getattr(where, 'output', '?'))}"
 
 
 def tag_run(**values: str) -> None:
     """Tag this flow run, e.g. scoring-date:2026-11-29 and model:NAME@VERSION, plus how it
     was started: cli, deployment or schedule."""
-    from prefect.client.orchestration import get_client
-
     if not flow_run.id:
         return
     try:

@@ -35,8 +35,8 @@ from gender_pipeline.models.predictor import calibrate
 from gender_pipeline.models.registry import BASELINE_NAME, BASELINE_VERSION, ModelRef, Registry
 from gender_pipeline.models.train import evaluate, fit, make_loader
 from gender_pipeline.models.presets import eval_preset
-from gender_pipeline.lake.history import AGE_BANDS
-from gender_pipeline.lake.storage import storage_options
+from gender_pipeline.lake.answers import AGE_BANDS
+from gender_pipeline.lake.storage import Stores
 
 
 @task(name="check-pretrained-weights", cache_policy=NO_CACHE)
@@ -50,7 +50,7 @@ def check_pretrained_weights(experiment: Experiment) -> None:
 
 @task(name="load-labelled-dataset", cache_policy=NO_CACHE)
 def load_labelled_dataset(url: str, experiment: Experiment, endpoint_url: str | None) -> LabelledSet:
-    data = load_dataset(url, experiment.data_format, storage_options(endpoint_url), ratios=experiment.split,
+    data = load_dataset(url, experiment.data_format, Stores(endpoint_url).options, ratios=experiment.split,
                         seed=experiment.data_seed, sample_size=experiment.sample_size)
     if experiment.kind == ATTRIBUTES_KIND:  # it learns age: say so before any work if the labels have none
         ages = dataset_ages(data)
@@ -75,7 +75,7 @@ def align_faces(data: LabelledSet, experiment: Experiment, endpoint_url: str | N
         if done == total or done % 1024 < 64:
             logger.info("aligned %d/%d images", done, total)
 
-    chips = extract_chips(data, experiment.framing, storage_options(endpoint_url), progress=progress)
+    chips = extract_chips(data, experiment.framing, Stores(endpoint_url).options, progress=progress)
     logger.info(chips.summary())
     return chips
 
@@ -91,7 +91,7 @@ def train_run(spec, data: LabelledSet, chips: ChipSet, experiment: Experiment, r
     """One row of the study: train with per-epoch checkpoints, then measure train/val/test."""
     logger = get_run_logger()
     train, val, test = (_split(data, chips, s) for s in ("train", "val", "test"))
-    store = Registry(registry, storage_options(endpoint_url)).store
+    store = Registry(registry, Stores(endpoint_url).options).store
     key = f"{experiment.model_name}/_runs/{spec.key(data.fingerprint())}/checkpoint.pt"
     progress = create_progress_artifact(0.0, key=f"train-{spec.name}".lower(), description=f"{spec.name} epochs")
 
@@ -134,7 +134,7 @@ def embed_faces(data: LabelledSet, experiment: Experiment, registry: str | None,
     the outputs are kept in the registry's run folder part by part (a stopped run resumes
     at the first missing part; a rerun on the same data reads them back)."""
     logger = get_run_logger()
-    reg = Registry(registry, storage_options(endpoint_url))
+    reg = Registry(registry, Stores(endpoint_url).options)
     settings = experiment.embedding
     backbone = load_dlib_face_resnet()
     shipped = (reg.load_predictor(ModelRef(BASELINE_NAME, BASELINE_VERSION), device="cpu")
@@ -154,7 +154,7 @@ def embed_faces(data: LabelledSet, experiment: Experiment, registry: str | None,
 
     logger.info("backbone %s on %s; outputs kept in %s/%s", BACKBONE, device, reg.url, folder)
     embeddings, skipped = embed_dataset(data, experiment.framing, embedder, reg.store, folder,
-                                        storage_options(endpoint_url), experiment.workers,
+                                        Stores(endpoint_url).options, experiment.workers,
                                         batch_size=experiment.batch_size, progress=progress)
     check_skipped(skipped, len(data.images), 0.1)
     logger.info("%d/%d images gave a face (skipped: %s)", len(embeddings.index), len(data.images),
@@ -179,7 +179,7 @@ def cache_attribute_inputs(data: LabelledSet, experiment: Experiment, registry: 
     resumes and a rerun on the same data reads them back."""
     logger = get_run_logger()
     ages = dataset_ages(data)  # checked when the dataset was loaded
-    reg = Registry(registry, storage_options(endpoint_url))
+    reg = Registry(registry, Stores(endpoint_url).options)
     settings = experiment.backbone
     backbone = load_dlib_face_resnet().eval().to(device)
     key = hashlib.sha256(json.dumps({"data": data.fingerprint(), "framing": experiment.framing.to_dict(),
@@ -205,7 +205,7 @@ def cache_attribute_inputs(data: LabelledSet, experiment: Experiment, registry: 
             else "the aligned chips")
     logger.info("caching %s in %s/%s", what, reg.url, folder)
     arrays, skipped = cached_parts(data, experiment.framing, compute, reg.store, folder,
-                                   storage_options(endpoint_url), experiment.workers,
+                                   Stores(endpoint_url).options, experiment.workers,
                                    batch_size=experiment.batch_size, progress=progress)
     check_skipped(skipped, len(data.images), 0.1)
     splits = {}
@@ -346,7 +346,7 @@ def register_winner(winner: RunResult, why: str, results: list[RunResult], exper
     """Calibrate on validation, write weights, card and report files as a new version. The
     report holds calibration (ECE, coverage at the threshold) and accuracy per group."""
     logger = get_run_logger()
-    options = storage_options(endpoint_url)
+    options = Stores(endpoint_url).options
     reg = Registry(registry, options)
     temperature, threshold = calibration_for(winner, experiment.target_coverage)
     buffer = io.BytesIO()
@@ -432,8 +432,8 @@ def promotion_gate(experiment: Experiment, version: str, data: LabelledSet, regi
     """Promote only when, on the same test images, no attribute of production gets worse
     beyond noise and one gets better (or is new): models.experiment.decide_promotion."""
     logger = get_run_logger()
-    reg = Registry(registry, storage_options(endpoint_url))
-    options = storage_options(endpoint_url)
+    reg = Registry(registry, Stores(endpoint_url).options)
+    options = Stores(endpoint_url).options
     test = data.subset(data.indices("test"))
     candidate = evaluate_predictor(reg.load_predictor(ModelRef(experiment.model_name, version), device),
                                    test, options=options, keep_faces=True)

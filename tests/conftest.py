@@ -79,3 +79,10 @@ def retrain_on_generated_faces(root, config, ages: bool = False):
                    "--registry", str(root / "registry"), "--device", "cpu"])
     assert status == 0
     return root
+
+
+def night_options(**flat):
+    """A night's options written flat, as the tests name them (source=..., workers=0)."""
+    from gender_pipeline.night.options import NightOptions
+
+    return NightOptions.from_flat(flat)

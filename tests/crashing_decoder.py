@@ -3,13 +3,13 @@ worker processes), and behaves normally on every other photo."""
 
 import os
 
-from gender_pipeline.engine.scoring import _prepare_in_worker
+from gender_pipeline.engine.prepared import prepare_in_worker
 
 
 def crash_on_poison(key, data, sha256):
     if "poison" in key:
         os._exit(139)  # the process vanishes, as with SIGSEGV inside a C decoder
-    return _prepare_in_worker(key, data, sha256)
+    return prepare_in_worker(key, data, sha256)
 
 
 def broken_initializer(*args):

@@ -32,11 +32,16 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from gender_pipeline.faces.front_end import Framing
+from gender_pipeline.faces.framing import Framing
 from gender_pipeline.lake.listing import ListingSpec, list_source
 from gender_pipeline.lake.history import to_table, write_predictions
-from gender_pipeline.engine.scoring import Prepared, ScoringOptions, score_objects, user_of
-from gender_pipeline.lake.state import OutputState, SourceListing, erase, rows_table
+from gender_pipeline.engine.engine import ScoringOptions
+from gender_pipeline.engine.prepared import Prepared
+from gender_pipeline.engine.engine import RunStamp, ScoringEngine
+from gender_pipeline.lake.keys import user_of
+from gender_pipeline.lake.erasure import erase
+from gender_pipeline.lake.output import OutputState
+from gender_pipeline.lake.photo_state import SourceListing
 from gender_pipeline.lake.storage import Store
 
 START = datetime(2026, 1, 1, 2, 0, tzinfo=timezone.utc)
@@ -239,16 +244,14 @@ class Lake:
             self._write(reupload, new, listed_at + timedelta(minutes=1))
         objects = plan.objects()
         if objects or plan.removed.num_rows:
-            self.state.begin(plan.seq, run_id, day, plan)
+            self.state.begin(plan, run_id, day)
         try:
             if kill == "before-publish":
                 raise Killed(kill)
             read = []
             self.source.read_many = lambda keys, store=self.source: (read.extend(keys := list(keys)) or
                                                                      Store.read_many(store, keys))
-            rows, stats = score_objects(self.source, objects, plan.known_hashes(), model,
-                                        ScoringOptions(workers=0, read_chunk=4), run_id, listed_at,
-                                        worker_job=fake_front_end)
+            rows, stats = ScoringEngine(model, ScoringOptions(workers=0, read_chunk=4), RunStamp(run_id, listed_at), worker_job=fake_front_end).score(self.source, objects, plan.known_hashes())
             for row in rows:  # never a photo that was in the source, as it is, when its user was erased
                 assert row.photo_key not in listed or identity(row.photo_key, listed[row.photo_key]) \
                     not in self.tombstones, f"night {self.nights}: {row.photo_key}, erased, was read again"
@@ -265,7 +268,7 @@ class Lake:
                     raise Killed(kill)
 
             if rows or stats.same_content or plan.removed.num_rows:
-                self.state.apply_night(plan, rows_table(rows, day), stats.same_content, listed_at, run_id,
+                self.state.apply_night(plan, to_table(rows, day), stats.same_content, listed_at, run_id,
                                        before_commit)
         except Killed:
             return False

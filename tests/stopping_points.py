@@ -31,11 +31,11 @@ def _slow(original, stage: str, seconds: float, after: bool = False):
 
 def slow_prepare(key, data, sha256):
     """A decoder worker job that takes a minute (runs in a spawned worker process)."""
-    from gender_pipeline.engine import scoring
+    from gender_pipeline.engine import prepared
 
     _reached("decoding")
     time.sleep(60)
-    return _REAL.get("prepare", scoring._prepare_in_worker)(key, data, sha256)
+    return _REAL.get("prepare", prepared.prepare_in_worker)(key, data, sha256)
 
 
 def slow_chip(data, framing):
@@ -49,32 +49,32 @@ def slow_chip(data, framing):
 
 
 def _patch(stage: str) -> None:
+    import gender_pipeline.engine.prepared as prepared
+    import gender_pipeline.lake.output as output
+    import gender_pipeline.lake.storage as storage
     import gender_pipeline.models.chips as models_chips
     import gender_pipeline.models.predictor as models_predictor
     import gender_pipeline.models.train as models_train
-    import gender_pipeline.engine.scoring as core_scoring
-    import gender_pipeline.lake.state as core_state
-    import gender_pipeline.tasks.scoring_tasks as tasks_scoring_tasks
-    import gender_pipeline.lake.storage as core_storage
+    import gender_pipeline.tasks.night_tasks as night_tasks
     if stage == "listing":
-        import gender_pipeline.lake.listing as core_listing
-        core_listing.iter_listing = _slow(core_listing.iter_listing, stage, 60)
+        import gender_pipeline.lake.listing as listing
+        listing.iter_listing = _slow(listing.iter_listing, stage, 60)
     elif stage == "suite":
-        tasks_scoring_tasks.check_photo_metadata = _slow(tasks_scoring_tasks.check_photo_metadata, stage, 60)
+        night_tasks.check_photo_metadata = _slow(night_tasks.check_photo_metadata, stage, 60)
     elif stage == "reading":
-        core_storage.Store.read_many = _slow(core_storage.Store.read_many, stage, 2)
+        storage.Store.read_many = _slow(storage.Store.read_many, stage, 2)
     elif stage == "decoding":
-        _REAL["prepare"], core_scoring._prepare_in_worker = core_scoring._prepare_in_worker, slow_prepare
+        _REAL["prepare"], prepared.prepare_in_worker = prepared.prepare_in_worker, slow_prepare
     elif stage == "model":
         cls = models_predictor.OnnxGenderPredictor
         cls.male_logits = _slow(cls.male_logits, stage, 2)
     elif stage == "publishing":  # a predictions file is written under its temporary name, not moved yet
-        original = core_storage.Store._write_temporary
+        original = storage.Store._write_temporary
         slow = _slow(original, stage, 3, after=True)
-        core_storage.Store._write_temporary = (
+        storage.Store._write_temporary = (
             lambda self, temp, data: (slow if "/predictions/" in temp else original)(self, temp, data))
     elif stage == "users":  # the photo state is committed; the users table's MERGE is next
-        cls = core_state.OutputState
+        cls = output.OutputState
         cls._merge_users = _slow(cls._merge_users, stage, 60)
     elif stage == "extraction":
         _REAL["chip"], models_chips._chip_job = models_chips._chip_job, slow_chip

@@ -70,7 +70,8 @@ def test_serve_passes_schedule_and_parameters(monkeypatch):
     (schedule,) = seen["schedules"]
     assert (schedule.cron, schedule.timezone) == ("30 1 * * *", "Europe/Berlin")
     assert seen["global_limit"] == 1 and seen["entrypoint_type"].value == "module_path"
-    assert seen["parameters"]["source"] == "s3://b/uploads" and seen["parameters"]["batch_size"] == 32
+    options = seen["parameters"]["options"]
+    assert options["where"]["source"] == "s3://b/uploads" and options["compute"]["batch_size"] == 32
     assert seen["description"].endswith("Runs every day at 01:30 Europe/Berlin time (cron '30 1 * * *', "
                                         "Europe/Berlin).")
 
@@ -80,8 +81,9 @@ def test_serve_and_the_deployment_file_agree():
     import yaml
 
     from gender_pipeline.flows.schedule import schedule_text
-    from gender_pipeline.flows.scoring import NIGHTLY_CONCURRENCY, NIGHTLY_CRON, NIGHTLY_TIMEZONE
+    from gender_pipeline.flows.schedule import NIGHTLY_CONCURRENCY, NIGHTLY_CRON, NIGHTLY_TIMEZONE
     from gender_pipeline.cli import build_parser
+    from gender_pipeline.night.options import NightOptions
 
     with open(os.path.join(ROOT, "deployments", "prefect.yaml")) as handle:
         nightly = next(d for d in yaml.safe_load(handle)["deployments"] if d["name"] == "nightly-scoring")
@@ -91,7 +93,9 @@ def test_serve_and_the_deployment_file_agree():
     assert nightly["entrypoint"] == "gender_pipeline.flows.scoring.nightly_scoring"
     serve = build_parser().parse_args(["serve", "--source", "a", "--output", "b"])
     assert (serve.cron, serve.timezone) == (NIGHTLY_CRON, NIGHTLY_TIMEZONE)
-    assert nightly["parameters"]["model"] == serve.model == "production"
+    options = NightOptions.model_validate(nightly["parameters"]["options"])  # the file holds to the model
+    assert options.model.name == NightOptions.model_fields["model"].default.name == "production"
+    assert getattr(serve, "model.name") is None  # the CLI sends only what it was told
     # The UI's schedule card shows "At 02:00 AM" alone: the description names the zone.
     assert f"Runs {schedule_text(NIGHTLY_CRON, NIGHTLY_TIMEZONE)}." in nightly["description"]
     assert schedule_text("0 2 * * *", "Europe/Berlin").startswith("every day at 02:00 Europe/Berlin time")

@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 
 from gender_pipeline.flows.scoring import nightly_scoring
+from tests.conftest import night_options
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -23,7 +24,7 @@ def test_shards_on_dask_equal_one_process(uploads, tmp_path, monkeypatch):
 
     source, files = uploads
     registry = tmp_path / "registry"
-    single = nightly_scoring(source=str(source), output=str(tmp_path / "one"), registry=str(registry), workers=0)
+    single = nightly_scoring(night_options(source=str(source), output=str(tmp_path / "one"), registry=str(registry), workers=0))
     assert len(single["written"]) == 1
 
     import dask
@@ -33,17 +34,18 @@ def test_shards_on_dask_equal_one_process(uploads, tmp_path, monkeypatch):
     dask.config.set({"distributed.worker.daemon": False})  # as the CLI does: decoder processes per worker
     runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True,
                                             "host": "127.0.0.1", "dashboard_address": None})
-    sharded = nightly_scoring.with_options(task_runner=runner)(
-        source=str(source), output=str(tmp_path / "dask"), registry=str(registry), workers=1, shard_size=4)
+    sharded = nightly_scoring.with_options(task_runner=runner)(night_options(
+        source=str(source), output=str(tmp_path / "dask"), registry=str(registry), workers=1, shard_size=4))
     assert len(sharded["written"]) == -(-len(files) // 4) == sharded["shards"]
     pd.testing.assert_frame_equal(rows(tmp_path / "one"), rows(tmp_path / "dask"), check_exact=False, atol=1e-6)
 
 
 def test_a_rerun_after_some_shards_were_published_redoes_only_the_rest(uploads, tmp_path, monkeypatch):
-    import gender_pipeline.tasks.scoring_tasks as scoring_tasks
+    import gender_pipeline.night.shards as shards
+    import gender_pipeline.tasks.night_tasks as night_tasks
     source, files = uploads
     output, registry = tmp_path / "lake", tmp_path / "registry"
-    original = scoring_tasks.write_predictions
+    original = shards.write_predictions
     calls = []
 
     def fail_third_shard(store, table, day, part, before_move=None):
@@ -52,14 +54,14 @@ def test_a_rerun_after_some_shards_were_published_redoes_only_the_rest(uploads, 
             raise RuntimeError("shard lost")
         return original(store, table, day, part, before_move)
 
-    monkeypatch.setattr(scoring_tasks, "write_predictions", fail_third_shard)
-    monkeypatch.setattr(scoring_tasks.score_shard, "retry_delay_seconds", 0)
+    monkeypatch.setattr(shards, "write_predictions", fail_third_shard)
+    monkeypatch.setattr(night_tasks.score_shard_task, "retry_delay_seconds", 0)
     with pytest.raises(RuntimeError, match="shard lost"):
-        nightly_scoring(source=str(source), output=str(output), registry=str(registry), workers=0, shard_size=4)
+        nightly_scoring(night_options(source=str(source), output=str(output), registry=str(registry), workers=0, shard_size=4))
     assert sum(c.endswith("-00002") for c in calls) == 2  # tried, then retried once
     published = pd.read_parquet(str(output / "predictions"))
     assert len(published) == len(files) - 4  # the other shards are published
     monkeypatch.undo()
-    summary = nightly_scoring(source=str(source), output=str(output), registry=str(registry), workers=0)
+    summary = nightly_scoring(night_options(source=str(source), output=str(output), registry=str(registry), workers=0))
     assert summary["rows"] == 4
     assert sorted(pd.read_parquet(str(output / "predictions"))["photo_key"]) == sorted(files)

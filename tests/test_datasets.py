@@ -68,7 +68,7 @@ def test_unknown_format(manifest):
 
 def test_unreadable_images_are_skipped_and_counted_up_to_a_limit(tmp_path):
     from gender_pipeline.models.chips import extract_chips
-    from gender_pipeline.faces.front_end import Framing
+    from gender_pipeline.faces.framing import Framing
 
     samples.write_manifest_dataset(str(tmp_path), 10)
     (tmp_path / "images" / "img_0001.jpg").write_bytes(b"garbage")

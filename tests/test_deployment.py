@@ -13,7 +13,7 @@ import pandas as pd
 import psutil
 import pytest
 
-from gender_pipeline.tasks.scoring_tasks import artifact_key
+from gender_pipeline.tasks.reports import artifact_key
 from tests.conftest import free_port
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gender_pipeline.faces.front_end import FaceFrontEnd, Framing
+from gender_pipeline.faces.framing import Framing
+from gender_pipeline.faces.front_end import FaceFrontEnd
 from gender_pipeline import samples
 
 PORTRAITS = {"grace": samples.grace_hopper(), "astronaut": samples.astronaut()}

@@ -111,7 +111,7 @@ def test_age_calibration_bands_and_abstention():
     assert np.abs(years - ages).mean() < 2 and ((0 < confidence) & (confidence <= 1)).all()
     threshold = band_threshold(confidence, 0.8)
     assert (confidence >= threshold).mean() == pytest.approx(0.8, abs=0.01)
-    from gender_pipeline.lake.history import age_bands_of
+    from gender_pipeline.lake.answers import age_bands_of
 
     bands = age_bands_of(years, confidence, threshold)
     assert bands.count("unknown") == pytest.approx(100, abs=5)

@@ -14,7 +14,7 @@ from tests.conftest import retrain_on_generated_faces
 from gender_pipeline.models.experiment import load_experiment
 from gender_pipeline.models.face_embedding import (SHIPPED_FRAMING, EmbeddingSettings, Embeddings, HeadSpec, embed_dataset,
                                    fit_head, head_logits, shipped_chips)
-from gender_pipeline.faces.front_end import Framing
+from gender_pipeline.faces.framing import Framing
 
 CONFIG = open("configs/face_embedding.yaml").read()
 

@@ -4,8 +4,10 @@ from PIL import Image
 
 from gender_pipeline import samples
 from gender_pipeline.faces.decoding import DecodeLimits
-from gender_pipeline.faces.front_end import FaceFrontEnd, Framing
-from gender_pipeline.engine.scoring import prepare_photo
+from gender_pipeline.faces.framing import Framing
+from gender_pipeline.faces.front_end import FaceFrontEnd
+from gender_pipeline.engine.prepared import prepare_photo
+from gender_pipeline.faces.chip import ChipRecipe
 
 
 @pytest.fixture(scope="module", params=["retinaface", "hog"])
@@ -58,7 +60,7 @@ def test_largest_of_several_faces_is_used(frontend):
 def test_face_box_is_reported_in_original_pixels():
     big = samples.pasted_into(samples.grace_hopper(), (4000, 3000), (2000, 1500))
     data = samples.encode(big, "JPEG", quality=90)
-    prepared = prepare_photo("u/big.jpg", data, "sha", Framing(), DecodeLimits(working_side=1000))
+    prepared = prepare_photo("u/big.jpg", data, "sha", ChipRecipe(Framing(), DecodeLimits(working_side=1000)))
     assert prepared.reject_reason is None
     left, top, right, bottom = prepared.box
     assert 2000 + 100 < left < right < 2000 + 420 and 1500 + 80 < top < bottom < 1500 + 420
@@ -80,7 +82,8 @@ def test_edge_fill_repeats_the_border_where_the_chip_leaves_the_photo():
     import pytest
 
     from gender_pipeline import samples
-    from gender_pipeline.faces.front_end import FaceFrontEnd, Framing
+    from gender_pipeline.faces.framing import Framing
+    from gender_pipeline.faces.front_end import FaceFrontEnd
 
     front = FaceFrontEnd()
     photo = samples.grace_hopper()

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from gender_pipeline.flows.scoring import nightly_scoring
-from tests.conftest import free_port
+from tests.conftest import free_port, night_options
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -79,8 +79,8 @@ def test_dropped_connections_lose_and_duplicate_nothing(s3_endpoint, uploads, tm
     endpoint = f"http://127.0.0.1:{proxy.port}"
     try:
         for _ in range(2):  # the second run must find nothing new
-            nightly_scoring(source="s3://faulty/uploads", output="s3://faulty/lake", endpoint_url=endpoint,
-                            registry=str(tmp_path / "registry"), workers=0, shard_size=5)
+            nightly_scoring(night_options(source="s3://faulty/uploads", output="s3://faulty/lake", endpoint_url=endpoint,
+                            registry=str(tmp_path / "registry"), workers=0, shard_size=5))
     finally:
         proxy.close()
     assert proxy.dropped >= 3, (proxy.connections, proxy.dropped)

@@ -9,15 +9,16 @@ import pandas as pd
 import pytest
 
 from gender_pipeline.flows.scoring import nightly_scoring
-from gender_pipeline.tasks.scoring_tasks import artifact_key
+from gender_pipeline.tasks.reports import artifact_key
 from gender_pipeline import samples
 from gender_pipeline.night.checks import ExpectationsFailed
+from tests.conftest import night_options
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 def run(source, output, registry, **kwargs):
-    return nightly_scoring(source=str(source), output=str(output), registry=str(registry), workers=0, **kwargs)
+    return nightly_scoring(night_options(source=str(source), output=str(output), registry=str(registry), workers=0, **kwargs))
 
 
 def parquet_files(output):
@@ -76,11 +77,11 @@ def crashing(message):
 
 
 def test_crash_before_publish_then_rerun_gives_one_row_per_photo(uploads, tmp_path, monkeypatch):
-    import gender_pipeline.tasks.scoring_tasks as scoring_tasks
+    import gender_pipeline.night.shards as shards
     source, files = uploads
     output, registry = tmp_path / "lake", tmp_path / "registry"
 
-    monkeypatch.setattr(scoring_tasks, "write_predictions", crashing("node lost"))
+    monkeypatch.setattr(shards, "write_predictions", crashing("node lost"))
     with pytest.raises(RuntimeError, match="node lost"):
         run(source, output, registry)
     assert parquet_files(output) == []
@@ -91,11 +92,11 @@ def test_crash_before_publish_then_rerun_gives_one_row_per_photo(uploads, tmp_pa
 
 
 def test_crash_after_publish_then_rerun_adds_nothing(uploads, tmp_path, monkeypatch):
-    import gender_pipeline.tasks.scoring_tasks as scoring_tasks
+    import gender_pipeline.night.report as report
     source, files = uploads
     output, registry = tmp_path / "lake", tmp_path / "registry"
 
-    monkeypatch.setattr(scoring_tasks, "summarize", crashing("killed after publish"))
+    monkeypatch.setattr(report, "summarize", crashing("killed after publish"))
     with pytest.raises(RuntimeError, match="killed after publish"):
         run(source, output, registry)
     monkeypatch.undo()

@@ -6,9 +6,11 @@ from datetime import datetime, timezone
 import numpy as np
 import pytest
 
-from gender_pipeline.faces.front_end import FaceFrontEnd, Framing
+from gender_pipeline.faces.framing import Framing
+from gender_pipeline.faces.front_end import FaceFrontEnd
 from gender_pipeline.faces.device import GpuFaceFrontEnd
-from gender_pipeline.engine.scoring import ScoringOptions, score_objects
+from gender_pipeline.engine.engine import ScoringOptions
+from gender_pipeline.engine.engine import RunStamp, ScoringEngine
 from gender_pipeline.lake.storage import Store
 from gender_pipeline import samples
 
@@ -43,10 +45,7 @@ def scored(uploads, tmp_path):
     store = Store(str(source))
 
     def run(front_end):
-        rows, stats = score_objects(store, store.list_objects(), {}, predictor,
-                                    ScoringOptions(workers=0, front_end=front_end, gpu_batch=3, detect_first_side=0),
-                                    "r",
-                                    datetime.now(timezone.utc))
+        rows, stats = ScoringEngine(predictor, ScoringOptions(workers=0, front_end=front_end, gpu_batch=3, detect_first_side=0), RunStamp("r", datetime.now(timezone.utc))).score(store, store.list_objects(), {})
         return {r.photo_key: r for r in rows}, stats
 
     return run, files

@@ -53,7 +53,8 @@ def test_killed_runs_then_a_rerun_leave_one_row_per_photo(uploads, tmp_path):
     from deltalake import DeltaTable
 
     from gender_pipeline.lake.listing import list_source
-    from gender_pipeline.lake.state import OutputState, SourceListing
+    from gender_pipeline.lake.output import OutputState
+    from gender_pipeline.lake.photo_state import SourceListing
     from gender_pipeline.lake.storage import Store
 
     def users():

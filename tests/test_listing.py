@@ -13,12 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import gender_pipeline.lake.listing as listing_module
-from gender_pipeline.lake.tables import duckdb_session
+import gender_pipeline.lake.s3_listing as s3_listing
+from gender_pipeline.lake.sql import duckdb_session
 from gender_pipeline.lake.inventory import InventoryError
-from gender_pipeline.lake.listing import ListingSpec, list_source, split_points
-from gender_pipeline.engine.scoring import user_of
-from gender_pipeline.lake.state import BAD_KEY_SQL
+from gender_pipeline.lake.listing import ListingSpec, list_source
+from gender_pipeline.lake.s3_listing import split_points
+from gender_pipeline.lake.keys import user_of
+from gender_pipeline.lake.keys import bad_key_sql
 from gender_pipeline.lake.storage import StorageError, Store
 
 ODD_KEYS = ["a b/c d.jpg", "ü ñ/😀.jpg", "p%41ct/x%2By.jpg", "plus+/a+b.jpg", "hash#/q?.jpg", "ok/z.jpg",
@@ -74,7 +75,7 @@ def test_s3_listing_serial_and_parallel_give_the_same_keys(bucket, s3_endpoint, 
     client, name = bucket
     keys = [f"{h:02x}{i:03d}/IMG_{i}.jpg" for i, h in enumerate(range(0, 256, 7))] + ODD_KEYS + HOSTILE
     put(client, name, [f"uploads/{k}" for k in keys] + ["uploadsX/outside.jpg", "other/x.jpg"])
-    monkeypatch.setattr(listing_module, "PAGE", page)  # pagination boundaries inside the ranges
+    monkeypatch.setattr(s3_listing, "PAGE", page)  # pagination boundaries inside the ranges
     s3fs.S3FileSystem.clear_instance_cache()
     store = Store(f"s3://{name}/uploads", {"client_kwargs": {"endpoint_url": s3_endpoint}})
     expected = sorted(keys)
@@ -116,8 +117,8 @@ def test_an_obstore_page_is_retried_when_its_request_failed_not_when_it_was_refu
     from gender_pipeline.lake import storage
 
     monkeypatch.setattr(storage, "_sleep", lambda s: None)
-    page = listing_module.Page(pa.array(["a/1.jpg"]), pa.array([4], pa.int64()),
-                               pa.array([None], listing_module.TIMESTAMP), False)
+    page = s3_listing.Page(pa.array(["a/1.jpg"]), pa.array([4], pa.int64()),
+                               pa.array([None], s3_listing.TIMESTAMP), False)
     calls = []
 
     def fetch(after):
@@ -126,7 +127,7 @@ def test_an_obstore_page_is_retried_when_its_request_failed_not_when_it_was_refu
             raise GenericError(text)
         return page
 
-    lister = object.__new__(listing_module.S3Lister)
+    lister = object.__new__(s3_listing.S3Lister)
     lister.store, lister.fetch = SimpleNamespace(url="s3://b/uploads"), fetch
     if retried:
         assert lister._page("") is page and len(calls) == 3
@@ -151,7 +152,7 @@ def test_split_points_cut_the_rest_of_a_range_where_its_keys_vary():
 def test_bad_keys_in_sql_are_the_keys_without_a_user(keys):
     with duckdb_session() as con:
         con.register("listing", pa.table({"key": keys}))
-        flags = [row[0] for row in con.rows(f"SELECT {BAD_KEY_SQL} FROM listing")]
+        flags = [row[0] for row in con.rows(f"SELECT {bad_key_sql()} FROM listing")]
     assert flags == [user_of(k) is None for k in keys]
 
 
@@ -217,7 +218,7 @@ def test_an_inventory_report_is_the_listing_without_a_list_call(inventory, fmt, 
     write_report(fs, fmt, entries, stamp="2026-11-30T01-00Z")
     url = write_report(fs, fmt, entries)
     fs.pipe("inventory/reports/signups/nightly/2026-12-02T01-00Z/manifest.json", b"{}")  # being written: no checksum
-    monkeypatch.setattr(listing_module.S3Lister, "batches", lambda self: pytest.fail("a LIST call"))
+    monkeypatch.setattr(s3_listing.S3Lister, "batches", lambda self: pytest.fail("a LIST call"))
     for where in (url, f"{url}/2026-12-01T01-00Z/manifest.json"):
         table = listed(store, ListingSpec.parse(f"inventory:{where}"))
         assert sorted(table["key"].to_pylist()) == ["a b/c d.jpg", "ok/z.jpg", "plus+/x.jpg", "ü/x.jpg"]

@@ -8,11 +8,13 @@ import sys
 
 import pytest
 
-from gender_pipeline.night.report import alarms, headline, outcome, render_markdown, state_name
+from gender_pipeline.night.render import headline, render_markdown
+from gender_pipeline.night.report import alarms, outcome, state_name
 from gender_pipeline.flows.scoring import nightly_scoring
 from gender_pipeline.cli import EXIT_EXPECTATIONS, main
 from tests.test_operator_view import artifacts_of, by_prefix, flow_run
 from tests.test_stop import ROOT
+from tests.conftest import night_options
 
 
 def logs_of(run_id, wanted, seconds=10.0):
@@ -33,7 +35,7 @@ def logs_of(run_id, wanted, seconds=10.0):
 
 
 def run(source, output, registry, **kwargs):
-    return nightly_scoring(source=str(source), output=str(output), registry=str(registry), workers=0, **kwargs)
+    return nightly_scoring(night_options(source=str(source), output=str(output), registry=str(registry), workers=0, **kwargs))
 
 
 @pytest.mark.usefixtures("prefect_harness")

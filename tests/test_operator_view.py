@@ -10,12 +10,13 @@ import pytest
 from gender_pipeline.flows.retrain import retrain
 from gender_pipeline.flows.scoring import nightly_scoring
 from gender_pipeline.cli import EXIT_EXPECTATIONS, main
+from tests.conftest import night_options
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 def run(source, output, registry, **kwargs):
-    return nightly_scoring(source=str(source), output=str(output), registry=str(registry), workers=0, **kwargs)
+    return nightly_scoring(night_options(source=str(source), output=str(output), registry=str(registry), workers=0, **kwargs))
 
 
 def artifacts_of(run_id):
@@ -102,7 +103,7 @@ def test_a_first_run_on_an_empty_source_warns_and_the_minimum_guard_fails(tmp_pa
 
 def test_file_links_only_where_a_browser_can_open_them():
     from gender_pipeline.lake.storage import Store
-    from gender_pipeline.tasks.scoring_tasks import file_link
+    from gender_pipeline.tasks.reports import file_link
 
     store = Store("memory://lake")
     url = "s3://shop-lake/gender/predictions/dt=2026-03-04/part-1.parquet"
@@ -115,7 +116,16 @@ def test_file_links_only_where_a_browser_can_open_them():
 
 def test_every_flow_parameter_has_help_and_a_type():
     for flow in (nightly_scoring, retrain):
-        properties = flow.parameters.model_dump()["properties"]
-        assert all(p.get("description") for p in properties.values()), \
-            [name for name, p in properties.items() if not p.get("description")]
-    assert nightly_scoring.parameters.model_dump()["properties"]["device"]["enum"] == ["auto", "cpu", "cuda"]
+        schema = flow.parameters.model_dump()
+        definitions = schema.get("definitions", {})
+
+        def helped(p: dict) -> bool:  # a group's help is its definition's description
+            return bool(p.get("description") or definitions.get(p.get("$ref", "").rsplit("/", 1)[-1], {})
+                        .get("description"))
+
+        # The night's options are one parameter whose groups are definitions: every field of each has help.
+        for properties in [schema["properties"]] + [d["properties"] for d in definitions.values()]:
+            assert all(helped(p) for p in properties.values()), [name for name, p in properties.items()
+                                                                 if not helped(p)]
+    definitions = nightly_scoring.parameters.model_dump()["definitions"]
+    assert definitions["Compute"]["properties"]["device"]["enum"] == ["auto", "cpu", "cuda"]

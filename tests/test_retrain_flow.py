@@ -6,7 +6,7 @@ import pytest
 
 from gender_pipeline import samples
 from gender_pipeline.cli import main
-from gender_pipeline.tasks.training_tasks import decide_promotion
+from gender_pipeline.models.experiment import decide_promotion
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 
 from gender_pipeline.flows.scoring import nightly_scoring
+from tests.conftest import night_options
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -23,17 +24,17 @@ def bucket(s3_endpoint, uploads):
 
 def test_flow_reads_and_writes_s3(bucket, s3_endpoint):
     name, files = bucket
-    summary = nightly_scoring(source=f"s3://{name}/uploads", output=f"s3://{name}/lake",
+    summary = nightly_scoring(night_options(source=f"s3://{name}/uploads", output=f"s3://{name}/lake",
                               registry=f"s3://{name}/registry", endpoint_url=s3_endpoint, workers=0,
-                              scoring_date="2026-05-06")
+                              scoring_date="2026-05-06"))
     assert summary["written"][0].startswith(f"s3://{name}/lake/predictions/dt=2026-05-06/")
     frame = pd.read_parquet(f"s3://{name}/lake/predictions",
                             storage_options={"client_kwargs": {"endpoint_url": s3_endpoint}})
     assert sorted(frame["photo_key"]) == sorted(files)
     assert (frame.status == "scored").sum() == 4
 
-    again = nightly_scoring(source=f"s3://{name}/uploads", output=f"s3://{name}/lake",
-                            registry=f"s3://{name}/registry", endpoint_url=s3_endpoint, workers=0)
+    again = nightly_scoring(night_options(source=f"s3://{name}/uploads", output=f"s3://{name}/lake",
+                            registry=f"s3://{name}/registry", endpoint_url=s3_endpoint, workers=0))
     assert again["rows"] == 0
 
 
@@ -42,7 +43,7 @@ def test_unreachable_storage_fails_the_run(monkeypatch):
     from gender_pipeline.lake import storage
     from gender_pipeline.lake.storage import StorageError
 
-    from gender_pipeline.tasks.scoring_tasks import list_new_photos, lock_output
+    from gender_pipeline.tasks.night_tasks import list_new_photos, lock_output
 
     monkeypatch.setattr(storage, "_sleep", lambda s: None)
     monkeypatch.setattr(list_new_photos, "retry_delay_seconds", [0, 0])
@@ -52,8 +53,8 @@ def test_unreachable_storage_fails_the_run(monkeypatch):
 
     s3fs.S3FileSystem.clear_instance_cache()
     with pytest.raises(StorageError, match="failed after 4 attempts"):
-        nightly_scoring(source="s3://nowhere/uploads", output="s3://nowhere/lake",
-                        endpoint_url="http://127.0.0.1:9", workers=0)
+        nightly_scoring(night_options(source="s3://nowhere/uploads", output="s3://nowhere/lake",
+                        endpoint_url="http://127.0.0.1:9", workers=0))
 
 
 def test_missing_credentials_are_a_clear_error(monkeypatch):
@@ -82,8 +83,8 @@ def test_hostile_keys_cannot_escape_the_source_or_output(s3_endpoint, face_files
     for key in keys:
         client.put_object(Bucket="hostile", Key=key, Body=photo)
     client.put_object(Bucket="hostile", Key="secret/x.jpg", Body=b"must never be read")
-    summary = nightly_scoring(source="s3://hostile/uploads", output="s3://hostile/lake",
-                              registry=str(tmp_path / "registry"), endpoint_url=s3_endpoint, workers=0)
+    summary = nightly_scoring(night_options(source="s3://hostile/uploads", output="s3://hostile/lake",
+                              registry=str(tmp_path / "registry"), endpoint_url=s3_endpoint, workers=0))
     frame = pd.read_parquet("s3://hostile/lake/predictions",
                             storage_options={"client_kwargs": {"endpoint_url": s3_endpoint}})
     by_key = {k: (None if pd.isna(r) else r) for k, r in zip(frame["photo_key"], frame["reject_reason"])}

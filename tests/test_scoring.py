@@ -4,7 +4,11 @@ import numpy as np
 import pytest
 
 from gender_pipeline.models.registry import Registry
-from gender_pipeline.engine.scoring import ScoringOptions, prepare_photo, score_objects, user_of
+from gender_pipeline.engine.engine import ScoringOptions
+from gender_pipeline.engine.prepared import prepare_photo
+from gender_pipeline.faces.chip import ChipRecipe
+from gender_pipeline.engine.engine import RunStamp, ScoringEngine
+from gender_pipeline.lake.keys import user_of
 from gender_pipeline.lake.storage import Store
 
 AT = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -32,8 +36,7 @@ def test_every_object_gets_exactly_one_answer(predictor, face_files, broken_file
     files.update({f"bad{i}/{name}": data for i, (name, (data, _)) in enumerate(broken_files.items())})
     files["loose-file.jpg"] = face_files["baseline.jpg"]
     store = memory_store("every", files)
-    rows, stats = score_objects(store, store.list_objects(), {}, predictor,
-                                ScoringOptions(batch_size=4, workers=0), "run", AT)
+    rows, stats = ScoringEngine(predictor, ScoringOptions(batch_size=4, workers=0), RunStamp("run", AT)).score(store, store.list_objects(), {})
     assert sorted(r.photo_key for r in rows) == sorted(files)
     by_key = {r.photo_key: r for r in rows}
     for i, (name, (_, reason)) in enumerate(broken_files.items()):
@@ -50,8 +53,7 @@ def test_every_object_gets_exactly_one_answer(predictor, face_files, broken_file
 def test_batch_boundaries(predictor, face_files, count):
     files = {f"user{i}/p.jpg": face_files["baseline.jpg"] for i in range(count)}
     store = memory_store(f"batch{count}", files)
-    rows, _ = score_objects(store, store.list_objects(), {}, predictor,
-                            ScoringOptions(batch_size=3, workers=0), "run", AT)
+    rows, _ = ScoringEngine(predictor, ScoringOptions(batch_size=3, workers=0), RunStamp("run", AT)).score(store, store.list_objects(), {})
     assert len(rows) == count and all(r.status == "scored" for r in rows)
     assert len({round(r.p_male, 5) for r in rows}) == 1
 
@@ -60,8 +62,8 @@ def test_worker_processes_give_the_same_rows_as_inline(predictor, face_files, br
     files = {f"u{i}/{name}": data for i, (name, data) in enumerate(list(face_files.items())[:6])}
     files.update({f"b{i}/{name}": data for i, (name, (data, _)) in enumerate(list(broken_files.items())[:4])})
     store = memory_store("pool", files)
-    inline, _ = score_objects(store, store.list_objects(), {}, predictor, ScoringOptions(workers=0), "r", AT)
-    pooled, _ = score_objects(store, store.list_objects(), {}, predictor, ScoringOptions(workers=2), "r", AT)
+    inline, _ = ScoringEngine(predictor, ScoringOptions(workers=0), RunStamp("r", AT)).score(store, store.list_objects(), {})
+    pooled, _ = ScoringEngine(predictor, ScoringOptions(workers=2), RunStamp("r", AT)).score(store, store.list_objects(), {})
     assert [(r.photo_key, r.status, r.reject_reason, r.face_box) for r in inline] == \
            [(r.photo_key, r.status, r.reject_reason, r.face_box) for r in pooled]
     assert np.allclose([r.p_male or 0 for r in inline], [r.p_male or 0 for r in pooled], atol=1e-5)
@@ -73,7 +75,7 @@ def test_same_content_is_not_scored_again(predictor, face_files):
     data = face_files["baseline.jpg"]
     store = memory_store("same", {"u/a.jpg": data, "v/b.jpg": data})
     known = {"u/a.jpg": {hashlib.sha256(data).hexdigest()}}
-    rows, stats = score_objects(store, store.list_objects(), known, predictor, ScoringOptions(workers=0), "r", AT)
+    rows, stats = ScoringEngine(predictor, ScoringOptions(workers=0), RunStamp("r", AT)).score(store, store.list_objects(), known)
     assert [r.photo_key for r in rows] == ["v/b.jpg"] and stats.skipped_same_hash == 1
 
 
@@ -84,8 +86,7 @@ def test_oversize_objects_are_rejected_from_the_listing_without_download(predict
     monkeypatch.setattr(store, "read_many", lambda keys: read.extend(keys) or original(keys))
     from gender_pipeline.faces.decoding import DecodeLimits
 
-    rows, _ = score_objects(store, store.list_objects(), {}, predictor,
-                            ScoringOptions(workers=0, limits=DecodeLimits(max_bytes=1000)), "r", AT)
+    rows, _ = ScoringEngine(predictor, ScoringOptions(workers=0, limits=DecodeLimits(max_bytes=1000)), RunStamp("r", AT)).score(store, store.list_objects(), {})
     assert rows[0].reject_reason == "too_large" and read == []
 
 
@@ -93,23 +94,21 @@ def test_unreadable_object_becomes_read_error(predictor, face_files, monkeypatch
     store = memory_store("unreadable", {"u/a.jpg": face_files["baseline.jpg"], "v/b.jpg": b"x"})
     original = store.read_many
     monkeypatch.setattr(store, "read_many", lambda keys: {**original(keys), "v/b.jpg": ConnectionError("reset")})
-    rows, _ = score_objects(store, store.list_objects(), {}, predictor, ScoringOptions(workers=0), "r", AT)
+    rows, _ = ScoringEngine(predictor, ScoringOptions(workers=0), RunStamp("r", AT)).score(store, store.list_objects(), {})
     assert [(r.photo_key, r.status, r.reject_reason) for r in rows] == [
         ("u/a.jpg", "scored", None), ("v/b.jpg", "rejected", "read_error")]
 
 
 def test_abstain_threshold_override(predictor, face_files):
     store = memory_store("abstain", {"u/a.png": face_files["astronaut.png"]})
-    rows, _ = score_objects(store, store.list_objects(), {}, predictor,
-                            ScoringOptions(workers=0, abstain_threshold=1.0), "r", AT)
+    rows, _ = ScoringEngine(predictor, ScoringOptions(workers=0, abstain_threshold=1.0), RunStamp("r", AT)).score(store, store.list_objects(), {})
     assert rows[0].gender == "unknown" and rows[0].p_male is not None
 
 
 def test_prepare_photo_is_a_plain_function(face_files):
-    from gender_pipeline.faces.decoding import DecodeLimits
-    from gender_pipeline.faces.front_end import Framing
+    from gender_pipeline.faces.framing import Framing
 
-    prepared = prepare_photo("u/p.jpg", face_files["baseline.jpg"], "sha", Framing(size=40), DecodeLimits())
+    prepared = prepare_photo("u/p.jpg", face_files["baseline.jpg"], "sha", ChipRecipe(Framing(size=40)))
     assert prepared.chip.shape == (40, 40, 3) and prepared.user_id == "u"
 
 
@@ -125,8 +124,7 @@ def test_worker_pool_survives_a_photo_that_kills_its_decoder(predictor, face_fil
     files = {f"u{i}/p.jpg": face_files["baseline.jpg"] for i in range(6)}
     files["evil/poison.jpg"] = face_files["baseline.jpg"]
     store = memory_store("crash", files)
-    rows, stats = score_objects(store, store.list_objects(), {}, predictor, ScoringOptions(workers=2),
-                                "r", AT, worker_job=crash_on_poison)
+    rows, stats = ScoringEngine(predictor, ScoringOptions(workers=2), RunStamp("r", AT), worker_job=crash_on_poison).score(store, store.list_objects(), {})
     assert sorted(r.photo_key for r in rows) == sorted(files)
     by_key = {r.photo_key: r for r in rows}
     assert by_key["evil/poison.jpg"].reject_reason == "decoder_crash"
@@ -135,15 +133,13 @@ def test_worker_pool_survives_a_photo_that_kills_its_decoder(predictor, face_fil
 
 def test_fast_path_equals_one_photo_at_a_time(predictor, face_files, broken_files):
     """Concurrent reads, worker processes and batches change nothing but speed."""
-    from gender_pipeline.faces.decoding import DecodeLimits
 
     files = {f"u{i}/{name}": data for i, (name, data) in enumerate(face_files.items())}
     files.update({f"b{i}/{name}": data for i, (name, (data, _)) in enumerate(broken_files.items())})
     store = memory_store("fastplain", files)
-    fast, _ = score_objects(store, store.list_objects(), {}, predictor,
-                            ScoringOptions(workers=2, batch_size=5, read_chunk=7), "r", AT)
+    fast, _ = ScoringEngine(predictor, ScoringOptions(workers=2, batch_size=5, read_chunk=7), RunStamp("r", AT)).score(store, store.list_objects(), {})
     for row in fast:
-        plain = prepare_photo(row.photo_key, files[row.photo_key], "sha", predictor.framing, DecodeLimits())
+        plain = prepare_photo(row.photo_key, files[row.photo_key], "sha", ChipRecipe(predictor.framing))
         assert plain.reject_reason == row.reject_reason, row.photo_key
         if plain.chip is not None:
             alone = float(predictor.predict(plain.chip[None]).p_male[0])
@@ -152,13 +148,13 @@ def test_fast_path_equals_one_photo_at_a_time(predictor, face_files, broken_file
 
 
 def test_a_pool_that_cannot_start_fails_the_run_instead_of_rejecting_photos(predictor, face_files, monkeypatch):
-    import gender_pipeline.engine.scoring as scoring
+    import gender_pipeline.engine.prepared as prepared
     from tests.crashing_decoder import broken_initializer
 
-    monkeypatch.setattr(scoring, "_init_worker", broken_initializer)
+    monkeypatch.setattr(prepared, "init_worker", broken_initializer)
     store = memory_store("nopool", {f"u{i}/p.jpg": face_files["baseline.jpg"] for i in range(3)})
     with pytest.raises(RuntimeError, match="cannot start"):
-        score_objects(store, store.list_objects(), {}, predictor, ScoringOptions(workers=2), "r", AT)
+        ScoringEngine(predictor, ScoringOptions(workers=2), RunStamp("r", AT)).score(store, store.list_objects(), {})
 
 
 from hypothesis import given, settings  # noqa: E402

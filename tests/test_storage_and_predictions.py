@@ -7,7 +7,8 @@ import pytest
 
 from gender_pipeline.lake import storage as storage_module
 from gender_pipeline.lake.history import PREDICTIONS_SCHEMA, PhotoResult, to_table, write_predictions
-from gender_pipeline.lake.state import OutputState, listing_table
+from gender_pipeline.lake.output import OutputState
+from gender_pipeline.lake.photo_state import listing_table
 from gender_pipeline.lake.storage import ObjectInfo, StorageError, Store, with_retries
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -41,7 +42,7 @@ def test_a_history_of_v1_and_v2_files_reads_as_v2(tmp_path):
     history sees them as rows without an age."""
     import pyarrow.dataset as ds
 
-    from gender_pipeline.lake.state import history_dataset, read_history_files
+    from gender_pipeline.lake.history import history_dataset, read_history_files
 
     store = Store(str(tmp_path / "lake"))
     old = to_table([row("a/1.jpg", "h1")]).drop_columns(["age_years", "age_band", "age_confidence"])

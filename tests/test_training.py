@@ -9,7 +9,7 @@ from gender_pipeline.models.datasets import load_dataset
 from gender_pipeline.models.experiment import RunResult, load_experiment, select_winner
 from gender_pipeline.models.networks import PretrainedWeightsUnavailable, build_network
 from gender_pipeline.models.train import RunSpec, fit
-from gender_pipeline.faces.front_end import Framing
+from gender_pipeline.faces.framing import Framing
 from gender_pipeline.lake.storage import Store
 
 

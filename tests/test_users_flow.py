@@ -16,13 +16,14 @@ from gender_pipeline.lake.storage import Store
 from gender_pipeline.flows.scoring import nightly_scoring
 from gender_pipeline import samples
 from gender_pipeline.cli import EXIT_EXPECTATIONS, EXIT_STORAGE, main
+from tests.conftest import night_options
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def run(source, output, registry, **kwargs):
-    return nightly_scoring(source=str(source), output=str(output), registry=str(registry), workers=0, **kwargs)
+    return nightly_scoring(night_options(source=str(source), output=str(output), registry=str(registry), workers=0, **kwargs))
 
 
 def users(output, options=None):
@@ -180,18 +181,18 @@ def test_users_table_and_erasure_on_the_s3_api(s3_endpoint, uploads):
     fs.pipe({f"{bucket}/uploads/{key}": data for key, data in files.items()})
     s3 = dict(source=f"s3://{bucket}/uploads", output=f"s3://{bucket}/lake", registry=f"s3://{bucket}/registry",
               endpoint_url=s3_endpoint, workers=0)
-    summary = nightly_scoring(**s3)
+    summary = nightly_scoring(night_options(**s3))
     options = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1"}
     assert sorted(users(s3["output"], options).index) == ["ada", "bea", "cy", "dee"]
     assert summary["users"]["table"] == f"s3://{bucket}/lake/users"
     fs.rm(f"{bucket}/uploads/dee/rotated")
-    nightly_scoring(**s3)
+    nightly_scoring(night_options(**s3))
     assert sorted(users(s3["output"], options).index) == ["ada", "bea", "cy"]
     assert main(["forget", "--user-id", "ada", "--output", s3["output"], "--endpoint-url", s3_endpoint]) == 0
     assert sorted(users(s3["output"], options).index) == ["bea", "cy"]
     storage = {"client_kwargs": {"endpoint_url": s3_endpoint}}
     assert "ada" not in set(history(s3["output"], storage_options=storage)["user_id"])
-    again = nightly_scoring(**s3)
+    again = nightly_scoring(night_options(**s3))
     assert again["rows"] == 0 and again["erased_skipped"] == 1
     assert main(["rebuild-users", "--source", s3["source"], "--output", s3["output"],
                  "--endpoint-url", s3_endpoint]) == 0

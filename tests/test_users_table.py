@@ -8,9 +8,12 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
-from gender_pipeline.lake.tables import TableError, duckdb_session
+from gender_pipeline.lake.sql import duckdb_session
+from gender_pipeline.lake.tables import TableError
 from gender_pipeline.lake.history import PhotoResult, to_table, write_predictions
-from gender_pipeline.lake.state import OutputState, SourceListing, erase, listing_table, rows_table
+from gender_pipeline.lake.erasure import erase
+from gender_pipeline.lake.output import OutputState
+from gender_pipeline.lake.photo_state import SourceListing, listing_table
 from gender_pipeline.lake.storage import ObjectInfo, Store
 from gender_pipeline.lake.users import answers
 
@@ -71,9 +74,9 @@ class Lake:
             row = answer(item["key"], item["why"], run_id, at)
             (rows.append(row) if row is not None else same.append(item["key"]))
         if rows:
-            self.state.begin(plan.seq, run_id, day, plan)
+            self.state.begin(plan, run_id, day)
             write_predictions(self.store, to_table(rows), day, f"part-{run_id}-00000")
-        self.state.apply_night(plan, rows_table(rows, day), same, at, run_id)
+        self.state.apply_night(plan, to_table(rows, day), same, at, run_id)
         return plan
 
 
@@ -321,7 +324,7 @@ def test_a_run_that_published_nothing_is_not_reported_as_caught_up(tmp_path, cap
     lake.put({**photos, "bob/b.jpg": T0})
     plan = lake.state.plan(listing_table([ObjectInfo(k, 10, t) for k, t in {**photos, "bob/b.jpg": T0}.items()]),
                            "m@1")
-    lake.state.begin(plan.seq, "cancelled-run", date(2026, 3, 2), plan)  # then stopped: nothing published
+    lake.state.begin(plan, "cancelled-run", date(2026, 3, 2))  # then stopped: nothing published
     assert list((tmp_path / "lake" / "_state" / "pending").glob("*.parquet"))
     caplog.clear()
     plan = lake.run({**photos, "bob/b.jpg": T0}, lambda k, w, r, at: scored(k, 0.2, r, at))
