@@ -1,4 +1,4 @@
-"""The README's deploy steps, run as written: a Prefect server, two work pools, the
+"""The deploy steps of docs/operating.md, run as written: a Prefect server, two work pools, the
 deployments from deployments/prefect.yaml, two workers, and a nightly run that completes."""
 
 import os
@@ -38,9 +38,9 @@ def _group(process) -> int | None:
 
 
 def deploy_steps() -> str:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "operating.md").read_text()
     block = re.search(r"<!-- deploy-steps -->\s*```sh\n(.*?)```\s*<!-- /deploy-steps -->", text, re.S)
-    assert block, "README.md lost its deploy steps"
+    assert block, "docs/operating.md lost its deploy steps"
     return block.group(1)
 
 

@@ -19,7 +19,7 @@ from gender_pipeline.cli import EXIT_EXPECTATIONS, EXIT_STORAGE, main
 from tests.conftest import night_options
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
-README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = [Path(__file__).resolve().parents[1] / name for name in ("README.md", "docs/outputs.md")]
 
 
 def run(source, output, registry, **kwargs):
@@ -72,15 +72,16 @@ def test_one_row_per_user_over_nights_and_the_readme_readers(uploads, tmp_path, 
     assert len(replaced) == 2 and table.loc["bea", "photo_sha256"] == replaced["photo_sha256"].iloc[-1]
     assert str(table.loc["bea", "answered_on"]) == "2026-03-02"
 
-    # The README's pandas and Polars readers, run as written, from the output's parent.
+    # The README's and docs/outputs.md's pandas and Polars readers, run as written, from the output's parent.
     monkeypatch.chdir(tmp_path)
-    snippets = re.findall(r"<!-- users-readers -->\n(.*?)<!-- /users-readers -->", README.read_text(), re.S)
-    assert snippets, "the README shows how to read the users table"
-    code = "\n".join(re.findall(r"```python\n(.*?)```", snippets[0], re.S))
-    namespace = {}
-    exec(compile(code.replace('"lake/', f'"{output.name}/'), "README", "exec"), namespace)
-    assert sorted(namespace["users"]["user_id"]) == sorted(table.index)
-    assert sorted(namespace["current"]["user_id"].to_list()) == sorted(table.index)
+    for doc in DOCS:
+        snippets = re.findall(r"<!-- users-readers -->\n(.*?)<!-- /users-readers -->", doc.read_text(), re.S)
+        assert snippets, f"{doc.name} shows how to read the users table"
+        code = "\n".join(re.findall(r"```python\n(.*?)```", snippets[0], re.S))
+        namespace = {}
+        exec(compile(code.replace('"lake/', f'"{output.name}/'), doc.name, "exec"), namespace)
+        assert sorted(namespace["users"]["user_id"]) == sorted(table.index)
+        assert sorted(namespace["current"]["user_id"].to_list()) == sorted(table.index)
 
 
 def copy_baseline(registry, version):
