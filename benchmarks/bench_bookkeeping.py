@@ -195,11 +195,10 @@ def measure(work: str) -> dict:
 
     sampler = Sampler()
     from gender_pipeline.lake.history import write_predictions
-    from gender_pipeline.lake.output import OutputState
+    from gender_pipeline.lake.output import NightRows, OutputState
     from gender_pipeline.lake.photo_state import SourceListing
     from gender_pipeline.lake.storage import Store
-    from gender_pipeline.night.options import Listing
-    from gender_pipeline.tasks.scoring_tasks import split_listing
+    from gender_pipeline.night.shards import split
 
     results: dict = {"start_mib": round(sampler.mib(), 1)}
     store = Store(os.path.join(work, "lake"))
@@ -208,8 +207,7 @@ def measure(work: str) -> dict:
     listing = SourceListing(os.path.join(work, "listing.parquet"))
     plan = _stage(results, sampler, "listing diff (plan)", lambda: state.plan(listing, "@".join(MODEL), 10_000))
     objects = plan.objects()
-    shards = _stage(results, sampler, "shard planning", lambda: split_listing(
-        Listing(objects, plan.known_hashes(), plan.unchanged, NIGHT, plan.listed, plan=plan), 2000))
+    shards = _stage(results, sampler, "shard planning", lambda: split(objects, plan.known_hashes(), 2000))
     run_id = "bench-night"
     rows = night_rows(objects, run_id)
 
@@ -221,9 +219,10 @@ def measure(work: str) -> dict:
     _stage(results, sampler, "history write", publish)
     dated = rows.append_column("dt", pa.array([NIGHT.date().isoformat()] * rows.num_rows))
     timings: dict = {}
-    applied = _stage(results, sampler, "state update + users MERGE", lambda: state.apply(
-        dated, plan.to_read, plan.seq, NIGHT, removed=plan.removed, partitions=plan.partitions(), timings=timings,
-        model="@".join(MODEL)))
+    night = NightRows(dated, plan.to_read, NIGHT, removed=plan.removed, partitions=plan.partitions(),
+                      model="@".join(MODEL))
+    applied = _stage(results, sampler, "state update + users MERGE", lambda: state.apply(night, plan.seq,
+                                                                                          timings=timings))
     results["  of which photo state"] = {"seconds": round(timings.get("photo_state", 0), 3)}
     results["  of which users table"] = {"seconds": round(timings.get("users_table", 0), 3)}
     counts = (plan.users + applied.users_added, plan.behind + applied.behind_added)  # as the flow counts them

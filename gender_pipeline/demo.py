@@ -10,6 +10,10 @@ import sys
 
 from gender_pipeline import samples
 from gender_pipeline.cli import main as cli_main
+import pandas as pd
+from deltalake import DeltaTable
+
+from gender_pipeline.night.render import age_bands_line
 
 # The demo scores with dlib's two shipped networks together, so that it shows age bands too.
 DEMO_MODEL = "dlib-attributes-v1"
@@ -36,10 +40,6 @@ def build_uploads(root: str) -> dict[str, str]:
 
 
 def show_users(lake: str) -> None:
-    from deltalake import DeltaTable
-
-    from gender_pipeline.night.render import age_bands_line
-
     users = DeltaTable(os.path.join(lake, "users")).to_pandas().sort_values("user_id")
     print(f"\nUsers table: {lake}/users  (DeltaTable('{lake}/users').to_pandas()), one answer per user:")
     counts = users["gender"].value_counts()
@@ -51,8 +51,6 @@ def show_users(lake: str) -> None:
 
 
 def show_answers(lake: str, known: dict[str, str]) -> None:
-    import pandas as pd
-
     frame = pd.read_parquet(os.path.join(lake, "predictions")).sort_values("photo_key")
     faces = frame[frame["photo_key"].map(known).isin(["male", "female"])]
     print("\nEach photo of the two public portraits, with the model's answer and the known one:")

@@ -12,11 +12,13 @@ import sys
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.deployments.runner import EntrypointType
 from prefect.logging.handlers import PrefectConsoleHandler
+from pydantic import ValidationError
 
 from gender_pipeline.cli import night_options
 from gender_pipeline.flows.retrain import retrain as retrain_flow
 from gender_pipeline.flows.schedule import NIGHTLY_CONCURRENCY, schedule_text
 from gender_pipeline.flows.scoring import nightly_scoring
+from gender_pipeline.models.retrain_options import RetrainOptions
 from gender_pipeline.night.render import render_text
 from gender_pipeline.runtime.errors import EXIT_USAGE
 from gender_pipeline.server import TemporaryServer
@@ -87,12 +89,18 @@ def retrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not os.path.exists(args.config):
         print(f"gender-pipeline: config {args.config} not found", file=sys.stderr)
         return EXIT_USAGE
-    _quiet_console()
     archs = [a.strip() for a in args.archs.split(",") if a.strip()] if args.archs else None
-    summary = retrain_flow(config=args.config, data=args.data, data_format=args.format, registry=args.registry,
-                           device=args.device, endpoint_url=args.endpoint_url, epochs=args.epochs,
-                           image_size=args.image_size, archs=archs, sample_size=args.sample_size,
-                           batch_size=args.batch_size, pretrained=args.pretrained, workers=args.workers,
-                           promote=not args.no_promote)
+    overrides = {"epochs": args.epochs, "image_size": args.image_size, "archs": archs, "sample_size": args.sample_size,
+                 "batch_size": args.batch_size, "pretrained": args.pretrained, "workers": args.workers}
+    try:
+        options = RetrainOptions(data=args.data, config=args.config, data_format=args.format, registry=args.registry,
+                                 endpoint_url=args.endpoint_url, device=args.device, promote=not args.no_promote,
+                                 overrides={k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as error:
+        first = error.errors()[0]
+        parser.error(f"--{'-'.join(str(p) for p in first['loc'][-1:])}: "
+                     + str(first.get("ctx", {}).get("error") or first["msg"]))
+    _quiet_console()
+    summary = retrain_flow(options)
     print(json.dumps(summary, indent=2, default=str))
     return 0

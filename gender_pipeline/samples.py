@@ -11,12 +11,12 @@ import zlib
 
 import numpy as np
 from PIL import Image
+import matplotlib.cbook
+import pillow_heif
 
 
 def grace_hopper() -> np.ndarray:
     """matplotlib's sample portrait (RGB uint8)."""
-    import matplotlib.cbook
-
     with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as handle:
         return np.asarray(Image.open(handle).convert("RGB"))
 
@@ -24,7 +24,7 @@ def grace_hopper() -> np.ndarray:
 def astronaut() -> np.ndarray | None:
     """scikit-image's astronaut portrait, when scikit-image is installed."""
     try:
-        from skimage import data
+        from skimage import data  # lazy: scikit-image is a test extra
     except ImportError:
         return None
     return np.ascontiguousarray(data.astronaut())
@@ -33,7 +33,7 @@ def astronaut() -> np.ndarray | None:
 def no_face_photo() -> np.ndarray:
     """A real photo without a human face (scikit-image's coffee), else a gradient."""
     try:
-        from skimage import data
+        from skimage import data  # lazy: scikit-image is a test extra
 
         return np.ascontiguousarray(data.coffee())
     except ImportError:
@@ -45,8 +45,6 @@ def encode(rgb: np.ndarray, fmt: str, **options) -> bytes:
     """Encode an RGB array; fmt is a Pillow format name (JPEG, PNG, WEBP, HEIF, GIF...)."""
     image = Image.fromarray(rgb)
     if fmt == "HEIF":
-        import pillow_heif
-
         pillow_heif.register_heif_opener()
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **options)

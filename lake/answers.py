@@ -75,6 +75,18 @@ def age_bands_of(years, confidence, abstain_threshold: float) -> list[str]:
             for i, c in zip(age_band_index(years), np.asarray(confidence, dtype=np.float64))]
 
 
+def band_answers(probabilities: np.ndarray, class_ages: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """From age distributions: the expected age, its band (an index into AGE_BANDS), and
+    the probability mass of that band."""
+    years = probabilities @ class_ages
+    band = age_band_index(years)
+    class_band = age_band_index(class_ages)
+    mass = np.zeros((len(probabilities), len(AGE_BAND_STARTS)))
+    for index in range(len(AGE_BAND_STARTS)):
+        mass[:, index] = probabilities[:, class_band == index].sum(1)
+    return years, band, mass[np.arange(len(band)), band]
+
+
 def in_band_order(counts) -> dict[str, int]:
     """Counts per age band (a mapping, a Counter or a pandas Series) in band order, the
     bands without any left out."""

@@ -420,20 +420,6 @@ def fit_age_temperature(age_logits: np.ndarray, ages: np.ndarray) -> float:
     return float(math.exp(golden_section_minimum(nll, math.log(0.2), math.log(10.0), 60)))
 
 
-def band_answers(probabilities: np.ndarray, class_ages: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """From age distributions: the expected age, its band (an index into AGE_BANDS), and
-    the probability mass of that band."""
-    from gender_pipeline.lake.answers import AGE_BAND_STARTS, age_band_index
-
-    years = probabilities @ class_ages
-    band = age_band_index(years)
-    class_band = age_band_index(class_ages)
-    mass = np.zeros((len(probabilities), len(AGE_BAND_STARTS)))
-    for index in range(len(AGE_BAND_STARTS)):
-        mass[:, index] = probabilities[:, class_band == index].sum(1)
-    return years, band, mass[np.arange(len(band)), band]
-
-
 def band_threshold(confidence: np.ndarray, coverage: float) -> float:
     """The band confidence under which the age is `unknown`, keeping `coverage` of the answers."""
     if not 0 < coverage <= 1:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gender_pipeline.faces.framing import Framing
+from gender_pipeline.lake.answers import age_bands_of, band_answers
 from gender_pipeline.runtime.processes import cpu_count
 
 log = logging.getLogger(__name__)
@@ -112,9 +113,6 @@ class Predictor:
         logits = np.asarray(logits, dtype=np.float32).reshape(-1)
         prediction = Prediction(p_male=calibrate(logits, self.temperature), logits=logits)
         if age_probabilities is not None:
-            from gender_pipeline.lake.answers import age_bands_of
-            from gender_pipeline.models.face_attributes import band_answers
-
             years, _, confidence = band_answers(np.asarray(age_probabilities, dtype=np.float64), class_ages)
             prediction.age_years = years.astype(np.float32)
             prediction.age_confidence = confidence.astype(np.float32)

@@ -15,18 +15,17 @@ Earlier versions took the same options as flat parameters (`source`, `output`,
 from __future__ import annotations
 
 import posixpath
-import re
 from dataclasses import dataclass
 from datetime import date
 from typing import Annotated, Any, Literal
 
-import fsspec
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
 
 from gender_pipeline.engine.engine import ScoringOptions
 from gender_pipeline.faces.decoding import DecodeLimits
 from gender_pipeline.lake.answers import PRODUCTION_MODEL, ModelRef
 from gender_pipeline.lake.listing import ListingSpec
+from gender_pipeline.lake.locations import Location, check_endpoint
 from gender_pipeline.lake.lock import LEASE_SECONDS
 from gender_pipeline.lake.photo_state import REFRESH_BUDGET
 
@@ -46,34 +45,8 @@ class Flag:
     metavar: str | None = None
 
 
-# -- the checks of single values --------------------------------------------------------------
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def check_location(text: str) -> str:
-    """A path or fsspec URL: not empty, not only spaces, no control characters, a scheme
-    fsspec knows (a plain path is a local one)."""
-    if not text or not text.strip():
-        raise ValueError("is empty: give a path or a URL (an empty one would mean the current directory)")
-    if text != text.strip():
-        raise ValueError(f"{text!r} starts or ends with spaces")
-    if _CONTROL.search(text):
-        raise ValueError(f"{text!r} holds a control character")
-    scheme = text.split("://", 1)[0] if "://" in text else None
-    if scheme is not None and scheme not in fsspec.available_protocols():
-        raise ValueError(f"{text!r}: unknown URL scheme {scheme!r} (known: file, s3, memory, gs, az, …)")
-    return text
-
-
 def check_model(text: str) -> str:
     ModelRef.parse(text)
-    return text
-
-
-def check_endpoint(text: str | None) -> str | None:
-    if text is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", text):
-        raise ValueError(f"an endpoint is an http:// or https:// URL, got {text!r}")
     return text
 
 
@@ -92,9 +65,6 @@ def check_file_links(text: str) -> str:
 def check_listing(text: str) -> str:
     ListingSpec.parse(text)
     return text
-
-
-Location = Annotated[str, AfterValidator(check_location)]
 
 
 class _Group(BaseModel):

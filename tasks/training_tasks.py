@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import time
 from dataclasses import dataclass
@@ -17,26 +16,22 @@ from prefect.cache_policies import NO_CACHE
 
 from gender_pipeline.models.chips import ChipSet, cached_parts, check_skipped, extract_chips
 from gender_pipeline.models.datasets import DatasetError, LabelledSet, dataset_ages, load_dataset
-from gender_pipeline.models.dlib_resnet import BLOCKS, load_dlib_face_resnet
-from gender_pipeline.models.experiment import (AgeResult, Experiment, RunResult, age_metrics, calibration_for, decide_promotion,
-                               evaluate_predictor,
-                               metrics_report, plot_age, plot_calibration, plot_confusion, plot_curves,
-                               plot_face_grid, results_json)
+from gender_pipeline.models.dlib_resnet import load_dlib_face_resnet
+from gender_pipeline.models.experiment import (AgeResult, Experiment, RunResult, decide_promotion,
+                               evaluate_predictor)
 from gender_pipeline.models.face_attributes import KIND as ATTRIBUTES_KIND
-from gender_pipeline.models.face_attributes import FORMAT as ATTRIBUTES_FORMAT
-from gender_pipeline.models.face_attributes import (AGES, ATTRIBUTES, AttributeSpec, Inputs, band_answers, band_threshold, cached_views,
-                                    fit_age_temperature, fit_attributes, predict_inputs, softmax, split_metrics)
-from gender_pipeline.models.face_embedding import BACKBONE, Embedder, Embeddings, HeadSpec, embed_dataset, fit_head, head_logits
-from gender_pipeline.models.face_embedding import FORMAT as EMBEDDING_FORMAT
+from gender_pipeline.models.face_attributes import (AttributeSpec, Inputs, cached_views,
+                                    fit_attributes, predict_inputs, split_metrics)
 from gender_pipeline.models.face_embedding import KIND as EMBEDDING_KIND
+from gender_pipeline.models.face_embedding import BACKBONE, Embedder, Embeddings, HeadSpec, embed_dataset, fit_head, head_logits
 from gender_pipeline.models.metrics import classification_report
 from gender_pipeline.models.networks import build_network
 from gender_pipeline.models.predictor import calibrate
-from gender_pipeline.models.registry import BASELINE_NAME, BASELINE_VERSION, ModelRef, Registry
+from gender_pipeline.models.registration import Winner, register_version
+from gender_pipeline.models.registry import BASELINE_NAME, BASELINE_VERSION, ModelRef
+from gender_pipeline.models.retrain_options import TrainingRun
 from gender_pipeline.models.train import evaluate, fit, make_loader
 from gender_pipeline.models.presets import eval_preset
-from gender_pipeline.lake.answers import AGE_BANDS
-from gender_pipeline.lake.storage import Stores
 
 
 @task(name="check-pretrained-weights", cache_policy=NO_CACHE)
@@ -49,8 +44,9 @@ def check_pretrained_weights(experiment: Experiment) -> None:
 
 
 @task(name="load-labelled-dataset", cache_policy=NO_CACHE)
-def load_labelled_dataset(url: str, experiment: Experiment, endpoint_url: str | None) -> LabelledSet:
-    data = load_dataset(url, experiment.data_format, Stores(endpoint_url).options, ratios=experiment.split,
+def load_labelled_dataset(run: TrainingRun, url: str) -> LabelledSet:
+    experiment = run.experiment
+    data = load_dataset(url, experiment.data_format, run.stores.options, ratios=experiment.split,
                         seed=experiment.data_seed, sample_size=experiment.sample_size)
     if experiment.kind == ATTRIBUTES_KIND:  # it learns age: say so before any work if the labels have none
         ages = dataset_ages(data)
@@ -66,7 +62,7 @@ def load_labelled_dataset(url: str, experiment: Experiment, endpoint_url: str | 
 
 
 @task(name="align-training-faces", cache_policy=NO_CACHE)
-def align_faces(data: LabelledSet, experiment: Experiment, endpoint_url: str | None) -> ChipSet:
+def align_faces(run: TrainingRun, data: LabelledSet) -> ChipSet:
     logger = get_run_logger()
     artifact = create_progress_artifact(0.0, key="face-alignment-progress", description="images aligned")
 
@@ -75,7 +71,7 @@ def align_faces(data: LabelledSet, experiment: Experiment, endpoint_url: str | N
         if done == total or done % 1024 < 64:
             logger.info("aligned %d/%d images", done, total)
 
-    chips = extract_chips(data, experiment.framing, Stores(endpoint_url).options, progress=progress)
+    chips = extract_chips(data, run.experiment.framing, run.stores.options, progress=progress)
     logger.info(chips.summary())
     return chips
 
@@ -86,12 +82,12 @@ def _split(data: LabelledSet, chips: ChipSet, name: str) -> tuple[np.ndarray, np
 
 
 @task(name="train-run", cache_policy=NO_CACHE)
-def train_run(spec, data: LabelledSet, chips: ChipSet, experiment: Experiment, registry: str | None,
-              endpoint_url: str | None, device: str, init_state: dict | None = None) -> RunResult:
+def train_run(run: TrainingRun, spec, data: LabelledSet, chips: ChipSet, init_state: dict | None = None) -> RunResult:
     """One row of the study: train with per-epoch checkpoints, then measure train/val/test."""
     logger = get_run_logger()
+    experiment, device = run.experiment, run.device
     train, val, test = (_split(data, chips, s) for s in ("train", "val", "test"))
-    store = Registry(registry, Stores(endpoint_url).options).store
+    store = run.registry.store
     key = f"{experiment.model_name}/_runs/{spec.key(data.fingerprint())}/checkpoint.pt"
     progress = create_progress_artifact(0.0, key=f"train-{spec.name}".lower(), description=f"{spec.name} epochs")
 
@@ -128,13 +124,12 @@ def train_run(spec, data: LabelledSet, chips: ChipSet, experiment: Experiment, r
 
 
 @task(name="embed-training-faces", cache_policy=NO_CACHE)
-def embed_faces(data: LabelledSet, experiment: Experiment, registry: str | None, endpoint_url: str | None,
-                device: str) -> Embeddings:
+def embed_faces(run: TrainingRun, data: LabelledSet) -> Embeddings:
     """Every training image through the face front end and the backbone, once per dataset:
     the outputs are kept in the registry's run folder part by part (a stopped run resumes
     at the first missing part; a rerun on the same data reads them back)."""
     logger = get_run_logger()
-    reg = Registry(registry, Stores(endpoint_url).options)
+    experiment, device, reg = run.experiment, run.device, run.registry
     settings = experiment.embedding
     backbone = load_dlib_face_resnet()
     shipped = (reg.load_predictor(ModelRef(BASELINE_NAME, BASELINE_VERSION), device="cpu")
@@ -154,7 +149,7 @@ def embed_faces(data: LabelledSet, experiment: Experiment, registry: str | None,
 
     logger.info("backbone %s on %s; outputs kept in %s/%s", BACKBONE, device, reg.url, folder)
     embeddings, skipped = embed_dataset(data, experiment.framing, embedder, reg.store, folder,
-                                        Stores(endpoint_url).options, experiment.workers,
+                                        run.stores.options, experiment.workers,
                                         batch_size=experiment.batch_size, progress=progress)
     check_skipped(skipped, len(data.images), 0.1)
     logger.info("%d/%d images gave a face (skipped: %s)", len(embeddings.index), len(data.images),
@@ -171,15 +166,14 @@ class AttributeData:
 
 
 @task(name="cache-training-faces", cache_policy=NO_CACHE)
-def cache_attribute_inputs(data: LabelledSet, experiment: Experiment, registry: str | None,
-                           endpoint_url: str | None, device: str) -> AttributeData:
+def cache_attribute_inputs(run: TrainingRun, data: LabelledSet) -> AttributeData:
     """Every training image through the face front end once, and on the CPU way of
     training through the frozen blocks too (the chip, its mirror and augmented views of the
     training faces): kept in the registry's run folder part by part, so a stopped run
     resumes and a rerun on the same data reads them back."""
     logger = get_run_logger()
     ages = dataset_ages(data)  # checked when the dataset was loaded
-    reg = Registry(registry, Stores(endpoint_url).options)
+    experiment, device, reg = run.experiment, run.device, run.registry
     settings = experiment.backbone
     backbone = load_dlib_face_resnet().eval().to(device)
     key = hashlib.sha256(json.dumps({"data": data.fingerprint(), "framing": experiment.framing.to_dict(),
@@ -205,7 +199,7 @@ def cache_attribute_inputs(data: LabelledSet, experiment: Experiment, registry: 
             else "the aligned chips")
     logger.info("caching %s in %s/%s", what, reg.url, folder)
     arrays, skipped = cached_parts(data, experiment.framing, compute, reg.store, folder,
-                                   Stores(endpoint_url).options, experiment.workers,
+                                   run.stores.options, experiment.workers,
                                    batch_size=experiment.batch_size, progress=progress)
     check_skipped(skipped, len(data.images), 0.1)
     splits = {}
@@ -221,12 +215,11 @@ def cache_attribute_inputs(data: LabelledSet, experiment: Experiment, registry: 
 
 
 @task(name="train-attribute-model", cache_policy=NO_CACHE)
-def train_attributes(spec: AttributeSpec, data: LabelledSet, faces: AttributeData, experiment: Experiment,
-                     device: str) -> RunResult:
+def train_attributes(run: TrainingRun, spec: AttributeSpec, data: LabelledSet, faces: AttributeData) -> RunResult:
     """One candidate (one row of the table): the backbone from its chosen block on and both
     heads, early-stopped on validation; measured on train/val/test."""
     logger = get_run_logger()
-    settings = experiment.backbone
+    device, settings = run.device, run.experiment.backbone
     backbone = load_dlib_face_resnet()
     progress = create_progress_artifact(0.0, key=f"train-{spec.name}".lower(), description=f"{spec.name} epochs")
     started = time.perf_counter()
@@ -267,11 +260,10 @@ def train_attributes(spec: AttributeSpec, data: LabelledSet, faces: AttributeDat
 
 
 @task(name="train-head", cache_policy=NO_CACHE)
-def train_head(spec: HeadSpec, data: LabelledSet, embeddings: Embeddings, experiment: Experiment,
-               device: str) -> RunResult:
+def train_head(run: TrainingRun, spec: HeadSpec, data: LabelledSet, embeddings: Embeddings) -> RunResult:
     """One candidate head (one row of the table): trained on train, measured on train/val/test."""
     logger = get_run_logger()
-    settings = experiment.embedding
+    device, settings = run.device, run.experiment.embedding
     parts = {name: embeddings.take(np.flatnonzero(data.split[embeddings.index] == name))
              for name in ("train", "val", "test")}
     labelled = {name: (part, data.labels[part.index]) for name, part in parts.items()}
@@ -300,7 +292,8 @@ def train_head(spec: HeadSpec, data: LabelledSet, embeddings: Embeddings, experi
 
 
 @task(name="publish-results", cache_policy=NO_CACHE)
-def publish_results(results: list[RunResult], experiment: Experiment) -> None:
+def publish_results(run: TrainingRun, results: list[RunResult]) -> None:
+    experiment = run.experiment
     rows = []
     for r in results:
         row = r.row()
@@ -313,127 +306,45 @@ def publish_results(results: list[RunResult], experiment: Experiment) -> None:
     get_run_logger().info("results:\n%s", "\n".join(json.dumps(r) for r in rows))
 
 
-def _model_card(winner: RunResult, experiment: Experiment) -> tuple[str, dict]:
-    """The weights' file name and the card entries that depend on the kind of model."""
-    if experiment.kind == ATTRIBUTES_KIND:
-        settings = experiment.backbone
-        return "model.pt", {
-            "arch": "dlib-face-resnet+attributes", "format": ATTRIBUTES_FORMAT, "attributes": list(ATTRIBUTES),
-            "backbone": {"name": BACKBONE, "sha256": load_dlib_face_resnet().dat_sha256,
-                         "train_from": settings.train_from},
-            "settings": settings.to_dict(), "head": winner.spec,
-            "initial_weights": f"dlib face-recognition ResNet, fine-tuned from block {settings.train_from + 1} of "
-                               f"{len(BLOCKS)}" if settings.train_from else
-                               "dlib face-recognition ResNet, fine-tuned whole"}
-    if experiment.kind == EMBEDDING_KIND:
-        spec = HeadSpec(**winner.spec)
-        return "head.pt", {
-            "arch": winner.arch, "format": EMBEDDING_FORMAT,
-            "backbone": {"name": BACKBONE, "sha256": load_dlib_face_resnet().dat_sha256,
-                         "frozen_blocks": experiment.embedding.frozen_blocks},
-            "embedding": experiment.embedding.to_dict(), "head": spec.to_dict(),
-            "initial_weights": "dlib face-recognition ResNet (frozen)" if not experiment.embedding.train_blocks
-            else f"dlib face-recognition ResNet, last {experiment.embedding.train_blocks} blocks fine-tuned"}
-    spec = next(s for s in experiment.runs if s.name == winner.name)
-    return "model.pt", {"arch": spec.arch, "format": "torch", "dropout": spec.dropout,
-                        "initial_weights": spec.pretrained}
-
-
 @task(name="register-winner", cache_policy=NO_CACHE)
-def register_winner(winner: RunResult, why: str, results: list[RunResult], experiment: Experiment,
-                    data: LabelledSet, faces_used: int, registry: str | None, endpoint_url: str | None,
-                    config_text: str) -> str:
-    """Calibrate on validation, write weights, card and report files as a new version. The
-    report holds calibration (ECE, coverage at the threshold) and accuracy per group."""
-    logger = get_run_logger()
-    options = Stores(endpoint_url).options
-    reg = Registry(registry, options)
-    temperature, threshold = calibration_for(winner, experiment.target_coverage)
-    buffer = io.BytesIO()
-    torch.save(winner.state_dict, buffer)
-    weights = buffer.getvalue()
-    weights_name, model_entries = _model_card(winner, experiment)
-    p_test = calibrate(winner.test_logits, temperature)
-    calibrated = metrics_report(data, winner.test_index, p_test, threshold)
-    age_entries = {}
-    if winner.age is not None:  # the age distribution's temperature and the band threshold, on val
-        age_temperature = fit_age_temperature(winner.age.val_logits, winner.age.val_ages)
-        _, _, val_confidence = band_answers(softmax(winner.age.val_logits, age_temperature), AGES)
-        age_threshold = band_threshold(val_confidence, experiment.age_target_coverage)
-        years, _, confidence = band_answers(softmax(winner.age.test_logits, age_temperature), AGES)
-        calibrated["age"] = age_metrics(data, winner.test_index, dataset_ages(data), years, confidence, age_threshold)
-        age_entries = {"age": {"temperature": age_temperature, "abstain_threshold": age_threshold,
-                               "target_coverage": experiment.age_target_coverage, "bins": len(AGES),
-                               "bands": list(AGE_BANDS), "fitted_on": "val"}}
-    card = {
-        **model_entries, "weights": weights_name, "weights_sha256": hashlib.sha256(weights).hexdigest(),
-        "framing": experiment.framing.to_dict(), "class_order": ["female", "male"],
-        "calibration": {"temperature": temperature, "fitted_on": "val"},
-        "abstain_threshold": threshold, "target_coverage": experiment.target_coverage, **age_entries,
-        "training": {"experiment": experiment.name, "kind": experiment.kind, "run": winner.spec,
-                     "config": experiment.raw},
-        "data": {"format": experiment.data_format, "fingerprint": data.fingerprint(),
-                 "images": len(data.images), "faces_used": int(faces_used),
-                 "splits": {s: int((data.split == s).sum()) for s in ("train", "val", "test")}},
-        "metrics": {"acc_train": winner.acc_train, "acc_val": winner.acc_val, "acc_test": winner.acc_test,
-                    "test": calibrated},
-        "selection": why,
-    }
-    # The face grid shows what the version itself answers, through the scoring path.
-    sample = data.subset(winner.test_index[:12])
-    grid = extract_chips(sample, experiment.framing, options, workers=0, max_skipped=1.0)
-    shown = reg.predictor_from_card(card, weights, device="cpu").predict(grid.chips)
-    versions = reg.versions(experiment.model_name)
-    version = str(max((int(v) for v in versions if v.isdigit()), default=0) + 1)
-    sample_ages = dataset_ages(sample)
-    files = {weights_name: weights, "config.yaml": config_text.encode(),
-             "report/results.json": results_json(results, winner, why, {
-                 "temperature": temperature, "abstain_threshold": threshold, "winner_test": calibrated,
-                 **age_entries}),
-             "report/confusion_matrix.png": plot_confusion(calibrated["confusion_matrix"], f"{winner.name} (test)"),
-             "report/learning_curves.png": plot_curves(results),
-             "report/faces.png": plot_face_grid(grid.chips, sample.labels[grid.kept], shown.p_male,
-                                                ages=shown.age_years, bands=shown.age_band,
-                                                band_confidence=shown.age_confidence,
-                                                true_ages=None if sample_ages is None else sample_ages[grid.kept])}
-    if winner.age is not None:
-        files["report/age.png"] = plot_age(winner.age.test_ages, years, calibrated["age"], f"{winner.name} (test)")
-        files["report/calibration.png"] = plot_calibration(winner.test_labels, p_test, winner.age.test_ages, years,
-                                                           confidence)
-    reg.register(experiment.model_name, version, card, files)
-    for name in files:
-        if name.startswith("report/"):
-            create_link_artifact(reg.store.full_url(f"{experiment.model_name}/{version}/{name}"),
-                                 link_text=name, key=name.replace("report/", "report-").replace(".", "-").replace("_", "-"))
-    logger.info("registered %s@%s (temperature %.3f, abstain below %.3f)", experiment.model_name,
-                version, temperature, threshold)
+def register_winner(run: TrainingRun, winner: RunResult, why: str, results: list[RunResult], data: LabelledSet,
+                    faces_used: int) -> str:
+    """Calibrate on validation, write weights, card and report files as a new version
+    (models.registration); the report's pictures, the accuracy per group and the
+    registration's summary as artifacts."""
+    registered = register_version(run, Winner(winner, why, results, faces_used), data)
+    name, version, reg = run.experiment.model_name, registered.version, run.registry
+    for file in registered.files:
+        if file.startswith("report/"):
+            create_link_artifact(reg.store.full_url(f"{name}/{version}/{file}"), link_text=file,
+                                 key=file.replace("report/", "report-").replace(".", "-").replace("_", "-"))
+    get_run_logger().info("registered %s@%s (temperature %.3f, abstain below %.3f)", name, version,
+                          registered.temperature, registered.threshold)
+    calibrated = registered.test
     fairness = [{"column": column, "group": group, "accuracy": round(v["accuracy"], 4), "faces": v["count"]}
                 for column, report in calibrated["groups"].items() for group, v in report["groups"].items()]
     if fairness:
-        create_table_artifact(fairness, key="fairness", description=f"{experiment.model_name}@{version}: "
-                              "test accuracy per group")
+        create_table_artifact(fairness, key="fairness", description=f"{name}@{version}: test accuracy per group")
     gaps = "; ".join(f"{column} {report['max_gap']:.3f}" for column, report in calibrated["groups"].items())
     create_markdown_artifact(
-        f"## Registered {experiment.model_name}@{version}\n\n{why}\n\n"
+        f"## Registered {name}@{version}\n\n{why}\n\n"
         f"Test accuracy {calibrated['accuracy']:.4f}, ROC-AUC {calibrated['roc_auc']:.4f}, "
         f"ECE {calibrated['ece']:.4f}; coverage {calibrated['coverage']:.3f} at the abstain threshold, "
         f"accuracy {calibrated['accuracy_when_answering']:.4f} when answering.\n\n"
         f"Largest accuracy gap between groups (of at least 20 faces): {gaps or 'no group columns'}.\n\n"
-        f"Temperature {temperature:.3f}, abstain below {threshold:.3f} "
-        f"(target coverage {experiment.target_coverage:.0%}).\n\n"
-        f"Report files: `{reg.url}/{experiment.model_name}/{version}/report/`",
+        f"Temperature {registered.temperature:.3f}, abstain below {registered.threshold:.3f} "
+        f"(target coverage {run.experiment.target_coverage:.0%}).\n\n"
+        f"Report files: `{reg.url}/{name}/{version}/report/`",
         key="registered-model", description="the winner of this retraining run")
     return version
 
 
 @task(name="promotion-gate", cache_policy=NO_CACHE)
-def promotion_gate(experiment: Experiment, version: str, data: LabelledSet, registry: str | None,
-                   endpoint_url: str | None, device: str) -> dict:
+def promotion_gate(run: TrainingRun, version: str, data: LabelledSet) -> dict:
     """Promote only when, on the same test images, no attribute of production gets worse
     beyond noise and one gets better (or is new): models.experiment.decide_promotion."""
     logger = get_run_logger()
-    reg = Registry(registry, Stores(endpoint_url).options)
-    options = Stores(endpoint_url).options
+    experiment, device, reg, options = run.experiment, run.device, run.registry, run.stores.options
     test = data.subset(data.indices("test"))
     candidate = evaluate_predictor(reg.load_predictor(ModelRef(experiment.model_name, version), device),
                                    test, options=options, keep_faces=True)
@@ -448,3 +359,24 @@ def promotion_gate(experiment: Experiment, version: str, data: LabelledSet, regi
     create_markdown_artifact(f"## Promotion\n\n{decision['reason']}", key="promotion",
                              description="promotion decision")
     return decision
+
+
+def train_candidates(run: TrainingRun, dataset: LabelledSet) -> tuple[list[RunResult], int]:
+    """Every candidate of the experiment, by its kind: the fine-tuned face network (gender
+    and age), heads on dlib's face embedding, or the study's torchvision networks on
+    aligned chips (the tuned ResNet18 starting from the base one). Returns the results and
+    how many faces the dataset gave."""
+    experiment = run.experiment
+    if experiment.kind == ATTRIBUTES_KIND:
+        faces = cache_attribute_inputs(run, dataset)
+        return [train_attributes(run, spec, dataset, faces) for spec in experiment.candidates], faces.faces
+    if experiment.kind == EMBEDDING_KIND:
+        embeddings = embed_faces(run, dataset)
+        return [train_head(run, spec, dataset, embeddings) for spec in experiment.heads], len(embeddings.index)
+    chips = align_faces(run, dataset)
+    results, states = [], {}
+    for spec in experiment.runs:
+        result = train_run(run, spec, dataset, chips, init_state=states.get(experiment.init_from.get(spec.name)))
+        states[spec.name] = result.state_dict
+        results.append(result)
+    return results, len(chips.kept)

@@ -4,7 +4,8 @@ import os
 import pandas as pd
 import pytest
 
-from gender_pipeline.cli import EXIT_STORAGE, EXIT_USAGE, main
+from gender_pipeline.cli import main
+from gender_pipeline.runtime.errors import EXIT_STORAGE, EXIT_USAGE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,7 +7,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from gender_pipeline.cli import EXIT_LOCKED, main
+from gender_pipeline.cli import main
+from gender_pipeline.runtime.errors import EXIT_LOCKED
 from gender_pipeline.lake.lock import OutputLocked, acquire, read_holder
 from gender_pipeline.lake.storage import Store
 

@@ -11,7 +11,8 @@ import pytest
 from gender_pipeline.night.render import headline, render_markdown
 from gender_pipeline.night.report import alarms, outcome, state_name
 from gender_pipeline.flows.scoring import nightly_scoring
-from gender_pipeline.cli import EXIT_EXPECTATIONS, main
+from gender_pipeline.cli import main
+from gender_pipeline.runtime.errors import EXIT_EXPECTATIONS
 from tests.test_operator_view import artifacts_of, by_prefix, flow_run
 from tests.test_stop import ROOT
 from tests.conftest import night_options

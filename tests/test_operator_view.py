@@ -9,7 +9,8 @@ import pytest
 
 from gender_pipeline.flows.retrain import retrain
 from gender_pipeline.flows.scoring import nightly_scoring
-from gender_pipeline.cli import EXIT_EXPECTATIONS, main
+from gender_pipeline.cli import main
+from gender_pipeline.runtime.errors import EXIT_EXPECTATIONS
 from tests.conftest import night_options
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

@@ -15,7 +15,8 @@ from deltalake import DeltaTable
 from gender_pipeline.lake.storage import Store
 from gender_pipeline.flows.scoring import nightly_scoring
 from gender_pipeline import samples
-from gender_pipeline.cli import EXIT_EXPECTATIONS, EXIT_STORAGE, main
+from gender_pipeline.cli import main
+from gender_pipeline.runtime.errors import EXIT_EXPECTATIONS, EXIT_STORAGE
 from tests.conftest import night_options
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
