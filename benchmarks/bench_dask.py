@@ -58,8 +58,10 @@ def main() -> int:
     dask = time.perf_counter() - started
 
     columns = ["photo_key", "status", "reject_reason", "gender", "p_male", "face_count"]
-    a = pd.read_parquet(os.path.join(work, "one", "predictions"))[columns].sort_values("photo_key").reset_index(drop=True)
-    b = pd.read_parquet(os.path.join(work, "dask", "predictions"))[columns].sort_values("photo_key").reset_index(drop=True)
+    a = pd.read_parquet(os.path.join(work, "one",
+                                     "predictions"))[columns].sort_values("photo_key").reset_index(drop=True)
+    b = pd.read_parquet(os.path.join(work, "dask",
+                                     "predictions"))[columns].sort_values("photo_key").reset_index(drop=True)
     same = a.equals(b) or bool(((a.p_male - b.p_male).abs().fillna(0) < 1e-6).all() and
                                a.drop(columns="p_male").equals(b.drop(columns="p_male")))
     print(f"photos: {args.count}; rows one process {len(a)}, dask {len(b)} in {summary['shards']} shards; "

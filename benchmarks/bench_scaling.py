@@ -120,7 +120,8 @@ def main() -> int:
         objects = store.list_objects()
         with PeakMemory() as memory:
             started = time.perf_counter()
-            results, stats = ScoringEngine(predictor, options, RunStamp("bench", datetime.now(timezone.utc))).score(store, objects, {})
+            results, stats = ScoringEngine(predictor, options,
+                                           RunStamp("bench", datetime.now(timezone.utc))).score(store, objects, {})
             seconds = time.perf_counter() - started
         assert len(results) == size
         rows.append((size, seconds, size / seconds, memory.peak / 2**20))

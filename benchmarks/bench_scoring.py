@@ -138,7 +138,8 @@ def main() -> int:
 
     # Start Prefect's temporary server before timing, as a deployment's worker has one.
     os.makedirs(os.path.join(work, "empty"))
-    nightly_scoring(NightOptions.from_flat(dict(source=os.path.join(work, "empty"), output=os.path.join(work, "warm"), registry=registry)))
+    nightly_scoring(NightOptions.from_flat(dict(source=os.path.join(work, "empty"), output=os.path.join(work, "warm"),
+                                                registry=registry)))
     import pandas as pd
 
     print(f"uploads: {len(keys)} ({n_faces} with a face, {len(keys) - n_faces} broken)")
@@ -158,7 +159,8 @@ def main() -> int:
               f"{wrong_rejects}; reject reasons: {summary['reject_reasons']}")
         stages = summary["stage_seconds"]
         print("  seconds per stage (summed over processes): "
-              + ", ".join(f"{k} {stages.get(k, 0):.1f}" for k in ("read", "decode", "detect", "landmarks", "warp", "model")))
+              + ", ".join(f"{k} {stages.get(k, 0):.1f}" for k in ("read", "decode", "detect", "landmarks", "warp",
+                                                                  "model")))
         rows.append((f"flow, {summary['model']}", seconds, acc_ours, n_ours))
 
     print(f"\n{'':40}{'photos/s':>10}{'seconds':>10}{'accuracy':>10}{'answered':>10}")

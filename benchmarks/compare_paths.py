@@ -50,7 +50,8 @@ def main() -> None:
         options = ScoringOptions(workers=args.workers, front_end=front_end)
         if args.first_side is not None:
             options = ScoringOptions(workers=args.workers, front_end=front_end, detect_first_side=args.first_side)
-        out, _ = ScoringEngine(predictor, options, RunStamp(front_end, datetime.now(timezone.utc))).score(store, objects, {})
+        out, _ = ScoringEngine(predictor, options,
+                               RunStamp(front_end, datetime.now(timezone.utc))).score(store, objects, {})
         rows[front_end] = {r.photo_key: r for r in out}
     cpu, gpu = rows["cpu"], rows["gpu"]
     same_status = same_answer = 0

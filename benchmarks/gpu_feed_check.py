@@ -105,7 +105,8 @@ def run(folder: str, predictor, batch: int, gpu_batch: int, label: str) -> dict:
     objects = store.list_objects()
     with Utilisation() as busy:
         start = time.perf_counter()
-        rows, stats = ScoringEngine(predictor, ScoringOptions(front_end="gpu", gpu_batch=gpu_batch, batch_size=batch), RunStamp("gpu-feed", datetime.now(timezone.utc))).score(store, objects, {})
+        rows, stats = ScoringEngine(predictor, ScoringOptions(front_end="gpu", gpu_batch=gpu_batch, batch_size=batch),
+                                    RunStamp("gpu-feed", datetime.now(timezone.utc))).score(store, objects, {})
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start

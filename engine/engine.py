@@ -21,10 +21,10 @@ import numpy as np
 
 from gender_pipeline.engine.decoders import CpuDecoding, DeviceDecoding
 from gender_pipeline.engine.pool import DecoderPool
-from gender_pipeline.engine.prepared import BAD_KEY, BAD_KEY_DETAIL, READ_ERROR, Prepared
+from gender_pipeline.engine.prepared import BAD_KEY, BAD_KEY_DETAIL, Prepared, READ_ERROR
 from gender_pipeline.engine.reader import ReadAhead
-from gender_pipeline.faces.chip import DETECT_SIDE, ChipRecipe
-from gender_pipeline.faces.decoding import TOO_LARGE, DecodeLimits
+from gender_pipeline.faces.chip import ChipRecipe, DETECT_SIDE
+from gender_pipeline.faces.decoding import DecodeLimits, TOO_LARGE
 from gender_pipeline.faces.framing import Framing
 from gender_pipeline.faces.front_end import FIRST_SIDE
 from gender_pipeline.lake.answers import gender_of

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gender_pipeline.faces.decoding import DecodedPhoto, DecodeLimits, Rejection, decode_photo
-from gender_pipeline.faces.framing import NO_FACE, Framing
+from gender_pipeline.faces.decoding import DecodeLimits, DecodedPhoto, Rejection, decode_photo
+from gender_pipeline.faces.framing import Framing, NO_FACE
 from gender_pipeline.faces.front_end import FIRST_SIDE, FaceFrontEnd
 from gender_pipeline.runtime.processes import cpu_count, quiet_worker
 from gender_pipeline.runtime.timing import timed

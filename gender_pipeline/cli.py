@@ -21,13 +21,13 @@ import annotated_types
 from pydantic import ValidationError
 
 from gender_pipeline.flows.schedule import NIGHTLY_CRON, NIGHTLY_TIMEZONE
-from gender_pipeline.lake.answers import PRODUCTION_MODEL, ModelRef
+from gender_pipeline.lake.answers import ModelRef, PRODUCTION_MODEL
 from gender_pipeline.lake.tables import RETENTION_HOURS
-from gender_pipeline.night.options import NightOptions, fields, flag_of
 from gender_pipeline.night.checks import warm_up
+from gender_pipeline.night.options import NightOptions, fields, flag_of
 from gender_pipeline.runtime import timeline
-from gender_pipeline.runtime.errors import (EXIT_EXPECTATIONS, EXIT_FAILED, EXIT_LOCKED, EXIT_STOPPED,  # noqa: F401
-                                            EXIT_STORAGE, EXIT_USAGE, expected_failure)
+from gender_pipeline.runtime.errors import EXIT_EXPECTATIONS, EXIT_LOCKED, EXIT_STORAGE  # noqa: F401 - the exit statuses, for callers
+from gender_pipeline.runtime.errors import EXIT_FAILED, EXIT_STOPPED, EXIT_USAGE, expected_failure
 from gender_pipeline.runtime.stopping import STOP
 from gender_pipeline.server import TemporaryServer, configured_api_url
 

@@ -8,11 +8,11 @@ import os
 import shutil
 import sys
 
-from gender_pipeline import samples
-from gender_pipeline.cli import main as cli_main
 import pandas as pd
 from deltalake import DeltaTable
 
+from gender_pipeline import samples
+from gender_pipeline.cli import main as cli_main
 from gender_pipeline.night.render import age_bands_line
 
 # The demo scores with dlib's two shipped networks together, so that it shows age bands too.

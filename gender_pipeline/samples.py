@@ -9,10 +9,10 @@ import os
 import struct
 import zlib
 
-import numpy as np
-from PIL import Image
 import matplotlib.cbook
+import numpy as np
 import pillow_heif
+from PIL import Image
 
 
 def grace_hopper() -> np.ndarray:

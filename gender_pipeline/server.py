@@ -45,7 +45,7 @@ class TemporaryServer:
     def use(self) -> str:
         """Point this process's Prefect client (every thread's) and the processes it starts
         at the server; returns its API URL."""
-        from prefect.context import refresh_global_settings_context
+        from prefect.context import refresh_global_settings_context  # lazy: this module starts the server before Prefect is imported
 
         os.environ["PREFECT_API_URL"] = self.api_url
         refresh_global_settings_context()
@@ -80,6 +80,6 @@ def configured_api_url() -> str | None:
     """The Prefect API this command is configured to use (environment or profile)."""
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"]
-    from prefect.settings import PREFECT_API_URL
+    from prefect.settings import PREFECT_API_URL  # lazy: Prefect's settings, only when no URL is set
 
     return PREFECT_API_URL.value()

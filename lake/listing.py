@@ -33,8 +33,8 @@ import pyarrow.parquet as pq
 from gender_pipeline.lake.columns import LISTING_SCHEMA, TIMESTAMP
 from gender_pipeline.lake.inventory import iter_inventory
 from gender_pipeline.lake.s3_listing import DEFAULT_S3_FANOUT, S3Lister
-from gender_pipeline.runtime.processes import cpu_count, kill_pool, quiet_worker
 from gender_pipeline.lake.storage import StorageError, Store, modified_time, with_retries
+from gender_pipeline.runtime.processes import cpu_count, kill_pool, quiet_worker
 
 log = logging.getLogger(__name__)
 

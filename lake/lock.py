@@ -24,9 +24,9 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from gender_pipeline.runtime.stopping import STOP, Stop, StopRequested
 from gender_pipeline.lake.storage import StorageError, Store, with_retries
 from gender_pipeline.runtime.errors import EXIT_LOCKED, ExpectedFailure
+from gender_pipeline.runtime.stopping import STOP, Stop, StopRequested
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,9 @@ from gender_pipeline.lake.keys import folders
 from gender_pipeline.lake.listing import key_sample
 from gender_pipeline.lake.lock import acquire
 from gender_pipeline.lake.pending import PendingRuns
-from gender_pipeline.lake.photo_state import (PHOTOS, PHOTOS_SCHEMA, REFRESH_BUDGET, NightPlan, SourceListing, after_night,
-                                              changed_photos, key_shapes, listing_counts, night_changes,
-                                              photos_to_read, refresh_photos, register_listing, rows_where,
-                                              with_op)
+from gender_pipeline.lake.photo_state import (NightPlan, PHOTOS, PHOTOS_SCHEMA, REFRESH_BUDGET, SourceListing,
+                                              after_night, changed_photos, key_shapes, listing_counts, night_changes,
+                                              photos_to_read, refresh_photos, register_listing, rows_where, with_op)
 from gender_pipeline.lake.rebuild import rebuild_tables
 from gender_pipeline.lake.sql import duckdb_session
 from gender_pipeline.lake.storage import Store

@@ -22,7 +22,7 @@ from datetime import datetime
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gender_pipeline.lake.answers import RETRYABLE_REASONS, ModelRef
+from gender_pipeline.lake.answers import ModelRef, RETRYABLE_REASONS
 from gender_pipeline.lake.columns import AGE_ANSWER, GENDER_ANSWER, LISTING_SCHEMA, TIMESTAMP, WHO_ANSWERED, schema
 from gender_pipeline.lake.keys import bad_key_sql, folder_sql, folders
 from gender_pipeline.lake.storage import ObjectInfo

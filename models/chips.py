@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gender_pipeline.models.datasets import DatasetError, LabelledSet
 from gender_pipeline.faces.chip import ChipRecipe, face_chip, init_face_worker, worker_threads
 from gender_pipeline.faces.framing import Framing
+from gender_pipeline.lake.storage import Store
+from gender_pipeline.models.datasets import DatasetError, LabelledSet
 from gender_pipeline.runtime.processes import cpu_count, kill_pool
 from gender_pipeline.runtime.stopping import STOP, result_unless_stopped
-from gender_pipeline.lake.storage import Store
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gender_pipeline.faces.model_files import sha256_file
+from gender_pipeline.runtime.processes import cpu_count
 
 log = logging.getLogger(__name__)
 
@@ -434,8 +435,6 @@ def backbone_for_card(common: dict) -> DlibFaceResNet:
     """The backbone a model card (in `common`, the registry's predictor arguments) was
     trained on: the installed .dat must be it (checked by its hash). On the CPU, torch gets
     every core."""
-    from gender_pipeline.runtime.processes import cpu_count
-
     card = common["card"]
     if common["device"] == "cpu":
         torch.set_num_threads(cpu_count())

@@ -12,18 +12,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import yaml
 
+from gender_pipeline.faces.framing import Framing
 from gender_pipeline.models.chips import iter_chips
-from gender_pipeline.models.dlib_resnet import CHIP_SIZE
-from gender_pipeline.models.face_attributes import KIND as ATTRIBUTES_KIND
-from gender_pipeline.models.face_attributes import AttributeSettings, AttributeSpec, validation_score
-from gender_pipeline.models.face_embedding import KIND as EMBEDDING_KIND
-from gender_pipeline.models.face_embedding import EmbeddingSettings, HeadSpec
 from gender_pipeline.models.datasets import LabelledSet, dataset_ages
+from gender_pipeline.models.dlib_resnet import CHIP_SIZE
+from gender_pipeline.models.face_attributes import (AttributeSettings, AttributeSpec, KIND as ATTRIBUTES_KIND,
+                                                    validation_score)
+from gender_pipeline.models.face_embedding import EmbeddingSettings, HeadSpec, KIND as EMBEDDING_KIND
 from gender_pipeline.models.metrics import (age_report, classification_report, fit_temperature, group_report,
-                            threshold_for_coverage)
+                                            threshold_for_coverage)
 from gender_pipeline.models.predictor import Predictor, calibrate
 from gender_pipeline.models.train import RunSpec
-from gender_pipeline.faces.framing import Framing
 
 
 STUDY = "study"  # torchvision networks trained on aligned chips (configs/celeba_experiment.yaml)

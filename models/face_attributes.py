@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gender_pipeline.models.dlib_resnet import BLOCKS, FEATURE_SIZE, DlibFaceResNet, backbone_for_card
+from gender_pipeline.models.dlib_resnet import BLOCKS, DlibFaceResNet, FEATURE_SIZE, backbone_for_card
 from gender_pipeline.models.metrics import golden_section_minimum
 from gender_pipeline.models.predictor import Predictor, autocast, cuda_batch_size, device_batch
 from gender_pipeline.runtime.stopping import STOP

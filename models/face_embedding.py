@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gender_pipeline.faces.framing import Framing
+from gender_pipeline.lake.storage import Store
 from gender_pipeline.models.chips import cached_parts
 from gender_pipeline.models.datasets import LabelledSet
-from gender_pipeline.models.dlib_resnet import BLOCKS, FEATURE_SIZE, DlibFaceResNet, backbone_for_card
+from gender_pipeline.models.dlib_resnet import BLOCKS, DlibFaceResNet, FEATURE_SIZE, backbone_for_card
 from gender_pipeline.models.predictor import OnnxGenderPredictor, Predictor, autocast, cuda_batch_size, device_batch
-from gender_pipeline.faces.framing import Framing
 from gender_pipeline.runtime.stopping import STOP
-from gender_pipeline.lake.storage import Store
 
 log = logging.getLogger(__name__)
 

@@ -9,6 +9,8 @@ import math
 
 import numpy as np
 
+from gender_pipeline.lake.answers import AGE_BANDS, age_band_index
+
 CLASSES = ("female", "male")
 
 
@@ -104,8 +106,6 @@ def banded(values: list, column: str = "") -> list[str]:
     except (TypeError, ValueError):
         return [str(v) for v in values]
     if column == "age":
-        from gender_pipeline.lake.answers import AGE_BANDS, age_band_index
-
         return [AGE_BANDS[i] for i in age_band_index(numbers)]
     if len(set(numbers)) <= 12:
         return [str(v) for v in values]
@@ -149,8 +149,6 @@ def age_report(true_ages: np.ndarray, years: np.ndarray, confidence: np.ndarray,
     years (all, and adults), accuracy of the age band (exact, and within one band), the
     band confusion matrix, calibration of the band's confidence (ECE), coverage and band
     accuracy at the abstain threshold, and MAE and band accuracy per group."""
-    from gender_pipeline.lake.answers import AGE_BANDS, age_band_index
-
     true_ages, years = np.asarray(true_ages, dtype=np.float64), np.asarray(years, dtype=np.float64)
     confidence = np.asarray(confidence, dtype=np.float64)
     known = true_ages >= 0

@@ -19,7 +19,7 @@ class PretrainedWeightsUnavailable(UsageFailure, RuntimeError):
 
 
 def _imagenet_weights(arch: str):
-    from torchvision import models as tvm
+    from torchvision import models as tvm  # lazy: torchvision's models, a second to import
 
     return {"vgg16": tvm.VGG16_Weights.IMAGENET1K_V1,
             "googlenet": tvm.GoogLeNet_Weights.IMAGENET1K_V1,
@@ -33,7 +33,7 @@ def build_network(arch: str, num_classes: int = 2, dropout: float = 0.0,
     `dropout` > 0 puts a Dropout right before the final linear layer; `freeze` names
     top-level children (e.g. 'layer1', 'layer2') whose parameters stop training.
     """
-    from torchvision import models as tvm
+    from torchvision import models as tvm  # lazy: torchvision's models, a second to import
 
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")

@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnxruntime as ort
 
 from gender_pipeline.faces.framing import Framing
 from gender_pipeline.lake.answers import age_bands_of, band_answers
@@ -40,7 +41,7 @@ def _cuda_available() -> bool:
     device node exists: a machine without one has no CUDA device to find."""
     if sys.platform == "linux" and not glob.glob("/dev/nvidia[0-9]*") and not os.path.exists("/dev/dxg"):
         return False
-    import torch
+    import torch  # lazy: the shipped ONNX models score without torch
 
     return torch.cuda.is_available()
 
@@ -192,8 +193,6 @@ class OnnxAttributesPredictor(OnnxAgePredictor):
 
 def _onnx_session(onnx_bytes: bytes, device: str, threads: int | None):
     """An onnxruntime session (on CUDA when that provider exists) and its input's name."""
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or cpu_count()
     options.inter_op_num_threads = 1
@@ -228,7 +227,7 @@ class TorchPredictor(Predictor):
     def __init__(self, module, *, class_order: list[str], mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  amp_dtype: str = "bfloat16", compile: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
-        import torch
+        import torch  # lazy: the shipped ONNX models score without torch
 
         self._torch = torch
         if self.device == "cpu":
@@ -261,7 +260,7 @@ def device_batch(chips, device: str):
     """uint8 N x H x W x 3 chips as a float N x 3 x H x W tensor (pixel values) on `device`:
     through pinned memory with a non-blocking copy, and channels_last, on CUDA. Chips that
     are already a float N x 3 x H x W tensor are only moved (the GPU front end's)."""
-    import torch
+    import torch  # lazy: the shipped ONNX models score without torch
 
     if isinstance(chips, torch.Tensor):
         return chips.to(device).float().contiguous(memory_format=batch_format(device))
@@ -274,14 +273,14 @@ def device_batch(chips, device: str):
 
 
 def batch_format(device: str):
-    import torch
+    import torch  # lazy: the shipped ONNX models score without torch
 
     return torch.channels_last if device.startswith("cuda") else torch.contiguous_format
 
 
 def autocast(device: str, dtype=None):
     """bf16 autocast on CUDA; plain fp32 on the CPU."""
-    import torch
+    import torch  # lazy: the shipped ONNX models score without torch
 
     cuda = device.startswith("cuda")
     return torch.autocast(device_type="cuda" if cuda else "cpu", dtype=dtype or torch.bfloat16, enabled=cuda)
@@ -290,7 +289,7 @@ def autocast(device: str, dtype=None):
 def cuda_batch_size(predictor: Predictor, free_fraction: float = 0.5, low: int = 16, high: int = 1024) -> int:
     """The largest power of two whose activations fit in `free_fraction` of free GPU memory,
     measured from one probe batch."""
-    import torch
+    import torch  # lazy: the shipped ONNX models score without torch
 
     probe = low
     size = predictor.framing.size

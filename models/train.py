@@ -23,12 +23,12 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from gender_pipeline.lake.storage import Store
 from gender_pipeline.models.networks import build_network
 from gender_pipeline.models.predictor import autocast  # bf16 on CUDA (no loss scaling needed), fp32 on the CPU
 from gender_pipeline.models.presets import eval_preset, train_preset
 from gender_pipeline.runtime.processes import quiet_worker
 from gender_pipeline.runtime.stopping import STOP
-from gender_pipeline.lake.storage import Store
 
 log = logging.getLogger(__name__)
 

@@ -3,6 +3,7 @@ they are published. Ephemeral context: nothing is written to disk."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -65,11 +66,9 @@ def _context():
 
 @lru_cache(maxsize=1)
 def _new_context():
-    import logging
+    import great_expectations as gx  # lazy: two seconds to import, warmed up in a thread
 
-    import great_expectations as gx
-
-    from great_expectations.data_context.types.base import ProgressBarsConfig
+    from great_expectations.data_context.types.base import ProgressBarsConfig  # lazy: as above
 
     # Its "temporary directory for ephemeral docs site" line is noise in a run's log.
     logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
@@ -80,7 +79,7 @@ def _new_context():
 
 
 def _photo_metadata_expectations():
-    import great_expectations.expectations as gxe
+    import great_expectations.expectations as gxe  # lazy: as above
 
     return [
         gxe.ExpectColumnValuesToNotBeNull(column="photo_key"),
@@ -93,7 +92,7 @@ def _photo_metadata_expectations():
 
 
 def _prediction_expectations():
-    import great_expectations.expectations as gxe
+    import great_expectations.expectations as gxe  # lazy: as above
 
     return [
         gxe.ExpectColumnValuesToNotBeNull(column="photo_key"),
@@ -121,7 +120,7 @@ def _prediction_expectations():
 
 
 def _validate(name: str, frame: pd.DataFrame, expectations) -> SuiteReport:
-    import great_expectations as gx
+    import great_expectations as gx  # lazy: two seconds to import, warmed up in a thread
 
     context = _context()
     try:

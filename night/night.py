@@ -17,11 +17,11 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from gender_pipeline.lake.history import to_table
+from gender_pipeline.lake.listing import list_source
 from gender_pipeline.lake.lock import Lease, LeaseGuard, acquire
 from gender_pipeline.lake.output import Applied, OutputState
 from gender_pipeline.lake.photo_state import NightPlan, SourceListing
-from gender_pipeline.lake.history import to_table
-from gender_pipeline.lake.listing import list_source
 from gender_pipeline.lake.runs import ERASURES, recent_runs
 from gender_pipeline.lake.storage import ObjectInfo, StorageError
 from gender_pipeline.night.context import RunContext

@@ -23,7 +23,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, NonNegativeIn
 
 from gender_pipeline.engine.engine import ScoringOptions
 from gender_pipeline.faces.decoding import DecodeLimits
-from gender_pipeline.lake.answers import PRODUCTION_MODEL, ModelRef
+from gender_pipeline.lake.answers import ModelRef, PRODUCTION_MODEL
 from gender_pipeline.lake.listing import ListingSpec
 from gender_pipeline.lake.locations import Location, check_endpoint
 from gender_pipeline.lake.lock import LEASE_SECONDS

@@ -13,8 +13,8 @@ from gender_pipeline.engine.engine import ScoringStats, merge_stats
 from gender_pipeline.lake.answers import in_band_order
 from gender_pipeline.lake.history import PhotoResult
 from gender_pipeline.lake.runs import completed, recent_runs, record_run
-from gender_pipeline.night.shards import ShardResult
 from gender_pipeline.night.render import gone_line
+from gender_pipeline.night.shards import ShardResult
 from gender_pipeline.night.words import plural
 
 if TYPE_CHECKING:

@@ -15,11 +15,11 @@ from datetime import datetime, timezone
 from types import SimpleNamespace
 
 from prefect import get_run_logger
-from prefect.futures import PrefectFuture
-from prefect.runtime import flow_run
 from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext, TaskRunContext
+from prefect.futures import PrefectFuture
 from prefect.logging.handlers import APILogHandler
+from prefect.runtime import flow_run
 from prefect.states import Cancelled, Failed, State
 
 from gender_pipeline.runtime.errors import expected_failure
@@ -175,7 +175,8 @@ def tag_run(**values: str) -> None:
         with get_client(sync_client=True) as client:
             run = client.read_flow_run(flow_run.id)
             started_by = ("schedule" if run.auto_scheduled else "deployment") if run.deployment_id else "cli"
-            tags = set(run.tags) | {f"{k.replace('_', '-')}:{v}" for k, v in values.items()} | {f"started-by:{started_by}"}
+            tags = (set(run.tags) | {f"{k.replace('_', '-')}:{v}" for k, v in values.items()}
+                    | {f"started-by:{started_by}"})
             # The outcome first: the runs list shows the first tags of a run.
             client.update_flow_run(flow_run.id, tags=sorted(tags, key=lambda t: (not t.startswith("outcome:"), t)))
     except Exception as error:  # tags help people find runs; they never fail one

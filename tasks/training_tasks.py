@@ -17,21 +17,19 @@ from prefect.cache_policies import NO_CACHE
 from gender_pipeline.models.chips import ChipSet, cached_parts, check_skipped, extract_chips
 from gender_pipeline.models.datasets import DatasetError, LabelledSet, dataset_ages, load_dataset
 from gender_pipeline.models.dlib_resnet import load_dlib_face_resnet
-from gender_pipeline.models.experiment import (AgeResult, Experiment, RunResult, decide_promotion,
-                               evaluate_predictor)
-from gender_pipeline.models.face_attributes import KIND as ATTRIBUTES_KIND
-from gender_pipeline.models.face_attributes import (AttributeSpec, Inputs, cached_views,
-                                    fit_attributes, predict_inputs, split_metrics)
-from gender_pipeline.models.face_embedding import KIND as EMBEDDING_KIND
-from gender_pipeline.models.face_embedding import BACKBONE, Embedder, Embeddings, HeadSpec, embed_dataset, fit_head, head_logits
+from gender_pipeline.models.experiment import AgeResult, Experiment, RunResult, decide_promotion, evaluate_predictor
+from gender_pipeline.models.face_attributes import (AttributeSpec, Inputs, KIND as ATTRIBUTES_KIND, cached_views,
+                                                    fit_attributes, predict_inputs, split_metrics)
+from gender_pipeline.models.face_embedding import (BACKBONE, Embedder, Embeddings, HeadSpec, KIND as EMBEDDING_KIND,
+                                                   embed_dataset, fit_head, head_logits)
 from gender_pipeline.models.metrics import classification_report
 from gender_pipeline.models.networks import build_network
 from gender_pipeline.models.predictor import calibrate
+from gender_pipeline.models.presets import eval_preset
 from gender_pipeline.models.registration import Winner, register_version
 from gender_pipeline.models.registry import BASELINE_NAME, BASELINE_VERSION, ModelRef
 from gender_pipeline.models.retrain_options import TrainingRun
 from gender_pipeline.models.train import evaluate, fit, make_loader
-from gender_pipeline.models.presets import eval_preset
 
 
 @task(name="check-pretrained-weights", cache_policy=NO_CACHE)
@@ -145,7 +143,8 @@ def embed_faces(run: TrainingRun, data: LabelledSet) -> Embeddings:
 
     def progress(done: int, total: int) -> None:
         update_progress_artifact(artifact, 100.0 * done / max(total, 1))
-        logger.info("embedded %d/%d images (%.1f images/s)", done, total, done / max(time.perf_counter() - started, 1e-9))
+        logger.info("embedded %d/%d images (%.1f images/s)", done, total,
+                    done / max(time.perf_counter() - started, 1e-9))
 
     logger.info("backbone %s on %s; outputs kept in %s/%s", BACKBONE, device, reg.url, folder)
     embeddings, skipped = embed_dataset(data, experiment.framing, embedder, reg.store, folder,

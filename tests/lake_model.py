@@ -32,14 +32,13 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from gender_pipeline.faces.framing import Framing
-from gender_pipeline.lake.listing import ListingSpec, list_source
-from gender_pipeline.lake.history import to_table, write_predictions
-from gender_pipeline.engine.engine import ScoringOptions
+from gender_pipeline.engine.engine import RunStamp, ScoringEngine, ScoringOptions
 from gender_pipeline.engine.prepared import Prepared
-from gender_pipeline.engine.engine import RunStamp, ScoringEngine
-from gender_pipeline.lake.keys import user_of
+from gender_pipeline.faces.framing import Framing
 from gender_pipeline.lake.erasure import erase
+from gender_pipeline.lake.history import to_table, write_predictions
+from gender_pipeline.lake.keys import user_of
+from gender_pipeline.lake.listing import ListingSpec, list_source
 from gender_pipeline.lake.output import OutputState
 from gender_pipeline.lake.photo_state import SourceListing
 from gender_pipeline.lake.storage import Store
@@ -251,7 +250,8 @@ class Lake:
             read = []
             self.source.read_many = lambda keys, store=self.source: (read.extend(keys := list(keys)) or
                                                                      Store.read_many(store, keys))
-            rows, stats = ScoringEngine(model, ScoringOptions(workers=0, read_chunk=4), RunStamp(run_id, listed_at), worker_job=fake_front_end).score(self.source, objects, plan.known_hashes())
+            rows, stats = ScoringEngine(model, ScoringOptions(workers=0, read_chunk=4), RunStamp(run_id, listed_at),
+                                        worker_job=fake_front_end).score(self.source, objects, plan.known_hashes())
             for row in rows:  # never a photo that was in the source, as it is, when its user was erased
                 assert row.photo_key not in listed or identity(row.photo_key, listed[row.photo_key]) \
                     not in self.tombstones, f"night {self.nights}: {row.photo_key}, erased, was read again"

@@ -24,7 +24,8 @@ def test_shards_on_dask_equal_one_process(uploads, tmp_path, monkeypatch):
 
     source, files = uploads
     registry = tmp_path / "registry"
-    single = nightly_scoring(night_options(source=str(source), output=str(tmp_path / "one"), registry=str(registry), workers=0))
+    single = nightly_scoring(night_options(source=str(source), output=str(tmp_path / "one"), registry=str(registry),
+                                           workers=0))
     assert len(single["written"]) == 1
 
     import dask
@@ -57,7 +58,8 @@ def test_a_rerun_after_some_shards_were_published_redoes_only_the_rest(uploads, 
     monkeypatch.setattr(shards, "write_predictions", fail_third_shard)
     monkeypatch.setattr(night_tasks.score_shard_task, "retry_delay_seconds", 0)
     with pytest.raises(RuntimeError, match="shard lost"):
-        nightly_scoring(night_options(source=str(source), output=str(output), registry=str(registry), workers=0, shard_size=4))
+        nightly_scoring(night_options(source=str(source), output=str(output), registry=str(registry), workers=0,
+                                      shard_size=4))
     assert sum(c.endswith("-00002") for c in calls) == 2  # tried, then retried once
     published = pd.read_parquet(str(output / "predictions"))
     assert len(published) == len(files) - 4  # the other shards are published

@@ -2,12 +2,11 @@ import io
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from PIL import Image
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from gender_pipeline import samples
-from gender_pipeline.faces.decoding import DecodedPhoto, DecodeLimits, Rejection, decode_photo, sniff_format
+from gender_pipeline.faces.decoding import DecodeLimits, DecodedPhoto, Rejection, decode_photo, sniff_format
 
 
 @pytest.mark.parametrize("name", sorted(samples.broken_files()))

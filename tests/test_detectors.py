@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from gender_pipeline import samples
 from gender_pipeline.faces.framing import Framing
 from gender_pipeline.faces.front_end import FaceFrontEnd
-from gender_pipeline import samples
 
 PORTRAITS = {"grace": samples.grace_hopper(), "astronaut": samples.astronaut()}
 SIZES = [(640, 480), (1280, 960), (2048, 1536), (4032, 3024)]

@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from gender_pipeline.faces.model_files import sha256_file
 from gender_pipeline import samples
+from gender_pipeline.faces.model_files import sha256_file
 from gender_pipeline.models import dlib_resnet
 from gender_pipeline.models.dlib_resnet import DlibFaceResNet, dat_path, load_dlib_face_resnet, padded_add, read_dat
 

@@ -3,8 +3,8 @@ from datetime import datetime, timezone
 import pandas as pd
 import pytest
 
-from gender_pipeline.night.checks import check_photo_metadata, check_predictions
 from gender_pipeline.lake.history import PhotoResult, to_table
+from gender_pipeline.night.checks import check_photo_metadata, check_predictions
 
 AT = datetime(2026, 1, 1, tzinfo=timezone.utc)
 

@@ -11,9 +11,11 @@ import torch
 
 from gender_pipeline import samples
 from gender_pipeline.cli import main
-from tests.conftest import retrain_on_generated_faces
 from gender_pipeline.lake.answers import band_answers
-from gender_pipeline.models.face_attributes import AGES, AttributeSettings, AttributeSpec, Augment, Inputs, age_targets, augment_chips, band_threshold, fit_age_temperature, fit_attributes, predict_inputs, softmax, split_metrics
+from gender_pipeline.models.face_attributes import (AGES, AttributeSettings, AttributeSpec, Augment, Inputs,
+                                                    age_targets, augment_chips, band_threshold, fit_age_temperature,
+                                                    fit_attributes, predict_inputs, softmax, split_metrics)
+from tests.conftest import retrain_on_generated_faces
 
 CONFIG = open("configs/face_attributes.yaml").read()
 

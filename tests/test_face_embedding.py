@@ -10,11 +10,11 @@ import torch
 
 from gender_pipeline import samples
 from gender_pipeline.cli import main
-from tests.conftest import retrain_on_generated_faces
-from gender_pipeline.models.experiment import load_experiment
-from gender_pipeline.models.face_embedding import (SHIPPED_FRAMING, EmbeddingSettings, Embeddings, HeadSpec, embed_dataset,
-                                   fit_head, head_logits, shipped_chips)
 from gender_pipeline.faces.framing import Framing
+from gender_pipeline.models.experiment import load_experiment
+from gender_pipeline.models.face_embedding import (EmbeddingSettings, Embeddings, HeadSpec, SHIPPED_FRAMING,
+                                                   embed_dataset, fit_head, head_logits, shipped_chips)
+from tests.conftest import retrain_on_generated_faces
 
 CONFIG = open("configs/face_embedding.yaml").read()
 

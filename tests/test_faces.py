@@ -3,11 +3,11 @@ import pytest
 from PIL import Image
 
 from gender_pipeline import samples
+from gender_pipeline.engine.prepared import prepare_photo
+from gender_pipeline.faces.chip import ChipRecipe
 from gender_pipeline.faces.decoding import DecodeLimits
 from gender_pipeline.faces.framing import Framing
 from gender_pipeline.faces.front_end import FaceFrontEnd
-from gender_pipeline.engine.prepared import prepare_photo
-from gender_pipeline.faces.chip import ChipRecipe
 
 
 @pytest.fixture(scope="module", params=["retinaface", "hog"])

@@ -8,17 +8,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gender_pipeline.flows.scoring import nightly_scoring
-from gender_pipeline.tasks.reports import artifact_key
 from gender_pipeline import samples
+from gender_pipeline.flows.scoring import nightly_scoring
 from gender_pipeline.night.checks import ExpectationsFailed
+from gender_pipeline.tasks.reports import artifact_key
 from tests.conftest import night_options
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 def run(source, output, registry, **kwargs):
-    return nightly_scoring(night_options(source=str(source), output=str(output), registry=str(registry), workers=0, **kwargs))
+    return nightly_scoring(night_options(source=str(source), output=str(output), registry=str(registry), workers=0,
+                                         **kwargs))
 
 
 def parquet_files(output):

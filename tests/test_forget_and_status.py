@@ -1,12 +1,12 @@
 import json
 from datetime import date
 
+from gender_pipeline.cli import main
 from gender_pipeline.lake.history import to_table, write_predictions
 from gender_pipeline.lake.output import OutputState
 from gender_pipeline.lake.photo_state import listing_table
 from gender_pipeline.lake.status import output_status
 from gender_pipeline.lake.storage import ObjectInfo, Store
-from gender_pipeline.cli import main
 from tests.test_storage_and_predictions import T0, row
 
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from gender_pipeline.faces.framing import Framing
 from gender_pipeline.models.networks import build_network
 from gender_pipeline.models.predictor import TorchPredictor, cuda_batch_size
-from gender_pipeline.faces.framing import Framing
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -6,13 +6,12 @@ from datetime import datetime, timezone
 import numpy as np
 import pytest
 
+from gender_pipeline import samples
+from gender_pipeline.engine.engine import RunStamp, ScoringEngine, ScoringOptions
+from gender_pipeline.faces.device import GpuFaceFrontEnd
 from gender_pipeline.faces.framing import Framing
 from gender_pipeline.faces.front_end import FaceFrontEnd
-from gender_pipeline.faces.device import GpuFaceFrontEnd
-from gender_pipeline.engine.engine import ScoringOptions
-from gender_pipeline.engine.engine import RunStamp, ScoringEngine
 from gender_pipeline.lake.storage import Store
-from gender_pipeline import samples
 
 PHOTOS = [samples.grace_hopper(), samples.astronaut(),
           samples.pasted_into(samples.grace_hopper(), (1600, 1200), (700, 400)), samples.no_face_photo()]
@@ -45,7 +44,9 @@ def scored(uploads, tmp_path):
     store = Store(str(source))
 
     def run(front_end):
-        rows, stats = ScoringEngine(predictor, ScoringOptions(workers=0, front_end=front_end, gpu_batch=3, detect_first_side=0), RunStamp("r", datetime.now(timezone.utc))).score(store, store.list_objects(), {})
+        rows, stats = ScoringEngine(predictor,
+                                    ScoringOptions(workers=0, front_end=front_end, gpu_batch=3, detect_first_side=0),
+                                    RunStamp("r", datetime.now(timezone.utc))).score(store, store.list_objects(), {})
         return {r.photo_key: r for r in rows}, stats
 
     return run, files

@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from gender_pipeline.runtime import shm
+from gender_pipeline import samples
+from gender_pipeline.engine.engine import RunStamp, ScoringEngine, ScoringOptions
 from gender_pipeline.faces.decoding import DecodeLimits, Rejection, decode_photo
 from gender_pipeline.faces.device import GpuFaceFrontEnd
 from gender_pipeline.faces.headers import Header, inspect
-from gender_pipeline.engine.engine import ScoringOptions
-from gender_pipeline.engine.engine import RunStamp, ScoringEngine
 from gender_pipeline.lake.storage import Store
-from gender_pipeline import samples
+from gender_pipeline.runtime import shm
 
 
 # ----------------------------------------------------------------------------- headers
@@ -136,7 +135,8 @@ def predictor(tmp_path_factory):
 
 def _score(root, predictor, front_end, workers, **extra):
     store = Store(root)
-    rows, stats = ScoringEngine(predictor, ScoringOptions(workers=workers, front_end=front_end, gpu_batch=4, **extra), RunStamp("r", datetime.now(timezone.utc))).score(store, store.list_objects(), {})
+    rows, stats = ScoringEngine(predictor, ScoringOptions(workers=workers, front_end=front_end, gpu_batch=4, **extra),
+                                RunStamp("r", datetime.now(timezone.utc))).score(store, store.list_objects(), {})
     return {r.photo_key: r for r in rows}, stats
 
 

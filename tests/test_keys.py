@@ -4,11 +4,9 @@ answer on every key, hostile ones first."""
 import duckdb
 import pyarrow as pa
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
-from gender_pipeline.lake.keys import (bad_key_sql, folder_of, folder_sql, folders, user_ids, user_of,
-                                       user_of_sql)
+from gender_pipeline.lake.keys import bad_key_sql, folder_of, folder_sql, folders, user_ids, user_of, user_of_sql
 
 HOSTILE = ["", "a", "/a", "a/", "a//b", "./a", "a/./b", "../a", "a/../b", "a/..", "a/b/.", "..", ".", "/", "//",
            "a/b/", "u1/x.jpg", "a/b/c", "ü/ß.jpg", "a b/c d.jpg", "u\n1/x", "u\x00/x", "%2e%2e/x", "a\\b/c",

@@ -14,12 +14,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import gender_pipeline.lake.s3_listing as s3_listing
-from gender_pipeline.lake.sql import duckdb_session
 from gender_pipeline.lake.inventory import InventoryError
+from gender_pipeline.lake.keys import bad_key_sql, user_of
 from gender_pipeline.lake.listing import ListingSpec, list_source
 from gender_pipeline.lake.s3_listing import split_points
-from gender_pipeline.lake.keys import user_of
-from gender_pipeline.lake.keys import bad_key_sql
+from gender_pipeline.lake.sql import duckdb_session
 from gender_pipeline.lake.storage import StorageError, Store
 
 ODD_KEYS = ["a b/c d.jpg", "ü ñ/😀.jpg", "p%41ct/x%2By.jpg", "plus+/a+b.jpg", "hash#/q?.jpg", "ok/z.jpg",

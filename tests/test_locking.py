@@ -8,9 +8,9 @@ from datetime import datetime, timezone
 import pytest
 
 from gender_pipeline.cli import main
-from gender_pipeline.runtime.errors import EXIT_LOCKED
 from gender_pipeline.lake.lock import OutputLocked, acquire, read_holder
 from gender_pipeline.lake.storage import Store
+from gender_pipeline.runtime.errors import EXIT_LOCKED
 
 
 def test_one_holder_at_a_time(tmp_path):

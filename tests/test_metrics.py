@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from gender_pipeline.models.metrics import (classification_report, expected_calibration_error, fit_temperature,
-                            group_report, roc_auc, threshold_for_coverage)
+                                            group_report, roc_auc, threshold_for_coverage)
 
 
 def test_hand_checked_example():

@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
+from gender_pipeline.cli import main
+from gender_pipeline.flows.scoring import nightly_scoring
 from gender_pipeline.night.render import headline, render_markdown
 from gender_pipeline.night.report import alarms, outcome, state_name
-from gender_pipeline.flows.scoring import nightly_scoring
-from gender_pipeline.cli import main
 from gender_pipeline.runtime.errors import EXIT_EXPECTATIONS
+from tests.conftest import night_options
 from tests.test_operator_view import artifacts_of, by_prefix, flow_run
 from tests.test_stop import ROOT
-from tests.conftest import night_options
 
 
 def logs_of(run_id, wanted, seconds=10.0):
@@ -36,7 +36,8 @@ def logs_of(run_id, wanted, seconds=10.0):
 
 
 def run(source, output, registry, **kwargs):
-    return nightly_scoring(night_options(source=str(source), output=str(output), registry=str(registry), workers=0, **kwargs))
+    return nightly_scoring(night_options(source=str(source), output=str(output), registry=str(registry), workers=0,
+                                         **kwargs))
 
 
 @pytest.mark.usefixtures("prefect_harness")
@@ -100,7 +101,8 @@ def summary(**values):
 
 def test_outcome_messages_for_the_runs_list():
     assert outcome(summary()) == ("scored", "10 new: 8 scored, 2 rejected")
-    assert outcome(summary(new=0, rows=0, scored=0, rejected=0)) == ("nothing-new", "nothing new since 2026-03-03 02:00 UTC")
+    assert outcome(summary(new=0, rows=0, scored=0,
+                           rejected=0)) == ("nothing-new", "nothing new since 2026-03-03 02:00 UTC")
     assert outcome(summary(new=0, listed=0)) == ("nothing-new", "the source is empty: nothing listed")
     tag, message = outcome(summary(warnings=["the source is empty", "x"]))
     assert tag == "warnings" and message == "2 warnings: the source is empty; x (10 new: 8 scored, 2 rejected)"

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from gender_pipeline.cli import main
 from gender_pipeline.flows.retrain import retrain
 from gender_pipeline.flows.scoring import nightly_scoring
-from gender_pipeline.cli import main
 from gender_pipeline.runtime.errors import EXIT_EXPECTATIONS
 from tests.conftest import night_options
 
@@ -17,7 +17,8 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 def run(source, output, registry, **kwargs):
-    return nightly_scoring(night_options(source=str(source), output=str(output), registry=str(registry), workers=0, **kwargs))
+    return nightly_scoring(night_options(source=str(source), output=str(output), registry=str(registry), workers=0,
+                                         **kwargs))
 
 
 def artifacts_of(run_id):

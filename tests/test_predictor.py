@@ -3,12 +3,12 @@ import pytest
 import torch
 
 from gender_pipeline import samples
-from gender_pipeline.models.networks import build_network
-from gender_pipeline.lake.answers import gender_of
-from gender_pipeline.models.predictor import TorchPredictor, calibrate, resolve_device
-from gender_pipeline.models.registry import Registry
 from gender_pipeline.faces.framing import Framing
 from gender_pipeline.faces.front_end import FaceFrontEnd
+from gender_pipeline.lake.answers import gender_of
+from gender_pipeline.models.networks import build_network
+from gender_pipeline.models.predictor import TorchPredictor, calibrate, resolve_device
+from gender_pipeline.models.registry import Registry
 
 
 def test_calibrate_is_a_tempered_sigmoid():

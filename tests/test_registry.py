@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
+from gender_pipeline.faces.framing import Framing
 from gender_pipeline.models.networks import build_network
 from gender_pipeline.models.predictor import OnnxGenderPredictor, TorchPredictor
 from gender_pipeline.models.registry import BASELINE_NAME, ModelRef, Registry, RegistryError
-from gender_pipeline.faces.framing import Framing
 
 
 def test_empty_registry_falls_back_to_the_dlib_baseline(tmp_path):

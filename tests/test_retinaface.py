@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from gender_pipeline.faces import model_files
-from gender_pipeline.faces.model_files import RETINAFACE, ModelFetchError, ModelFileMissing, ShippedModel
 from gender_pipeline import samples
+from gender_pipeline.faces import model_files
+from gender_pipeline.faces.model_files import ModelFetchError, ModelFileMissing, RETINAFACE, ShippedModel
 
 
 # --------------------------------------------------------------------------- fixtures

@@ -3,13 +3,12 @@ from datetime import datetime, timezone
 import numpy as np
 import pytest
 
-from gender_pipeline.models.registry import Registry
-from gender_pipeline.engine.engine import ScoringOptions
+from gender_pipeline.engine.engine import RunStamp, ScoringEngine, ScoringOptions
 from gender_pipeline.engine.prepared import prepare_photo
 from gender_pipeline.faces.chip import ChipRecipe
-from gender_pipeline.engine.engine import RunStamp, ScoringEngine
 from gender_pipeline.lake.keys import user_of
 from gender_pipeline.lake.storage import Store
+from gender_pipeline.models.registry import Registry
 
 AT = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
@@ -36,7 +35,8 @@ def test_every_object_gets_exactly_one_answer(predictor, face_files, broken_file
     files.update({f"bad{i}/{name}": data for i, (name, (data, _)) in enumerate(broken_files.items())})
     files["loose-file.jpg"] = face_files["baseline.jpg"]
     store = memory_store("every", files)
-    rows, stats = ScoringEngine(predictor, ScoringOptions(batch_size=4, workers=0), RunStamp("run", AT)).score(store, store.list_objects(), {})
+    rows, stats = ScoringEngine(predictor, ScoringOptions(batch_size=4, workers=0),
+                                RunStamp("run", AT)).score(store, store.list_objects(), {})
     assert sorted(r.photo_key for r in rows) == sorted(files)
     by_key = {r.photo_key: r for r in rows}
     for i, (name, (_, reason)) in enumerate(broken_files.items()):
@@ -53,7 +53,8 @@ def test_every_object_gets_exactly_one_answer(predictor, face_files, broken_file
 def test_batch_boundaries(predictor, face_files, count):
     files = {f"user{i}/p.jpg": face_files["baseline.jpg"] for i in range(count)}
     store = memory_store(f"batch{count}", files)
-    rows, _ = ScoringEngine(predictor, ScoringOptions(batch_size=3, workers=0), RunStamp("run", AT)).score(store, store.list_objects(), {})
+    rows, _ = ScoringEngine(predictor, ScoringOptions(batch_size=3, workers=0),
+                            RunStamp("run", AT)).score(store, store.list_objects(), {})
     assert len(rows) == count and all(r.status == "scored" for r in rows)
     assert len({round(r.p_male, 5) for r in rows}) == 1
 
@@ -62,8 +63,10 @@ def test_worker_processes_give_the_same_rows_as_inline(predictor, face_files, br
     files = {f"u{i}/{name}": data for i, (name, data) in enumerate(list(face_files.items())[:6])}
     files.update({f"b{i}/{name}": data for i, (name, (data, _)) in enumerate(list(broken_files.items())[:4])})
     store = memory_store("pool", files)
-    inline, _ = ScoringEngine(predictor, ScoringOptions(workers=0), RunStamp("r", AT)).score(store, store.list_objects(), {})
-    pooled, _ = ScoringEngine(predictor, ScoringOptions(workers=2), RunStamp("r", AT)).score(store, store.list_objects(), {})
+    inline, _ = ScoringEngine(predictor, ScoringOptions(workers=0),
+                              RunStamp("r", AT)).score(store, store.list_objects(), {})
+    pooled, _ = ScoringEngine(predictor, ScoringOptions(workers=2),
+                              RunStamp("r", AT)).score(store, store.list_objects(), {})
     assert [(r.photo_key, r.status, r.reject_reason, r.face_box) for r in inline] == \
            [(r.photo_key, r.status, r.reject_reason, r.face_box) for r in pooled]
     assert np.allclose([r.p_male or 0 for r in inline], [r.p_male or 0 for r in pooled], atol=1e-5)
@@ -75,7 +78,8 @@ def test_same_content_is_not_scored_again(predictor, face_files):
     data = face_files["baseline.jpg"]
     store = memory_store("same", {"u/a.jpg": data, "v/b.jpg": data})
     known = {"u/a.jpg": {hashlib.sha256(data).hexdigest()}}
-    rows, stats = ScoringEngine(predictor, ScoringOptions(workers=0), RunStamp("r", AT)).score(store, store.list_objects(), known)
+    rows, stats = ScoringEngine(predictor, ScoringOptions(workers=0),
+                                RunStamp("r", AT)).score(store, store.list_objects(), known)
     assert [r.photo_key for r in rows] == ["v/b.jpg"] and stats.skipped_same_hash == 1
 
 
@@ -86,7 +90,8 @@ def test_oversize_objects_are_rejected_from_the_listing_without_download(predict
     monkeypatch.setattr(store, "read_many", lambda keys: read.extend(keys) or original(keys))
     from gender_pipeline.faces.decoding import DecodeLimits
 
-    rows, _ = ScoringEngine(predictor, ScoringOptions(workers=0, limits=DecodeLimits(max_bytes=1000)), RunStamp("r", AT)).score(store, store.list_objects(), {})
+    rows, _ = ScoringEngine(predictor, ScoringOptions(workers=0, limits=DecodeLimits(max_bytes=1000)),
+                            RunStamp("r", AT)).score(store, store.list_objects(), {})
     assert rows[0].reject_reason == "too_large" and read == []
 
 
@@ -94,14 +99,16 @@ def test_unreadable_object_becomes_read_error(predictor, face_files, monkeypatch
     store = memory_store("unreadable", {"u/a.jpg": face_files["baseline.jpg"], "v/b.jpg": b"x"})
     original = store.read_many
     monkeypatch.setattr(store, "read_many", lambda keys: {**original(keys), "v/b.jpg": ConnectionError("reset")})
-    rows, _ = ScoringEngine(predictor, ScoringOptions(workers=0), RunStamp("r", AT)).score(store, store.list_objects(), {})
+    rows, _ = ScoringEngine(predictor, ScoringOptions(workers=0),
+                            RunStamp("r", AT)).score(store, store.list_objects(), {})
     assert [(r.photo_key, r.status, r.reject_reason) for r in rows] == [
         ("u/a.jpg", "scored", None), ("v/b.jpg", "rejected", "read_error")]
 
 
 def test_abstain_threshold_override(predictor, face_files):
     store = memory_store("abstain", {"u/a.png": face_files["astronaut.png"]})
-    rows, _ = ScoringEngine(predictor, ScoringOptions(workers=0, abstain_threshold=1.0), RunStamp("r", AT)).score(store, store.list_objects(), {})
+    rows, _ = ScoringEngine(predictor, ScoringOptions(workers=0, abstain_threshold=1.0),
+                            RunStamp("r", AT)).score(store, store.list_objects(), {})
     assert rows[0].gender == "unknown" and rows[0].p_male is not None
 
 
@@ -124,7 +131,8 @@ def test_worker_pool_survives_a_photo_that_kills_its_decoder(predictor, face_fil
     files = {f"u{i}/p.jpg": face_files["baseline.jpg"] for i in range(6)}
     files["evil/poison.jpg"] = face_files["baseline.jpg"]
     store = memory_store("crash", files)
-    rows, stats = ScoringEngine(predictor, ScoringOptions(workers=2), RunStamp("r", AT), worker_job=crash_on_poison).score(store, store.list_objects(), {})
+    rows, stats = ScoringEngine(predictor, ScoringOptions(workers=2), RunStamp("r", AT),
+                                worker_job=crash_on_poison).score(store, store.list_objects(), {})
     assert sorted(r.photo_key for r in rows) == sorted(files)
     by_key = {r.photo_key: r for r in rows}
     assert by_key["evil/poison.jpg"].reject_reason == "decoder_crash"
@@ -137,7 +145,8 @@ def test_fast_path_equals_one_photo_at_a_time(predictor, face_files, broken_file
     files = {f"u{i}/{name}": data for i, (name, data) in enumerate(face_files.items())}
     files.update({f"b{i}/{name}": data for i, (name, (data, _)) in enumerate(broken_files.items())})
     store = memory_store("fastplain", files)
-    fast, _ = ScoringEngine(predictor, ScoringOptions(workers=2, batch_size=5, read_chunk=7), RunStamp("r", AT)).score(store, store.list_objects(), {})
+    fast, _ = ScoringEngine(predictor, ScoringOptions(workers=2, batch_size=5, read_chunk=7),
+                            RunStamp("r", AT)).score(store, store.list_objects(), {})
     for row in fast:
         plain = prepare_photo(row.photo_key, files[row.photo_key], "sha", ChipRecipe(predictor.framing))
         assert plain.reject_reason == row.reject_reason, row.photo_key

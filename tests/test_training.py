@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from gender_pipeline import samples
+from gender_pipeline.faces.framing import Framing
+from gender_pipeline.lake.storage import Store
 from gender_pipeline.models.chips import extract_chips
 from gender_pipeline.models.datasets import load_dataset
 from gender_pipeline.models.experiment import RunResult, load_experiment, select_winner
 from gender_pipeline.models.networks import PretrainedWeightsUnavailable, build_network
 from gender_pipeline.models.train import RunSpec, fit
-from gender_pipeline.faces.framing import Framing
-from gender_pipeline.lake.storage import Store
 
 
 @pytest.fixture(scope="module")

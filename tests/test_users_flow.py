@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 from deltalake import DeltaTable
 
-from gender_pipeline.lake.storage import Store
-from gender_pipeline.flows.scoring import nightly_scoring
 from gender_pipeline import samples
 from gender_pipeline.cli import main
+from gender_pipeline.flows.scoring import nightly_scoring
+from gender_pipeline.lake.storage import Store
 from gender_pipeline.runtime.errors import EXIT_EXPECTATIONS, EXIT_STORAGE
 from tests.conftest import night_options
 
@@ -24,7 +24,8 @@ DOCS = [Path(__file__).resolve().parents[1] / name for name in ("README.md", "do
 
 
 def run(source, output, registry, **kwargs):
-    return nightly_scoring(night_options(source=str(source), output=str(output), registry=str(registry), workers=0, **kwargs))
+    return nightly_scoring(night_options(source=str(source), output=str(output), registry=str(registry), workers=0,
+                                         **kwargs))
 
 
 def users(output, options=None):

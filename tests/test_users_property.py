@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 
-from tests.lake_model import KILLS, MODELS, SIZES, SKEWS, Lake
+from tests.lake_model import KILLS, Lake, MODELS, SIZES, SKEWS
 
 USERS = ("u0", "u1", "u2", "u3")
 KEYS = tuple(f"{u}/{n}" for u in USERS for n in ("a.jpg", "b")) + ("loose.jpg",)

@@ -8,13 +8,13 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
-from gender_pipeline.lake.sql import duckdb_session
-from gender_pipeline.lake.tables import TableError
-from gender_pipeline.lake.history import PhotoResult, to_table, write_predictions
 from gender_pipeline.lake.erasure import erase
+from gender_pipeline.lake.history import PhotoResult, to_table, write_predictions
 from gender_pipeline.lake.output import OutputState
 from gender_pipeline.lake.photo_state import SourceListing, listing_table
+from gender_pipeline.lake.sql import duckdb_session
 from gender_pipeline.lake.storage import ObjectInfo, Store
+from gender_pipeline.lake.tables import TableError
 from gender_pipeline.lake.users import answers
 
 T0 = datetime(2026, 3, 1, 2, 0, tzinfo=timezone.utc)
