@@ -246,75 +246,87 @@ def fit_head(spec: HeadSpec, settings: EmbeddingSettings, backbone: DlibFaceResN
         head.std.copy_(pooled.std(0).clamp_min(1e-6))
     y_t = torch.from_numpy(y).to(device)
     s_t = None if shipped is None else torch.from_numpy(shipped).to(device)
+    training = _HeadTraining(head, spec, settings, train, val, device, on_epoch)
     if spec.kind == "logistic" and not settings.train_blocks:
-        return _fit_logistic(head, spec, settings, pooled, s_t, y_t, train, val, device, on_epoch)
-    return _fit_iteratively(head, spec, settings, x_t, s_t, y_t, train, val, device, on_epoch)
+        return training.logistic(pooled, s_t, y_t)
+    return training.iteratively(x_t, s_t, y_t)
 
 
-def _record(epoch: int, head: GenderHead, loss: float, settings, train, val, device) -> dict:
-    train_acc = _accuracy(_head_logits(head, train[0], settings, device), train[1])
-    val_logits = _head_logits(head, val[0], settings, device)
-    val_loss = float(F.binary_cross_entropy_with_logits(torch.from_numpy(val_logits),
-                                                        torch.from_numpy(val[1].astype(np.float32))))
-    return {"epoch": epoch, "train_loss": loss, "train_acc": train_acc, "val_loss": val_loss,
-            "val_acc": _accuracy(val_logits, val[1])}
+@dataclass
+class _HeadTraining:
+    """One head being trained on the train split and measured on val after each epoch."""
 
+    head: GenderHead
+    spec: HeadSpec
+    settings: EmbeddingSettings
+    train: tuple[Embeddings, np.ndarray]
+    val: tuple[Embeddings, np.ndarray]
+    device: str
+    on_epoch: Callable[[dict], None] | None
 
-def _fit_logistic(head, spec, settings, pooled, shipped, y, train, val, device, on_epoch) -> HeadFit:
-    """L2-penalised logistic regression, solved to convergence with L-BFGS (full batch)."""
-    z = (pooled - head.mean) / head.std
-    if shipped is not None:
-        z = torch.cat([z, shipped.view(-1, 1)], dim=1)
-    linear = head.classifier
-    optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=500, line_search_fn="strong_wolfe",
-                                  tolerance_grad=1e-7, tolerance_change=1e-10)
+    def record(self, epoch: int, loss: float) -> dict:
+        train_acc = _accuracy(_head_logits(self.head, self.train[0], self.settings, self.device), self.train[1])
+        val_logits = _head_logits(self.head, self.val[0], self.settings, self.device)
+        val_loss = float(F.binary_cross_entropy_with_logits(torch.from_numpy(val_logits),
+                                                            torch.from_numpy(self.val[1].astype(np.float32))))
+        record = {"epoch": epoch, "train_loss": loss, "train_acc": train_acc, "val_loss": val_loss,
+                  "val_acc": _accuracy(val_logits, self.val[1])}
+        if self.on_epoch:
+            self.on_epoch(record)
+        return record
 
-    def loss_fn() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(linear(z).squeeze(1), y) + spec.l2 / 2 * linear.weight.pow(2).sum()
-        loss.backward()
-        return loss
+    def logistic(self, pooled: torch.Tensor, shipped: torch.Tensor | None, y: torch.Tensor) -> HeadFit:
+        """L2-penalised logistic regression, solved to convergence with L-BFGS (full batch)."""
+        head, spec = self.head, self.spec
+        z = (pooled - head.mean) / head.std
+        if shipped is not None:
+            z = torch.cat([z, shipped.view(-1, 1)], dim=1)
+        linear = head.classifier
+        optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=500, line_search_fn="strong_wolfe",
+                                      tolerance_grad=1e-7, tolerance_change=1e-10)
 
-    STOP.check()
-    optimizer.step(loss_fn)
-    with torch.no_grad():
-        loss = float(F.binary_cross_entropy_with_logits(linear(z).squeeze(1), y))
-    record = _record(1, head, loss, settings, train, val, device)
-    if on_epoch:
-        on_epoch(record)
-    return HeadFit(head.eval(), [record], 1)
-
-
-def _fit_iteratively(head, spec, settings, x, shipped, y, train, val, device, on_epoch) -> HeadFit:
-    """AdamW on minibatches (an MLP, or fine-tuned blocks); the best epoch on val is kept."""
-    groups = [{"params": head.classifier.parameters(), "lr": spec.lr}]
-    if settings.train_blocks:
-        groups.append({"params": head.blocks.parameters(), "lr": spec.backbone_lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=spec.weight_decay)
-    generator = torch.Generator().manual_seed(spec.seed)
-    fit = HeadFit(head)
-    best_acc, best_state = -1.0, None
-    for epoch in range(1, spec.epochs + 1):
-        head.train()
-        total, seen = 0.0, 0
-        for rows in torch.randperm(len(x), generator=generator).split(spec.batch_size):
-            STOP.check()
-            rows = rows.to(device)
-            logits = head(x[rows], None if shipped is None else shipped[rows])
-            loss = F.binary_cross_entropy_with_logits(logits, y[rows])
-            optimizer.zero_grad(set_to_none=True)
+        def loss_fn() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = (F.binary_cross_entropy_with_logits(linear(z).squeeze(1), y)
+                    + spec.l2 / 2 * linear.weight.pow(2).sum())
             loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(rows)
-            seen += len(rows)
-        record = _record(epoch, head, total / max(seen, 1), settings, train, val, device)
-        fit.history.append(record)
-        if on_epoch:
-            on_epoch(record)
-        if record["val_acc"] > best_acc:
-            best_acc, best_state, fit.best_epoch = record["val_acc"], copy.deepcopy(head.state_dict()), epoch
-    head.load_state_dict(best_state)
-    return fit
+            return loss
+
+        STOP.check()
+        optimizer.step(loss_fn)
+        with torch.no_grad():
+            loss = float(F.binary_cross_entropy_with_logits(linear(z).squeeze(1), y))
+        return HeadFit(head.eval(), [self.record(1, loss)], 1)
+
+    def iteratively(self, x: torch.Tensor, shipped: torch.Tensor | None, y: torch.Tensor) -> HeadFit:
+        """AdamW on minibatches (an MLP, or fine-tuned blocks); the best epoch on val is kept."""
+        head, spec = self.head, self.spec
+        groups = [{"params": head.classifier.parameters(), "lr": spec.lr}]
+        if self.settings.train_blocks:
+            groups.append({"params": head.blocks.parameters(), "lr": spec.backbone_lr})
+        optimizer = torch.optim.AdamW(groups, weight_decay=spec.weight_decay)
+        generator = torch.Generator().manual_seed(spec.seed)
+        fit = HeadFit(head)
+        best_acc, best_state = -1.0, None
+        for epoch in range(1, spec.epochs + 1):
+            head.train()
+            total, seen = 0.0, 0
+            for rows in torch.randperm(len(x), generator=generator).split(spec.batch_size):
+                STOP.check()
+                rows = rows.to(self.device)
+                loss = F.binary_cross_entropy_with_logits(head(x[rows], None if shipped is None else shipped[rows]),
+                                                          y[rows])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) * len(rows)
+                seen += len(rows)
+            record = self.record(epoch, total / max(seen, 1))
+            fit.history.append(record)
+            if record["val_acc"] > best_acc:
+                best_acc, best_state, fit.best_epoch = record["val_acc"], copy.deepcopy(head.state_dict()), epoch
+        head.load_state_dict(best_state)
+        return fit
 
 
 # ---- stored form and the predictor ---------------------------------------------------------
