@@ -121,39 +121,59 @@ def extract_chips(data: LabelledSet, framing: Framing, options: dict | None = No
                    np.concatenate(kept) if kept else np.zeros(0, np.int64), skipped)
 
 
+@dataclass(frozen=True)
+class Parts:
+    """Where what a run computes of a dataset is kept: `folder` of `store`, `size` images a
+    part (a stopped run resumes at the first missing part)."""
+
+    store: Store
+    folder: str
+    size: int = 4096
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How a dataset's images are read and aligned: the storage options, the alignment
+    processes (None: one per core) and the chips handed on at a time."""
+
+    options: dict | None = None
+    workers: int | None = None
+    batch_size: int = 128
+
+
 def cached_parts(data: LabelledSet, framing: Framing, compute: Callable[[np.ndarray, np.ndarray], dict],
-                 store: Store, folder: str, options: dict | None = None, workers: int | None = None,
-                 part_size: int = 4096, batch_size: int = 128,
+                 parts: Parts, reading: Reading = Reading(),
                  progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, np.ndarray], Counter]:
     """What `compute(dataset indices, chips)` makes of every face of `data` (a dict of arrays
-    with one row per chip), computed once: part by part into `folder` of `store` (a part
-    holds `part_size` images), so a stopped run resumes at the first missing part and a
-    rerun on the same data reads them all back. Returns the arrays joined, with `index`
-    (the dataset index of each row), and the reasons images were skipped."""
+    with one row per chip), computed once, part by part into `parts`, so a stopped run
+    resumes at the first missing part and a rerun on the same data reads them all back.
+    Returns the arrays joined, with `index` (the dataset index of each row), and the
+    reasons images were skipped."""
     joined: dict[str, list] = {}
     skipped: Counter = Counter()
-    for start in range(0, len(data.images), part_size):
-        key = f"{folder}/part-{start:09d}.npz"
+    for start in range(0, len(data.images), parts.size):
+        key = f"{parts.folder}/part-{start:09d}.npz"
         try:
-            part = dict(np.load(io.BytesIO(store.read(key))))
+            part = dict(np.load(io.BytesIO(parts.store.read(key))))
         except FileNotFoundError:
-            part = _compute_part(data, framing, compute, start, part_size, options, workers, batch_size)
+            part = _compute_part(data, framing, compute, start, parts.size, reading)
             buffer = io.BytesIO()
             np.savez(buffer, **part)
-            store.write_atomic(key, buffer.getvalue())
+            parts.store.write_atomic(key, buffer.getvalue())
         skipped.update(dict(zip(part.pop("skipped_reasons").tolist(), part.pop("skipped_counts").tolist())))
         for name, value in part.items():
             joined.setdefault(name, []).append(value)
         if progress:
-            progress(min(start + part_size, len(data.images)), len(data.images))
+            progress(min(start + parts.size, len(data.images)), len(data.images))
     return {name: np.concatenate(values) for name, values in joined.items()}, skipped
 
 
-def _compute_part(data, framing, compute, start, size, options, workers, batch_size) -> dict:
+def _compute_part(data, framing, compute, start: int, size: int, reading: Reading) -> dict:
     part = data.subset(np.arange(start, min(start + size, len(data.images))))
     found: dict[str, list] = {"index": []}
     skipped: Counter = Counter()
-    for indices, chips, reasons in iter_chips(part, framing, options, workers, chunk=batch_size):
+    for indices, chips, reasons in iter_chips(part, framing, reading.options, reading.workers,
+                                              chunk=reading.batch_size):
         skipped.update(reasons)
         if not len(chips):
             continue

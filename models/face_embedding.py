@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gender_pipeline.faces.framing import Framing
-from gender_pipeline.lake.storage import Store
-from gender_pipeline.models.chips import cached_parts
+from gender_pipeline.models.chips import Parts, Reading, cached_parts
 from gender_pipeline.models.datasets import LabelledSet
 from gender_pipeline.models.dlib_resnet import BLOCKS, DlibFaceResNet, FEATURE_SIZE, backbone_for_card
 from gender_pipeline.models.predictor import OnnxGenderPredictor, Predictor, autocast, cuda_batch_size, device_batch
@@ -168,18 +167,16 @@ class Embedder:
         return tuple(np.concatenate(p) if p else None for p in parts)
 
 
-def embed_dataset(data: LabelledSet, framing: Framing, embedder: Embedder, store: Store, folder: str,
-                  options: dict | None = None, workers: int | None = None, part_size: int = 4096,
-                  batch_size: int = 128, progress: Callable[[int, int], None] | None = None
+def embed_dataset(data: LabelledSet, framing: Framing, embedder: Embedder, parts: Parts,
+                  reading: Reading = Reading(), progress: Callable[[int, int], None] | None = None
                   ) -> tuple[Embeddings, Counter]:
     """Backbone outputs for every face of `data`, computed once (models.chips.cached_parts:
-    part by part into `folder` of `store`, resumable)."""
+    part by part into `parts`, resumable)."""
     def compute(_indices: np.ndarray, chips: np.ndarray) -> dict:
         names = ("inputs", "inputs_flipped", "shipped_logit")
-        return {k: v for k, v in zip(names, embedder.embed(chips, batch_size)) if v is not None}
+        return {k: v for k, v in zip(names, embedder.embed(chips, reading.batch_size)) if v is not None}
 
-    arrays, skipped = cached_parts(data, framing, compute, store, folder, options, workers, part_size, batch_size,
-                                   progress)
+    arrays, skipped = cached_parts(data, framing, compute, parts, reading, progress)
     return Embeddings(arrays["index"], arrays["inputs"], arrays.get("inputs_flipped"),
                       arrays.get("shipped_logit")), skipped
 

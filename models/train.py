@@ -199,18 +199,38 @@ def _load(store: Store, key: str) -> dict | None:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a run's checkpoint lives: `key` in `store` (written after every epoch)."""
+
+    store: Store
+    key: str
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How a run trains: its device and DataLoader workers, the weights it starts from
+    (`init_state`, e.g. the base ResNet18's for the tuned one), and `stop_after` epochs in
+    this call (tests use it to simulate an interruption)."""
+
+    device: str = "cpu"
+    workers: int = 0
+    init_state: dict | None = None
+    stop_after: int | None = None
+
+
 def fit(spec: RunSpec, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
-        checkpoints: Store, checkpoint_key: str, device: str = "cpu", workers: int = 0,
+        checkpoint: Checkpoint, options: FitOptions = FitOptions(),
         on_epoch: Callable[[EpochRecord], None] | None = None,
-        stop_after: int | None = None, init_state: dict | None = None,
         logger: logging.Logger | logging.LoggerAdapter = log) -> FitResult:
-    """Train `spec` on chips; checkpoint each epoch under `checkpoint_key` in `checkpoints`.
+    """Train `spec` on chips, checkpointing each epoch.
 
     Every epoch's randomness (shuffle, augmentation, dropout) is seeded from the spec's
     seed and the epoch number, so a resumed run gives the same result as one that never
-    stopped. `stop_after` ends early after that many epochs in this call (tests use it to
-    simulate an interruption).
+    stopped.
     """
+    device, workers, init_state, stop_after = options.device, options.workers, options.init_state, options.stop_after
+    checkpoints, checkpoint_key = checkpoint.store, checkpoint.key
     seed_everything(spec.seed)
     model = build_network(spec.arch, num_classes=2, dropout=spec.dropout, freeze=spec.freeze,
                           pretrained=spec.pretrained)

@@ -14,7 +14,7 @@ from prefect.artifacts import (create_link_artifact, create_markdown_artifact, c
                                create_table_artifact, update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
 
-from gender_pipeline.models.chips import ChipSet, cached_parts, check_skipped, extract_chips
+from gender_pipeline.models.chips import ChipSet, Parts, Reading, cached_parts, check_skipped, extract_chips
 from gender_pipeline.models.datasets import DatasetError, LabelledSet, dataset_ages, load_dataset
 from gender_pipeline.models.dlib_resnet import load_dlib_face_resnet
 from gender_pipeline.models.experiment import AgeResult, Experiment, RunResult, decide_promotion, evaluate_predictor
@@ -29,7 +29,7 @@ from gender_pipeline.models.presets import eval_preset
 from gender_pipeline.models.registration import Winner, register_version
 from gender_pipeline.models.registry import BASELINE_NAME, BASELINE_VERSION, ModelRef
 from gender_pipeline.models.retrain_options import TrainingRun
-from gender_pipeline.models.train import evaluate, fit, make_loader
+from gender_pipeline.models.train import Checkpoint, FitOptions, evaluate, fit, make_loader
 
 
 @task(name="check-pretrained-weights", cache_policy=NO_CACHE)
@@ -74,6 +74,11 @@ def align_faces(run: TrainingRun, data: LabelledSet) -> ChipSet:
     return chips
 
 
+def _reading(run: TrainingRun) -> Reading:
+    """How this run reads and aligns its dataset's images."""
+    return Reading(run.stores.options, run.experiment.workers, run.experiment.batch_size)
+
+
 def _split(data: LabelledSet, chips: ChipSet, name: str) -> tuple[np.ndarray, np.ndarray]:
     mask = data.split[chips.kept] == name
     return chips.chips[mask], data.labels[chips.kept][mask]
@@ -95,8 +100,8 @@ def train_run(run: TrainingRun, spec, data: LabelledSet, chips: ChipSet, init_st
                     record.val_loss, record.val_acc, record.seconds, record.images_per_second)
         update_progress_artifact(progress, 100.0 * record.epoch / spec.epochs)
 
-    result = fit(spec, train, val, store, key, device=device, workers=experiment.workers, on_epoch=on_epoch,
-                 init_state=init_state, logger=logger)
+    result = fit(spec, train, val, Checkpoint(store, key), FitOptions(device, experiment.workers, init_state),
+                 on_epoch=on_epoch, logger=logger)
     create_table_artifact([r.__dict__ for r in result.history], key=f"epochs-{spec.name}".lower(),
                           description=f"{spec.name}: loss and accuracy per epoch")
     criterion = torch.nn.CrossEntropyLoss()
@@ -147,9 +152,8 @@ def embed_faces(run: TrainingRun, data: LabelledSet) -> Embeddings:
                     done / max(time.perf_counter() - started, 1e-9))
 
     logger.info("backbone %s on %s; outputs kept in %s/%s", BACKBONE, device, reg.url, folder)
-    embeddings, skipped = embed_dataset(data, experiment.framing, embedder, reg.store, folder,
-                                        run.stores.options, experiment.workers,
-                                        batch_size=experiment.batch_size, progress=progress)
+    embeddings, skipped = embed_dataset(data, experiment.framing, embedder, Parts(reg.store, folder),
+                                        _reading(run), progress=progress)
     check_skipped(skipped, len(data.images), 0.1)
     logger.info("%d/%d images gave a face (skipped: %s)", len(embeddings.index), len(data.images),
                 dict(skipped) or "none")
@@ -197,9 +201,8 @@ def cache_attribute_inputs(run: TrainingRun, data: LabelledSet) -> AttributeData
             f"{max(settings.views - 2, 0)} augmented views" if settings.cached and settings.train_from
             else "the aligned chips")
     logger.info("caching %s in %s/%s", what, reg.url, folder)
-    arrays, skipped = cached_parts(data, experiment.framing, compute, reg.store, folder,
-                                   run.stores.options, experiment.workers,
-                                   batch_size=experiment.batch_size, progress=progress)
+    arrays, skipped = cached_parts(data, experiment.framing, compute, Parts(reg.store, folder), _reading(run),
+                                   progress=progress)
     check_skipped(skipped, len(data.images), 0.1)
     splits = {}
     for name in ("train", "val", "test"):

@@ -11,6 +11,7 @@ import torch
 from gender_pipeline import samples
 from gender_pipeline.cli import main
 from gender_pipeline.faces.framing import Framing
+from gender_pipeline.models.chips import Parts, Reading
 from gender_pipeline.models.experiment import load_experiment
 from gender_pipeline.models.face_embedding import (EmbeddingSettings, Embeddings, HeadSpec, SHIPPED_FRAMING,
                                                    embed_dataset, fit_head, head_logits, shipped_chips)
@@ -107,8 +108,8 @@ def test_embedding_is_resumable_part_by_part(tmp_path, backbone, monkeypatch):
     data = load_manifest(str(tmp_path / "data"))
     embedder = Embedder(backbone, EmbeddingSettings(), Framing(size=150, padding=0.25), "cpu")
     store = Store(str(tmp_path / "cache"))
-    whole, _ = embed_dataset(data, embedder.framing, embedder, Store(str(tmp_path / "other")), "e",
-                             workers=0, part_size=5)
+    whole, _ = embed_dataset(data, embedder.framing, embedder, Parts(Store(str(tmp_path / "other")), "e", 5),
+                             Reading(workers=0))
     real, calls = fe._compute_part, []
 
     def stop_after_one(*args):
@@ -119,9 +120,9 @@ def test_embedding_is_resumable_part_by_part(tmp_path, backbone, monkeypatch):
 
     monkeypatch.setattr(fe, "_compute_part", stop_after_one)
     with pytest.raises(StopRequested):
-        embed_dataset(data, embedder.framing, embedder, store, "e", workers=0, part_size=5)
+        embed_dataset(data, embedder.framing, embedder, Parts(store, "e", 5), Reading(workers=0))
     monkeypatch.setattr(fe, "_compute_part", lambda *args: calls.append(args[3]) or real(*args))
-    resumed, skipped = embed_dataset(data, embedder.framing, embedder, store, "e", workers=0, part_size=5)
+    resumed, skipped = embed_dataset(data, embedder.framing, embedder, Parts(store, "e", 5), Reading(workers=0))
     assert calls == [0, 5, 10]  # the first part was not computed again
     assert np.array_equal(resumed.index, whole.index) and np.allclose(resumed.inputs, whole.inputs)
     assert len(resumed.index) + sum(skipped.values()) == 12

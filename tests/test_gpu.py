@@ -39,14 +39,15 @@ def test_compiled_predictor_matches_eager():
 
 
 def test_one_training_epoch_with_amp(tmp_path):
-    from gender_pipeline.models.train import RunSpec, fit
+    from gender_pipeline.models.train import Checkpoint, FitOptions, RunSpec, fit
     from gender_pipeline.lake.storage import Store
 
     rng = np.random.default_rng(0)
     chips = rng.integers(0, 256, (64, 64, 64, 3), dtype=np.uint8)
     labels = rng.integers(0, 2, 64)
     spec = RunSpec(name="g", arch="resnet18", lr=1e-3, epochs=1, image_size=64, batch_size=16)
-    result = fit(spec, (chips, labels), (chips[:16], labels[:16]), Store(str(tmp_path)), "ck.pt", device="cuda")
+    result = fit(spec, (chips, labels), (chips[:16], labels[:16]), Checkpoint(Store(str(tmp_path)), "ck.pt"),
+                 FitOptions(device="cuda"))
     assert np.isfinite(result.history[0].train_loss)
 
 

@@ -10,7 +10,7 @@ from gender_pipeline.models.chips import extract_chips
 from gender_pipeline.models.datasets import load_dataset
 from gender_pipeline.models.experiment import RunResult, load_experiment, select_winner
 from gender_pipeline.models.networks import PretrainedWeightsUnavailable, build_network
-from gender_pipeline.models.train import RunSpec, fit
+from gender_pipeline.models.train import Checkpoint, FitOptions, RunSpec, fit
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def chips_and_labels(tmp_path_factory):
 @pytest.mark.parametrize("arch", ["vgg16", "googlenet", "resnet18"])
 def test_one_epoch_of_each_architecture(arch, chips_and_labels, tmp_path):
     spec = RunSpec(name=arch, arch=arch, lr=1e-3, epochs=1, image_size=32, batch_size=8)
-    result = fit(spec, chips_and_labels["train"], chips_and_labels["val"], Store(str(tmp_path)), "ck.pt")
+    result = fit(spec, chips_and_labels["train"], chips_and_labels["val"], Checkpoint(Store(str(tmp_path)), "ck.pt"))
     assert len(result.history) == 1
     record = result.history[0]
     assert 0 <= record.train_acc <= 1 and 0 <= record.val_acc <= 1 and np.isfinite(record.train_loss)
@@ -48,7 +48,7 @@ def test_frozen_layers_do_not_move_during_training(chips_and_labels, tmp_path):
                    freeze=("layer1", "layer2"), dropout=0.5)
     torch.manual_seed(spec.seed)
     before = build_network("resnet18", dropout=0.5, freeze=spec.freeze).state_dict()
-    result = fit(spec, chips_and_labels["train"], chips_and_labels["val"], Store(str(tmp_path)), "ck.pt")
+    result = fit(spec, chips_and_labels["train"], chips_and_labels["val"], Checkpoint(Store(str(tmp_path)), "ck.pt"))
     after = result.model.state_dict()
     assert torch.equal(before["layer1.0.conv1.weight"], after["layer1.0.conv1.weight"])
     assert torch.equal(before["layer2.0.conv1.weight"], after["layer2.0.conv1.weight"])
@@ -57,11 +57,12 @@ def test_frozen_layers_do_not_move_during_training(chips_and_labels, tmp_path):
 
 def test_resume_after_interruption_equals_uninterrupted(chips_and_labels, tmp_path):
     spec = RunSpec(name="r", arch="resnet18", lr=1e-3, epochs=3, image_size=32, batch_size=8, dropout=0.2)
-    whole = fit(spec, chips_and_labels["train"], chips_and_labels["val"], Store(str(tmp_path / "a")), "ck.pt")
+    whole = fit(spec, chips_and_labels["train"], chips_and_labels["val"], Checkpoint(Store(str(tmp_path / "a")), "ck.pt"))
     store = Store(str(tmp_path / "b"))
-    first = fit(spec, chips_and_labels["train"], chips_and_labels["val"], store, "ck.pt", stop_after=1)
+    first = fit(spec, chips_and_labels["train"], chips_and_labels["val"], Checkpoint(store, "ck.pt"),
+                FitOptions(stop_after=1))
     assert len(first.history) == 1
-    resumed = fit(spec, chips_and_labels["train"], chips_and_labels["val"], store, "ck.pt")
+    resumed = fit(spec, chips_and_labels["train"], chips_and_labels["val"], Checkpoint(store, "ck.pt"))
     assert resumed.resumed_from == 1 and len(resumed.history) == 3
     for name, tensor in whole.model.state_dict().items():
         assert torch.allclose(tensor.float(), resumed.model.state_dict()[name].float(), atol=1e-6), name
