@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+sys.path.insert(0, str(ROOT))
+
+from tests.browser import CHROMIUM, launch_browser  # noqa: E402
+
 VIEWPORT = {"width": 1440, "height": 900}
 UIS = ("v2", "v1")  # v2 is what http://127.0.0.1:N/ opens by default in Prefect 3.9; v1 via "Switch to V1 UI"
 UI_PREFIX = {"v2": "/v2", "v1": ""}
@@ -561,10 +562,6 @@ def tour_deployment(tour: Tour, ui: str, deployment_id: str) -> None:
         tour.goto(f"{prefix}/deployments/deployment/{deployment_id}/run", wait_for="source", notes=notes)
     shot = tour.shot(f"{ui}-deployment-custom-run", f"{ui.upper()}: deployment nightly-scoring, Run > Custom run", notes)
     tour.findings.setdefault(ui, {})["custom_run_text"] = shot.text
-
-
-def launch_browser(playwright):
-    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
 
 
 # --- the report -----------------------------------------------------------------------------

@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from benchmarks.ui_tour import CHROMIUM, launch_browser
 
+from tests.browser import CHROMIUM, launch_browser
 from tests.test_deployment import prefect_server  # noqa: F401  (a real server on 127.0.0.1)
 from tests.test_stop import ROOT
 
