@@ -4,11 +4,14 @@ update the users table, report.
 No `from __future__ import annotations` here: Prefect validates parameters against the
 signature in the process a deployment runs in, where string annotations cannot be resolved."""
 
+import functools
+import inspect
 from typing import Any
 
 from prefect import Flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.callables import parameter_schema
 
 from gender_pipeline.flows.schedule import NIGHTLY_CONCURRENCY, NIGHTLY_CRON, NIGHTLY_TIMEZONE  # noqa: F401
 from gender_pipeline.night.checks import warm_up as warm_up_expectations
@@ -19,24 +22,49 @@ from gender_pipeline.runtime.timing import timed
 from gender_pipeline.tasks.night_tasks import (NightRun, check_listing_task, list_new_photos, lock_output,
                                                resolved_model, update_users_table)
 from gender_pipeline.tasks.reports import report_night
-from gender_pipeline.tasks.run_control import scoring_run_name, stoppable_run, tag_run
+from gender_pipeline.tasks.run_control import scoring_run_name, sent_parameters, stoppable_run, tag_run
 
 
 class NightlyScoringFlow(Flow):
     """The flow, reading the flat parameters of earlier versions too: a deployment that
-    still sends `source`, `output`, … runs with them grouped into `options` (its logs say
-    what to change); a name that never was a parameter is refused."""
+    still sends `source`, `output`, … runs with them read into `options` (over the
+    deployment's own; its logs say what to change); a name that never was a parameter is
+    refused. The form (the UI's, `serve`'s, `prefect deploy`'s schema) shows `options` alone;
+    the function Prefect binds a run's parameters to also takes the flat names."""
+
+    def __init__(self, fn, **kwargs) -> None:
+        super().__init__(_taking_flat_names(fn), **kwargs)
+        self.__signature__ = inspect.signature(fn)  # what the form describes (inspect.signature stops here)
+        self.parameters = parameter_schema(fn)
 
     def validate_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
-        flat = {name: value for name, value in parameters.items() if name != "options"}
-        if flat and "options" not in parameters and set(flat) <= set(flat_names()):
-            parameters = {"options": NightOptions.from_flat(flat)}
+        flat = {name: value for name, value in parameters.items() if name != "options" and value is not None}
+        if set(flat) <= set(flat_names()):
+            base = parameters.get("options")
+            if flat:  # over the deployment's own options, if any
+                base = base.model_dump(exclude_unset=True) if isinstance(base, NightOptions) else base
+                base = NightOptions.from_flat(flat, base)
+            parameters = {"options": base}
         return super().validate_parameters(parameters)
 
     def with_options(self, **changes) -> "NightlyScoringFlow":
         flow = super().with_options(**changes)
         flow.__class__ = type(self)  # Prefect's with_options builds a plain Flow
+        flow.__signature__, flow.parameters = self.__signature__, self.parameters
         return flow
+
+
+def _taking_flat_names(fn):
+    """`fn`, also taking the flat names of 0.1 (None unless a run was sent them: they are
+    read into `options` before it is called)."""
+    @functools.wraps(fn)
+    def taking(options: NightOptions, **_flat: Any):
+        return fn(options)
+
+    form = inspect.signature(fn)
+    flat = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in flat_names()]
+    taking.__signature__ = form.replace(parameters=[*form.parameters.values(), *flat])
+    return taking
 
 
 def nightly_scoring(options: NightOptions) -> dict:
@@ -51,11 +79,11 @@ def nightly_scoring(options: NightOptions) -> dict:
     timeline.mark("flow run started")
     warm_up_expectations()  # Great Expectations' start-up overlaps with the lock and the listing
     night = Night(options, run_id=str(flow_run.id or "local"))
-    sent = flow_run.parameters
-    if "options" not in sent:
+    flat = sorted(name for name, value in sent_parameters().items() if name != "options" and value is not None)
+    if flat:
         get_run_logger().warning("this run was sent the flat parameters of gender-pipeline 0.1 (%s): they were read "
-                                 "as `options`; send them grouped under `options` instead (docs/operating.md, "
-                                 "upgrading)", ", ".join(sorted(sent)))
+                                 "into `options`; send them grouped under `options` instead (docs/operating.md, "
+                                 "upgrading)", ", ".join(flat))
     with stoppable_run() as stop, NightRun(night, stop) as run:
         with stop.interruptible():
             lock_output(night)

@@ -219,11 +219,14 @@ class NightOptions(BaseModel):
     # -- the flat parameters of earlier versions ---------------------------------------------
 
     @classmethod
-    def from_flat(cls, parameters: dict[str, Any]) -> "NightOptions":
+    def from_flat(cls, parameters: dict[str, Any], base: dict[str, Any] | None = None) -> "NightOptions":
         """The options from the flat parameters earlier versions of the flow took
-        (`source`, `output`, `batch_size`, …); a name no version took is refused."""
-        grouped: dict[str, dict[str, Any]] = {}
-        top: dict[str, Any] = {}
+        (`source`, `output`, `batch_size`, …), over `base` (grouped options, e.g. a
+        deployment's) when given; a name no version took is refused."""
+        base = base or {}
+        grouped: dict[str, dict[str, Any]] = {group: dict(values) for group, values in base.items()
+                                              if isinstance(values, dict)}
+        top: dict[str, Any] = {name: value for name, value in base.items() if not isinstance(value, dict)}
         places = flat_names()
         for name, value in parameters.items():
             if name not in places:

@@ -166,6 +166,12 @@ def scoring_run_name() -> str:
     return f"{day} {_short(getattr(where, 'source', '?'))} → {_short(getattr(where, 'output', '?'))}"
 
 
+def sent_parameters() -> dict:
+    """The parameters this flow run was sent, as the API has them (before validation)."""
+    context = FlowRunContext.get()
+    return dict(context.flow_run.parameters or {}) if context is not None and context.flow_run is not None else {}
+
+
 def tag_run(**values: str) -> None:
     """Tag this flow run, e.g. scoring-date:2026-11-29 and model:NAME@VERSION, plus how it
     was started: cli, deployment or schedule."""

@@ -62,7 +62,9 @@ def prefect_server(tmp_path):
 
 def test_served_deployment_runs_on_a_real_server(prefect_server, uploads, tmp_path):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, LogFilter,
+                                                LogFilterFlowRunId)
+    from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     source, files = uploads
@@ -75,10 +77,17 @@ def test_served_deployment_runs_on_a_real_server(prefect_server, uploads, tmp_pa
         with temporary_settings(updates={PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
             run = run_served_deployment(timeout=300)
             assert run.state.is_completed(), run.state
+            # A run sent the flat parameters of 0.1 runs with them read into the deployment's options.
+            flat = run_deployment("nightly-scoring/nightly-scoring", timeout=300,
+                                  parameters={"output": str(tmp_path / "lake-flat"), "refresh_budget": 0})
+            assert flat.state.is_completed(), flat.state
             with get_client(sync_client=True) as client:
                 deployment = client.read_deployment_by_name("nightly-scoring/nightly-scoring")
                 artifacts = client.read_artifacts(
                     artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+                logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flat.id])))
+        assert any("flat parameters of gender-pipeline 0.1 (output, refresh_budget)" in log.message for log in logs)
+        assert len(pd.read_parquet(str(tmp_path / "lake-flat" / "predictions"))) == len(files)
         # As deployments/prefect.yaml has it: a clean entrypoint, the schedule's time zone, one run at a time.
         assert deployment.schedules and deployment.schedules[0].schedule.cron == "0 3 * * *"
         assert deployment.schedules[0].schedule.timezone == "Europe/Berlin"

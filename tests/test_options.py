@@ -118,6 +118,10 @@ def test_the_flat_parameters_of_earlier_versions_are_read_into_options():
     # A deployment still sending them runs: the flow reads them into its one parameter.
     assert nightly_scoring.validate_parameters(flat) == {"options": options}
     assert set(flat_names()) >= set(flat) | {"max_listing_drop", "shard_size", "front_end", "file_links"}
+    # Over a deployment's own options: the flat ones win, the others stay.
+    merged = nightly_scoring.validate_parameters({"options": where(), "workers": 0, "output": "/data/other"})
+    assert (merged["options"].where.source, merged["options"].where.output) == ("/data/uploads", "/data/other")
+    assert merged["options"].compute.workers == 0
     with pytest.raises(ValueError, match="'sauce' is not a parameter"):
         NightOptions.from_flat({"sauce": "x"})
     with pytest.raises(Exception, match="sauce"):  # a name no version had: refused as before
