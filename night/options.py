@@ -96,6 +96,8 @@ class Where(_Group):
 class ModelChoice(_Group):
     """Which model answers, and how sure it must be."""
 
+    model_config = ConfigDict(title="Model")
+
     name: Annotated[str, AfterValidator(check_model),
                     Field(description="production (the model production points at, else the shipped dlib network), "
                                       "NAME (its production version) or NAME@VERSION."),
@@ -162,6 +164,8 @@ class Listing(_Group):
 
 class UsersTable(_Group):
     """The users table: how fast it moves to a new model, and whose photos are never read."""
+
+    model_config = ConfigDict(title="Users table")
 
     refresh_budget: Annotated[NonNegativeInt, Field(description="Photos per run re-scored because their user's answer "
                                                                 "comes from another model than this run's (after a "
