@@ -7,7 +7,6 @@ night lists in parallel too."""
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 from collections import deque
@@ -97,9 +96,8 @@ class S3Lister:
         self.pages = 0
 
     def _obstore_fetcher(self):
-        options = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
-        endpoint = (self.store.options.get("client_kwargs") or {}).get("endpoint_url") or os.environ.get(
-            "AWS_ENDPOINT_URL")
+        options = {"region": self.store.region}
+        endpoint = self.store.endpoint_url
         client_options = {}
         if endpoint:
             options["endpoint"] = endpoint

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 import sys
 import time
@@ -112,6 +113,16 @@ class Store:
         self.options = dict(options or {})
         self.fs, root = fsspec.core.url_to_fs(url, **self.options)
         self.root = root.rstrip("/")
+
+    @property
+    def endpoint_url(self) -> str | None:
+        """The S3-compatible endpoint this store talks to (its options', else $AWS_ENDPOINT_URL)."""
+        return (self.options.get("client_kwargs") or {}).get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL")
+
+    @property
+    def region(self) -> str:
+        """The S3 region: $AWS_REGION, $AWS_DEFAULT_REGION, else us-east-1."""
+        return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
 
     @property
     def protocol(self) -> str:

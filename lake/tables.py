@@ -56,10 +56,8 @@ def delta_location(store: Store, key: str) -> tuple[str, dict[str, str]]:
     if protocol in ("file", "local"):
         return os.path.abspath(path), {}
     if protocol in ("s3", "s3a"):
-        options = {"AWS_REGION": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-                   or "us-east-1"}
-        endpoint = (store.options.get("client_kwargs") or {}).get("endpoint_url") or os.environ.get(
-            "AWS_ENDPOINT_URL")
+        options = {"AWS_REGION": store.region}
+        endpoint = store.endpoint_url
         if endpoint:
             options["AWS_ENDPOINT_URL"] = endpoint
             if endpoint.startswith("http://"):

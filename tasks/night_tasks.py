@@ -155,7 +155,7 @@ def resolved_model(night: Night) -> str:
     it cannot be resolved (loading the model will say why)."""
     options = night.options
     try:
-        name, version = Registry(options.where.registry, Stores(options.where.endpoint_url).options).resolve(
+        name, version = Registry(options.where.registry, night.context.stores.options).resolve(
             ModelRef.parse(options.model.name))
     except Exception:  # a report must not fail the run
         return options.model.name

@@ -12,7 +12,7 @@ from prefect import get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from gender_pipeline.lake.answers import ModelRef
-from gender_pipeline.lake.storage import Store, Stores
+from gender_pipeline.lake.storage import Store
 from gender_pipeline.models.registry import Registry
 from gender_pipeline.night.night import Night, UsersUpdate
 from gender_pipeline.night.render import render_failure_markdown, render_markdown
@@ -95,7 +95,7 @@ def report_night(night: Night, users: UsersUpdate | None, listing_suite: dict | 
         create_table_artifact(rejected, key=artifact_key("rejected-photos", output),
                               description=f"Rejected photos of this run of {output}, with the reason"
                                           + (f" (the first {len(rejected)}; {more} more in the Parquet)" if more else ""))
-    store = Stores(where.endpoint_url).at(output)
+    store = night.context.output
     for url in summary["written"]:
         link = file_link(url, where.file_links, store)
         if link:

@@ -13,6 +13,7 @@ from gender_pipeline.faces.decoding import DecodeLimits
 from gender_pipeline.flows.scoring import nightly_scoring
 from gender_pipeline.lake.lock import LEASE_SECONDS
 from gender_pipeline.lake.photo_state import REFRESH_BUDGET
+from gender_pipeline.models.retrain_options import RetrainOptions
 from gender_pipeline.night.options import NightOptions, fields, flag_of, flat_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,12 +100,14 @@ def test_flags_build_the_options_and_serve_sends_only_what_was_set():
     assert NightOptions.model_validate(sent) == options
 
 
-def test_the_deployment_file_holds_to_the_model():
+def test_the_deployment_file_holds_to_the_models():
     with open(os.path.join(ROOT, "deployments", "prefect.yaml")) as handle:
-        nightly = next(d for d in yaml.safe_load(handle)["deployments"] if d["name"] == "nightly-scoring")
-    assert list(nightly["parameters"]) == ["options"]
-    options = NightOptions.model_validate(nightly["parameters"]["options"])
+        deployments = {d["name"]: d for d in yaml.safe_load(handle)["deployments"]}
+    assert list(deployments["nightly-scoring"]["parameters"]) == ["options"]
+    options = NightOptions.model_validate(deployments["nightly-scoring"]["parameters"]["options"])
     assert options.where.source.startswith("s3://") and options.compute.batch_size == 128
+    retrain = RetrainOptions.model_validate(deployments["retrain"]["parameters"]["options"])
+    assert retrain.device == "cuda" and os.path.exists(os.path.join(ROOT, retrain.config))
 
 
 def test_the_flat_parameters_of_earlier_versions_are_read_into_options():
