@@ -119,7 +119,7 @@ def test_the_flat_parameters_of_earlier_versions_are_read_into_options():
     assert (options.guards.lock_wait_seconds, options.listing.fanout, options.users.refresh_budget) == (10, 4, 5)
     assert options.limits.max_bytes == DecodeLimits().max_bytes  # None meant the default there
     # A deployment still sending them runs: the flow reads them into its one parameter.
-    assert nightly_scoring.validate_parameters(flat) == {"options": options}
+    assert nightly_scoring.validate_parameters(flat)["options"] == options
     assert set(flat_names()) >= set(flat) | {"max_listing_drop", "shard_size", "front_end", "file_links"}
     # Over a deployment's own options: the flat ones win, the others stay.
     merged = nightly_scoring.validate_parameters({"options": where(), "workers": 0, "output": "/data/other"})
