@@ -19,8 +19,8 @@ from gender_pipeline.night.night import Night
 from gender_pipeline.night.options import NightOptions, flat_names
 from gender_pipeline.runtime import timeline
 from gender_pipeline.runtime.timing import timed
-from gender_pipeline.tasks.night_tasks import (NightRun, check_listing_task, list_new_photos, lock_output,
-                                               resolved_model, update_users_table)
+from gender_pipeline.tasks.night_tasks import (NightRun, check_inputs, check_listing_task, list_new_photos,
+                                               lock_output, update_users_table)
 from gender_pipeline.tasks.reports import report_night
 from gender_pipeline.tasks.run_control import scoring_run_name, sent_parameters, stoppable_run, tag_run
 
@@ -86,8 +86,8 @@ def nightly_scoring(options: NightOptions) -> dict:
                                  "upgrading)", ", ".join(flat))
     with stoppable_run() as stop, NightRun(night, stop) as run:
         with stop.interruptible():
+            check_inputs(night)
             lock_output(night)
-        night.answer_with(resolved_model(night))
         tag_run(scoring_date=night.context.day.isoformat(), model=night.context.model)
         with stop.interruptible(), timed(night.timings, "list"):
             found = list_new_photos(night)

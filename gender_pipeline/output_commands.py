@@ -32,7 +32,7 @@ def _output(args: argparse.Namespace) -> Store:
 
 def forget(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     stores = Stores(args.endpoint_url)
-    ids = list(args.user_id) + (stores.lines(args.users_from) if args.users_from else [])
+    ids = list(args.user_id) + (stores.user_ids(args.users_from) if args.users_from else [])
     if not ids:
         print("gender-pipeline: forget needs --user-id or --users-from", file=sys.stderr)
         return EXIT_USAGE
@@ -73,7 +73,7 @@ def compact(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def rebuild_users(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     stores = Stores(args.endpoint_url)
     state = OutputState(stores.at(args.output))
-    excluded = tuple(stores.lines(args.exclude_users)) if args.exclude_users else ()
+    excluded = tuple(stores.user_ids(args.exclude_users)) if args.exclude_users else ()
     photos, users = rebuild(state, stores.at(args.source), ListingSpec.parse(args.listing), excluded,
                             RebuildOptions(f"rebuild-users-{os.getpid()}", args.lock_wait, args.replace))
     print(json.dumps({"photos": photos, "users": users, "table": state.users.url}, indent=2))

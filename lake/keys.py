@@ -33,6 +33,31 @@ def folder_of(key: str) -> str:
     return key.split("/", 1)[0]
 
 
+def check_user_id(text: str) -> str:
+    """A user id as the upload key rule can produce it (a folder under the source), else
+    ValueError saying why: empty or only spaces, a `/`, `.` or `..`, a control character,
+    bytes that are not UTF-8."""
+    if not text or not text.strip():
+        raise ValueError(f"user id {text!r} is empty")
+    if "/" in text or text in FORBIDDEN_SEGMENTS:
+        raise ValueError(f"user id {text!r} is not a folder name under the source ({KEY_RULE})")
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise ValueError(f"user id {text!r} holds a control character")
+    if not _utf8(text):
+        raise ValueError(f"user id {text!r} is not valid UTF-8")
+    if len(text.encode("utf-8")) > 255:
+        raise ValueError(f"user id {text[:40]!r}… is longer than a folder name may be (255 bytes)")
+    return text
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: bytes that were not UTF-8 on the command line
+        return False
+    return True
+
+
 def bad_key_sql(column: str = "key") -> str:
     """A DuckDB condition: `column` holds a key without a usable user id."""
     wrapped = f"('/' || {column} || '/')"

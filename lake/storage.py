@@ -14,7 +14,8 @@ from typing import TypeVar
 
 import fsspec
 
-from gender_pipeline.runtime.errors import StorageFailure
+from gender_pipeline.lake.keys import check_user_id
+from gender_pipeline.runtime.errors import StorageFailure, UsageFailure
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,6 +44,10 @@ def _kind(error: BaseException) -> str:
 
 def _sleep(seconds: float) -> None:
     time.sleep(seconds)
+
+
+class UserIdRefused(UsageFailure, ValueError):
+    """A user id the upload key rule cannot produce (exit 2)."""
 
 
 class StorageError(StorageFailure, RuntimeError):
@@ -216,9 +221,10 @@ class Store:
         return path if self.protocol in ("file", "local") else f"{self.protocol}://{path}"
 
 
-def read_lines(url: str, options: dict | None = None) -> list[str]:
-    """The non-empty lines of a text file at a path or URL, stripped (a line that starts
-    with `#` is a comment); `-` is standard input. A missing file is a storage error that names it."""
+def read_lines(url: str, options: dict | None = None) -> list[tuple[int, str]]:
+    """The non-empty lines of a text file at a path or URL, stripped, with their line
+    numbers (a line that starts with `#` is a comment); `-` is standard input. A missing
+    file is a storage error that names it."""
     if url == "-":
         text = sys.stdin.read()
     else:
@@ -229,8 +235,8 @@ def read_lines(url: str, options: dict | None = None) -> list[str]:
             raise StorageError(f"{url} not found", transient=False) from None
         except UnicodeDecodeError:
             raise StorageError(f"{url} is not a UTF-8 text file", transient=False) from None
-    lines = (line.strip() for line in text.splitlines())
-    return [line for line in lines if line and not line.startswith("#")]
+    lines = ((number, line.strip()) for number, line in enumerate(text.splitlines(), 1))
+    return [(number, line) for number, line in lines if line and not line.startswith("#")]
 
 
 @dataclass(frozen=True)
@@ -249,6 +255,13 @@ class Stores:
     def at(self, url: str) -> Store:
         return Store(url, self.options)
 
-    def lines(self, url: str) -> list[str]:
-        """The lines of a text file at `url` (see read_lines)."""
-        return read_lines(url, self.options)
+    def user_ids(self, url: str) -> list[str]:
+        """The user ids of a text file at `url`, one a line (see read_lines): an id the
+        upload key rule cannot produce is refused with its line number."""
+        ids = []
+        for number, line in read_lines(url, self.options):
+            try:
+                ids.append(check_user_id(line))
+            except ValueError as error:
+                raise UserIdRefused(f"{url}, line {number}: {error}") from None
+        return ids

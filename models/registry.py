@@ -84,6 +84,18 @@ class Registry:
             raise RegistryError(f"no model {name}@{version} in registry {self.url}")
         return card
 
+    def attributes(self, name: str, version: str) -> list[str]:
+        """What a version answers (a card without the list answers gender)."""
+        return list(self.card(name, version).get("attributes") or ["gender"])
+
+    def check_scores(self, name: str, version: str) -> None:
+        """RegistryError unless the version answers gender: the nightly scoring needs it
+        (dlib's age predictor, say, is in the registry to be evaluated, not to score)."""
+        attributes = self.attributes(name, version)
+        if "gender" not in attributes:
+            raise RegistryError(f"{name}@{version} answers {', '.join(attributes)} only; the nightly scoring needs "
+                                f"a model that answers gender")
+
     def versions(self, name: str) -> list[str]:
         try:
             entries = self.store.fs.ls(self.store.path(name), detail=False)

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt
 
-from gender_pipeline.lake.locations import Location, check_endpoint
+from gender_pipeline.lake.locations import Folder, check_endpoint
 from gender_pipeline.lake.storage import Stores
 from gender_pipeline.models.experiment import Experiment, load_experiment
 from gender_pipeline.models.predictor import resolve_device
@@ -44,7 +44,7 @@ class RetrainOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    data: Annotated[Location, Field(description="The labelled dataset: a path or fsspec URL.")]
+    data: Annotated[Folder, Field(description="The labelled dataset: a path or fsspec URL.")]
     config: Annotated[str, Field(description="The experiment, a YAML file: configs/celeba_experiment.yaml (the "
                                              "study), configs/cpu_dev.yaml, configs/face_embedding.yaml (heads on "
                                              "dlib's embedding), or configs/face_attributes.yaml / "
@@ -52,7 +52,7 @@ class RetrainOptions(BaseModel):
     data_format: Annotated[Literal["celeba", "manifest"] | None,
                            Field(description="celeba (the official layout) or manifest (labels.csv and images/); "
                                              "default the config's.")] = None
-    registry: Annotated[Location | None, Field(description="The model registry (path or URL); default "
+    registry: Annotated[Folder | None, Field(description="The model registry (path or URL); default "
                                                            "$GENDER_PIPELINE_REGISTRY or "
                                                            "~/.gender-pipeline/registry.")] = None
     endpoint_url: Annotated[str | None, AfterValidator(check_endpoint),

@@ -75,7 +75,8 @@ class Night:
         self.context = RunContext.start(options, run_id, datetime.now(timezone.utc))
         self.stop = stop
         self.started = time.perf_counter()
-        self.stage = "taking the output lock"
+        self.stage = "checking the inputs"
+        self.excluded: tuple[str, ...] = ()  # the opted-out users, read before anything is written
         self.timings: dict[str, float] = {}
         self.lease: Lease | None = None
         self.listing: NightListing | None = None
@@ -95,6 +96,17 @@ class Night:
 
     # -- the steps ------------------------------------------------------------------------------
 
+    def check_inputs(self) -> None:
+        """Before anything is written: the source is there, and the opt-out list reads,
+        every id in it one the upload key rule can produce (else the night fails saying
+        which line)."""
+        options = self.options
+        if not self.context.source.exists():
+            raise StorageError(f"source {options.where.source} does not exist", transient=False)
+        if options.users.exclude_users:
+            self.excluded = tuple(self.context.stores.user_ids(options.users.exclude_users))
+        self.stage = "taking the output lock"
+
     def lock(self) -> Lease:
         """One run at a time per output, so two runs never answer the same photo."""
         guards = self.options.guards
@@ -109,7 +121,7 @@ class Night:
             self.lease.release()
 
     def answer_with(self, model: str) -> None:
-        """The concrete NAME@VERSION the night answers with (resolved under the lock):
+        """The concrete NAME@VERSION the night answers with (resolved before the lock):
         every shard loads it, so that a long-lived worker that cached the model of an
         earlier night never answers with it after a promotion."""
         self.context = self.context.answering_with(model)
@@ -124,17 +136,14 @@ class Night:
         self.stage = "listing the source"
         context, options = self.context, self.options
         source = context.source
-        if not source.exists():
-            raise StorageError(f"source {options.where.source} does not exist", transient=False)
         spec = options.listing_spec()
         # Concurrent S3 listers start at keys spread over what the output already knows.
         boundaries = (self.state.key_sample(2 * (spec.fanout or 16))
                       if spec.kind == "list" and source.protocol in ("s3", "s3a") else None)
-        excluded = tuple(context.stores.lines(options.users.exclude_users)) if options.users.exclude_users else ()
         with list_source(source, spec, boundaries, check=self.stop.check) as spool:
             log.info("listed %d objects under %s%s", spool.rows, options.where.source,
                      f" (S3 Inventory report {spec.url})" if spec.kind == "inventory" else "")
-            plan = self.state.plan(SourceListing(spool.close().path, excluded),
+            plan = self.state.plan(SourceListing(spool.close().path, self.excluded),
                                    context.model if "@" in context.model else "", options.users.refresh_budget)
         self.listing = self._listing(plan)
         if self.listing.objects or plan.removed.num_rows:

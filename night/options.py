@@ -25,7 +25,7 @@ from gender_pipeline.engine.engine import ScoringOptions
 from gender_pipeline.faces.decoding import DecodeLimits
 from gender_pipeline.lake.answers import ModelRef, PRODUCTION_MODEL
 from gender_pipeline.lake.listing import ListingSpec
-from gender_pipeline.lake.locations import Location, check_endpoint
+from gender_pipeline.lake.locations import File, Folder, check_endpoint
 from gender_pipeline.lake.lock import LEASE_SECONDS
 from gender_pipeline.lake.photo_state import REFRESH_BUDGET
 
@@ -76,11 +76,11 @@ class _Group(BaseModel):
 class Where(_Group):
     """Where the photos are, where the answers go, and where the models live."""
 
-    source: Annotated[Location, Field(description="Where the uploads are: a path or fsspec URL "
+    source: Annotated[Folder, Field(description="Where the uploads are: a path or fsspec URL "
                                                   "(s3://bucket/prefix) holding {user_id}/{file name} objects.")]
-    output: Annotated[Location, Field(description="Where the answers go: OUTPUT/predictions/ (the history), "
+    output: Annotated[Folder, Field(description="Where the answers go: OUTPUT/predictions/ (the history), "
                                                   "OUTPUT/users/ (one answer per user) and the state beside them.")]
-    registry: Annotated[Location | None, Field(description="The model registry (path or URL); default "
+    registry: Annotated[Folder | None, Field(description="The model registry (path or URL); default "
                                                            "$GENDER_PIPELINE_REGISTRY or ~/.gender-pipeline/registry.")
                         ] = None
     endpoint_url: Annotated[str | None, AfterValidator(check_endpoint),
@@ -171,7 +171,7 @@ class UsersTable(_Group):
                                                                 "comes from another model than this run's (after a "
                                                                 "promotion or a rollback), oldest answers first; 0 "
                                                                 "turns it off.")] = REFRESH_BUDGET
-    exclude_users: Annotated[Location | None, Field(description="A text file (path or URL), one user id per line: "
+    exclude_users: Annotated[File | None, Field(description="A text file (path or URL), one user id per line: "
                                                                 "those users' photos are never read and they have no "
                                                                 "row in the users table (an opt-out list)."),
                              Flag(metavar="URL")] = None

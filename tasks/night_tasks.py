@@ -15,7 +15,7 @@ from prefect.states import Cancelled, Completed, State
 
 from gender_pipeline.lake.keys import user_of
 from gender_pipeline.lake.storage import Stores, retry_if_transient
-from gender_pipeline.models.registry import ModelRef, Registry, RegistryError
+from gender_pipeline.models.registry import ModelRef, Registry
 from gender_pipeline.night.checks import ExpectationsFailed, check_photo_metadata
 from gender_pipeline.night.context import RunContext
 from gender_pipeline.night.night import Night, NightListing, UsersUpdate
@@ -67,9 +67,8 @@ def check_listing_task(listing: NightListing) -> dict | None:
 
 
 def load_model(context: RunContext):
-    """The night's model, loaded once per process and kept (a Dask worker keeps it between
-    shards and nights). It must answer gender (dlib's age predictor, say, is in the
-    registry to be evaluated, not to score)."""
+    """The night's model (checked before the lock: it answers gender), loaded once per
+    process and kept (a Dask worker keeps it between shards and nights)."""
     options = context.options
     return _model(options.where.registry, options.where.endpoint_url, context.model, options.compute.device,
                   options.model.abstain_threshold, options.compute.compile)
@@ -78,12 +77,8 @@ def load_model(context: RunContext):
 @lru_cache(maxsize=4)
 def _model(registry: str | None, endpoint_url: str | None, model: str, device: str, abstain_threshold: float | None,
            compile: bool):
-    predictor = Registry(registry, Stores(endpoint_url).options).load_predictor(
+    return Registry(registry, Stores(endpoint_url).options).load_predictor(
         ModelRef.parse(model), device=device, abstain_threshold=abstain_threshold, compile=compile)
-    if "gender" not in predictor.attributes:
-        raise RegistryError(f"{model} answers {', '.join(predictor.attributes)} only; the nightly scoring needs a "
-                            f"model that answers gender")
-    return predictor
 
 
 class Progress:
@@ -149,17 +144,20 @@ def update_users_table(night: Night) -> UsersUpdate:
     return night.update_users(night.results)
 
 
-def resolved_model(night: Night) -> str:
-    """NAME@VERSION of the model the night's option resolves to (the production alias,
-    else the shipped network), for the shards, reports and tags; the option itself when
-    it cannot be resolved (loading the model will say why)."""
+@task(name="check-inputs", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_if_transient,
+      cache_policy=NO_CACHE)
+def check_inputs(night: Night) -> None:
+    """Before anything is written: the source is there, the opt-out list reads, and the
+    model resolves to a NAME@VERSION (the production pointer, else the shipped network),
+    which every shard then loads (a long-lived worker that cached the model of an earlier
+    night never answers with it after a promotion)."""
+    night.check_inputs()
     options = night.options
-    try:
-        name, version = Registry(options.where.registry, night.context.stores.options).resolve(
-            ModelRef.parse(options.model.name))
-    except Exception:  # a report must not fail the run
-        return options.model.name
-    return f"{name}@{version}"
+    registry = Registry(options.where.registry, night.context.stores.options)
+    name, version = registry.resolve(ModelRef.parse(options.model.name))
+    registry.check_scores(name, version)
+    night.answer_with(f"{name}@{version}")
+    get_run_logger().info("answering with %s", night.context.model)
 
 
 class NightRun:
