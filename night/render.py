@@ -111,13 +111,24 @@ def suites_line(summary: dict) -> str | None:
     return "; ".join(parts) or None
 
 
+def production_line(summary: dict) -> str | None:
+    """Whether the model that answered is production, and which one production is."""
+    production = summary.get("production")
+    if not production:
+        return None
+    if production == summary.get("model"):
+        return "the production model (`gender-pipeline promote NAME@VERSION` moves it)"
+    return f"not production: production is {production}"
+
+
 def model_lines(summary: dict) -> list[str]:
-    """What an operator needs to read the answers, from the model card."""
+    """What an operator needs to read the answers: production or not, and the model card."""
     card = summary.get("model_card")
+    production = production_line(summary)
     if not card:
-        return []
+        return [production] if production else []
     framing = card.get("framing") or {}
-    lines = [f"kind {card.get('kind')}; faces found by {framing.get('detector', 'retinaface')}, framed as "
+    lines = ([production] if production else []) + [f"kind {card.get('kind')}; faces found by {framing.get('detector', 'retinaface')}, framed as "
              f"{framing.get('kind')} ({framing.get('size')} px, padding {framing.get('padding')})",
              f"abstains (answers `unknown`) under {card['abstain_threshold']:.3f} confidence"
              + (f" ({plural(summary['genders']['unknown'], 'photo')} tonight)" if summary.get("genders", {}).get("unknown")
@@ -307,6 +318,10 @@ def render_status(status: dict, days: int = 14, runs_shown: int = 5) -> str:
         done = next((r for r in reversed(runs) if completed(r)), None)
         failed = [r for r in runs if not completed(r)]
         lines.append("             last completed: " + (_when(done) + " UTC" if done else "none of these"))
+        production = next((r.get("production") for r in reversed(runs) if r.get("production")), None)
+        if production:
+            lines.append(f"production   {production}, as the last night found it (`gender-pipeline models` for the "
+                         f"registry's own view)")
         if failed:
             which = ", ".join(f"{_when(r)} {r.get('outcome')}" for r in failed[-3:])
             lines.append(f"             not completed: {len(failed)} of the last {len(runs)} ({which})")

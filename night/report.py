@@ -121,7 +121,8 @@ def run_record(summary: dict, night: "Night", outcome_name: str, message: str) -
     """What the output keeps of a run (`_runs/`), for the next runs' trend and guards."""
     genders = summary.get("genders") or {}
     return {"run_id": summary["run_id"], "listed_at": night.context.listed_at.isoformat(),
-            "source": night.options.where.source, "model": summary.get("model"), "outcome": outcome_name,
+            "source": night.options.where.source, "model": summary.get("model"),
+            "production": night.production, "outcome": outcome_name,
             "message": message, "listed": summary.get("listed"), "new": summary.get("new", 0),
             "rows": summary.get("rows", 0), "scored": summary.get("scored", 0),
             "rejected": summary.get("rejected", 0), "unknown": genders.get("unknown", 0),
@@ -165,7 +166,8 @@ def completed_summary(night: "Night", users: UsersUpdate | None, listing_suite: 
                    written=night.published(), shards=len(results), warnings=list(listing.warnings),
                    last_run_at=str(last) if last else None, run_id=context.run_id,
                    scoring_date=context.day.isoformat(), timings={k: round(v, 3) for k, v in timings.items()},
-                   wall_seconds=round(night.seconds(), 3), model_card=model_card, **_suites(listing_suite, results))
+                   wall_seconds=round(night.seconds(), 3), model_card=model_card, production=night.production,
+                   **_suites(listing_suite, results))
     plan = listing.plan
     summary.update(new=summary["new"] - plan.refresh, refreshed=plan.refresh, removed=plan.removed.num_rows,
                    excluded=plan.excluded, erased_skipped=plan.erased_skipped, waiting=listing.waiting,

@@ -157,6 +157,7 @@ def check_inputs(night: Night) -> None:
     name, version = registry.resolve(ModelRef.parse(options.model.name))
     registry.check_scores(name, version)
     night.answer_with(f"{name}@{version}")
+    night.production = "@".join(registry.production())
     get_run_logger().info("answering with %s", night.context.model)
 
 

@@ -27,7 +27,7 @@ from gender_pipeline.models.networks import build_network
 from gender_pipeline.models.predictor import calibrate
 from gender_pipeline.models.presets import eval_preset
 from gender_pipeline.models.registration import Winner, register_version
-from gender_pipeline.models.registry import BASELINE_NAME, BASELINE_VERSION, ModelRef
+from gender_pipeline.models.registry import BASELINE_NAME, BASELINE_VERSION, PRODUCTION_MODEL, ModelRef
 from gender_pipeline.models.retrain_options import TrainingRun
 from gender_pipeline.models.train import Checkpoint, FitOptions, evaluate, fit, make_loader
 
@@ -350,11 +350,11 @@ def promotion_gate(run: TrainingRun, version: str, data: LabelledSet) -> dict:
     test = data.subset(data.indices("test"))
     candidate = evaluate_predictor(reg.load_predictor(ModelRef(experiment.model_name, version), device),
                                    test, options=options, keep_faces=True)
-    current = evaluate_predictor(reg.load_predictor(ModelRef(experiment.model_name), device), test,
+    current = evaluate_predictor(reg.load_predictor(ModelRef(PRODUCTION_MODEL), device), test,
                                  options=options, keep_faces=True)
     decision = decide_promotion(candidate, current)
     if decision["promote"]:
-        reg.set_alias(experiment.model_name, version, decision["reason"])
+        reg.promote(experiment.model_name, version, decision["reason"])
     reg.store.write_atomic(f"{experiment.model_name}/{version}/promotion.json",
                            json.dumps(decision, indent=2, default=float).encode())
     logger.info(decision["reason"])

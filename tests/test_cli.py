@@ -137,3 +137,28 @@ def test_demo_says_whether_every_encoding_got_the_same_answer(tmp_path, capsys):
         tmp_path / "predictions" / "part.parquet")
     show_answers(str(tmp_path), known)
     assert "female (p_male 0.10), age 31 (25-34)" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_promote_moves_the_one_production_pointer_that_scoring_reads(uploads, tmp_path, capsys):
+    """Any model can be production: promoting dlib-attributes-v1@1 makes the next night
+    answer with it; `models` and the run's summary name it; a rollback is a promote."""
+    source, _ = uploads
+    registry = str(tmp_path / "reg")
+    assert main(["promote", "dlib-attributes-v1@1", "--reason", "gender and age", "--registry", registry]) == 0
+    out = capsys.readouterr()
+    moved = json.loads(out.out)
+    assert (moved["from"], moved["to"], moved["reason"]) == ("dlib-gender-v1@1", "dlib-attributes-v1@1",
+                                                             "gender and age")
+    assert "production is now dlib-attributes-v1@1 (was dlib-gender-v1@1)" in out.err
+    assert main(["promote", "dlib-age-v1@1", "--reason", "age only", "--registry", registry]) == EXIT_USAGE
+    assert "answers age only" in capsys.readouterr().err
+    assert main(["models", "--registry", registry]) == 0
+    assert "production  dlib-attributes-v1@1" in capsys.readouterr().out
+    assert main(["score", "--source", str(source), "--output", str(tmp_path / "lake"), "--registry", registry,
+                 "--workers", "0", "--json"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("{"):])
+    assert summary["model"] == "dlib-attributes-v1@1" and summary["production"] == "dlib-attributes-v1@1"
+    assert main(["promote", "dlib-gender-v1@1", "--reason", "rollback", "--registry", registry]) == 0
+    assert json.loads(capsys.readouterr().out)["history"][-1]["name"] == "dlib-attributes-v1"

@@ -18,7 +18,7 @@ def test_empty_registry_falls_back_to_the_dlib_baseline(tmp_path):
                                "detector": "retinaface"}
     assert card["class_order"] == ["female", "male"]
     assert (tmp_path / BASELINE_NAME / "1" / "model.onnx").stat().st_size > 100_000
-    assert json.loads((tmp_path / BASELINE_NAME / "aliases" / "production.json").read_text())["version"] == "1"
+    assert registry.production() == (BASELINE_NAME, "1") and registry.pointer() is None  # nothing promoted yet
     assert isinstance(registry.load_predictor("gender-classifier", "cpu"), OnnxGenderPredictor)
 
 
@@ -50,7 +50,7 @@ def _register_torch(registry, version, temperature=2.0):
 def test_trained_checkpoint_plugs_into_the_same_interface(tmp_path):
     registry = Registry(str(tmp_path))
     _register_torch(registry, "1")
-    registry.set_alias("gender-classifier", "1", "promoted in a test")
+    registry.promote("gender-classifier", "1", "promoted in a test")
     predictor = registry.load_predictor("gender-classifier", "cpu")
     assert isinstance(predictor, TorchPredictor)
     assert (predictor.name, predictor.version, predictor.temperature) == ("gender-classifier", "1", 2.0)
@@ -62,13 +62,15 @@ def test_trained_checkpoint_plugs_into_the_same_interface(tmp_path):
     assert out.p_male.shape == (2,)
 
 
-def test_alias_keeps_history_and_versions_are_immutable(tmp_path):
+def test_the_production_pointer_keeps_history_and_versions_are_immutable(tmp_path):
     registry = Registry(str(tmp_path))
     _register_torch(registry, "1")
     _register_torch(registry, "2")
-    registry.set_alias("gender-classifier", "1", "first")
-    record = registry.set_alias("gender-classifier", "2", "better")
+    first = registry.promote("gender-classifier", "1", "first")
+    assert (first["from"], first["to"]) == (f"{BASELINE_NAME}@1", "gender-classifier@1")
+    record = registry.promote("gender-classifier", "2", "better")
     assert record["version"] == "2" and record["history"][0]["version"] == "1"
+    assert (record["from"], record["to"], record["reason"]) == ("gender-classifier@1", "gender-classifier@2", "better")
     assert registry.versions("gender-classifier") == ["1", "2"]
     with pytest.raises(RegistryError, match="already registered"):
         _register_torch(registry, "2")
@@ -86,3 +88,32 @@ def test_tampered_weights_are_refused(tmp_path):
 def test_registry_on_memory_filesystem():
     registry = Registry("memory://registry-test")
     assert registry.resolve(ModelRef.parse("gender-classifier"))[0] == BASELINE_NAME
+
+
+def test_a_registry_written_before_the_pointer_keeps_its_production_model(tmp_path):
+    """0.1 kept production as `gender-classifier/aliases/production.json`: it still answers,
+    and the first promotion moves the one pointer from it."""
+    registry = Registry(str(tmp_path))
+    _register_torch(registry, "1")
+    _register_torch(registry, "2")
+    legacy = tmp_path / "gender-classifier" / "aliases" / "production.json"
+    legacy.parent.mkdir(parents=True)
+    legacy.write_text(json.dumps({"version": "2", "reason": "written by 0.1", "at": "2026-11-01T02:00:00+00:00"}))
+    assert registry.resolve(ModelRef.parse("production")) == ("gender-classifier", "2")
+    assert registry.resolve(ModelRef.parse("gender-classifier")) == ("gender-classifier", "2")
+    moved = registry.promote("dlib-attributes-v1", "1", "gender and age")
+    assert (moved["from"], moved["to"]) == ("gender-classifier@2", "dlib-attributes-v1@1")
+    assert registry.resolve(ModelRef.parse("production")) == ("dlib-attributes-v1", "1")
+    assert registry.resolve(ModelRef.parse("gender-classifier")) == ("gender-classifier", "2")  # its own alias
+    listing = registry.listing()
+    assert listing["production"] == "dlib-attributes-v1@1" and listing["reason"] == "gender and age"
+    assert [m["model"] for m in listing["models"] if m["production"]] == ["dlib-attributes-v1@1"]
+
+
+def test_a_model_that_cannot_score_is_never_production(tmp_path):
+    registry = Registry(str(tmp_path))
+    with pytest.raises(RegistryError, match="answers age only"):
+        registry.promote("dlib-age-v1", "1", "it cannot answer gender")
+    with pytest.raises(RegistryError, match="no model nope@1"):
+        registry.promote("nope", "1", "there is no such model")
+    assert registry.pointer() is None

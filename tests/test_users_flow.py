@@ -111,7 +111,7 @@ def test_a_promotion_then_a_rollback_move_every_user_within_the_budget(uploads, 
     assert second["refreshed"] == 1 and second["users"]["share"] == 1.0 and second["users"]["nights_left"] == 0
     assert set(users(output)["model_version"]) == {"2"}
     # Rollback: production points at version 1 again; the next night moves everyone back.
-    reg.set_alias("gender-classifier", "1", "rollback")
+    assert main(["promote", "gender-classifier@1", "--reason", "rollback", "--registry", str(registry)]) == 0
     third = run(source, output, registry)
     assert third["refreshed"] == 4 and set(users(output)["model_version"]) == {"1"}
     capsys.readouterr()
