@@ -57,6 +57,8 @@ def forget(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                       "history_files_rewritten": report.files_rewritten,
                       "history_files_deleted": report.files_deleted, "photo_state_rows_removed": report.photos_removed,
                       "users_table_rows_removed": report.users_removed, "files_vacuumed": report.vacuumed,
+                      "change_data_files_removed": report.change_data_removed,
+                      "change_data_whole_from_version": report.change_data_from,
                       "seconds": round(report.seconds, 3), "source": source_url,
                       "source_objects": report.source_keys, "unmatched_user_ids": report.unmatched,
                       "note": "the source objects above are the shop's to delete; later runs never read them"},

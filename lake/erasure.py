@@ -46,6 +46,8 @@ class Erasure:
     vacuumed: int = 0  # files Delta kept for time travel, deleted
     source_keys: list[str] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)  # ids found nowhere: not in the history, the tables or the source
+    change_data_removed: int = 0  # change data files of the users table that held an erased user's row
+    change_data_from: int | None = None  # the users table's feed is whole from this version on
     seconds: float = 0.0
 
 
@@ -119,6 +121,12 @@ def erase(state: "OutputState", user_ids: list[str], erased_at: datetime, source
         setattr(report, attr, deleted)
         if deleted:  # nothing deleted: no file to vacuum
             report.vacuumed += len(table.vacuum())
+    if state.users.open() is not None:
+        # Change data is never rewritten: a file of it that holds an erased user's row goes
+        # whole (the erasure's own commit wrote one); the feed is whole again after this version.
+        report.change_data_removed = len(state.users.scrub_change_data(id_table["user_id"], "user_id"))
+        if report.change_data_removed:
+            report.change_data_from = state.users.version() + 1
     report.unmatched = [u for u in ids if u not in found]
     report.seconds = time.perf_counter() - started
     return report

@@ -48,6 +48,10 @@ class Applied:
     skipped: bool = False  # already applied by an earlier attempt
     users_added: int = 0  # change in the number of users with an answer
     behind_added: int = 0  # change in the number of them answered by another model than the night's
+    # The users table's versions the night wrote: its change data feed from `users_version_from` + 1
+    # to `users_version_to` is what the night changed (None: it wrote none).
+    users_version_from: int | None = None
+    users_version_to: int | None = None
 
 
 @dataclass
@@ -204,6 +208,7 @@ class OutputState:
         that died between the two commits) the users' rows are read from both tables."""
         report = Applied()
         photos_table, users_table = self.photos.open_or_create(), self.users.open_or_create()
+        report.users_version_from = users_table.version()
         in_step = (not self.photos.applied(photos_table, seq)
                    and photos_table.transaction_version(APP_ID) == users_table.transaction_version(APP_ID))
         with duckdb_session() as con, timed(timings, "photo_state"):
@@ -276,6 +281,8 @@ class OutputState:
             self.users.merge(source, "user_id", old, seq)
         elif rows.num_rows:
             self.users.append(rows, seq)
+        if old or rows.num_rows:
+            report.users_version_to = self.users.version()
         report.users_upserted, report.users_removed = rows.num_rows, len(gone)
 
     # -- rebuilding and upkeep ----------------------------------------------------------------

@@ -50,6 +50,8 @@ def output_status(state: "OutputState") -> dict:
         "reject_reasons": {str(k): int(v) for k, v in reasons},
         "models": [{"model": m, "rows": int(n)} for m, n in models],
         "users": {"table": state.users.url, "exists": users_table is not None, "users": int(total),
+                  "version": users_table.version() if users_table is not None else None,
+                  "feed": next((r.get("users_versions") for r in reversed(runs) if r.get("users_versions")), None),
                   "genders": {g: int(genders.get(g, 0)) for g in ("female", "male", "unknown")},
                   "age_bands": in_band_order(bands),
                   "models": [{"model": m, "users": int(n), "share": round(n / total, 4)} for m, n in by_model]},

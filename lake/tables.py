@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import DeltaError, TableNotFoundError
 from deltalake.schema import Field
@@ -26,6 +28,8 @@ from gender_pipeline.lake.storage import Store, with_retries
 from gender_pipeline.runtime.errors import DataFailure
 
 APP_ID = "gender-pipeline"  # the app transaction id our commits carry
+CHANGE_DATA_FEED = "delta.enableChangeDataFeed"
+CHANGE_DATA = "_change_data"  # where delta keeps a commit's change data, beside the table's files
 RETENTION_HOURS = 168  # compaction keeps a week of time travel
 # A `touch` (same bytes seen again) updates only these columns of a photo's state.
 TOUCH_COLUMNS = ("size", "uploaded_at", "checked_at")
@@ -47,6 +51,17 @@ class TableSpec:
     # not rewritten by an erasure.
     stats_columns: tuple[str, ...] = ()
     description: str = ""
+    # Delta's change data feed: each commit keeps what it inserted, updated and deleted
+    # (`_change_data/`), so readers can follow "what changed since version N".
+    change_data_feed: bool = False
+
+    @property
+    def properties(self) -> dict[str, str]:
+        """The table properties a table of this kind carries."""
+        found = {"delta.dataSkippingStatsColumns": ",".join(self.stats_columns)} if self.stats_columns else {}
+        if self.change_data_feed:
+            found[CHANGE_DATA_FEED] = "true"
+        return found
 
 
 def delta_location(store: Store, key: str) -> tuple[str, dict[str, str]]:
@@ -124,14 +139,42 @@ class Table:
         return [n for n in self.spec.schema.names if n not in have]
 
     def evolve(self, table):
-        """Add the spec's new (nullable) columns to `table` before a write: an additive
-        schema change, so older readers keep working. Returns the table as it is now."""
+        """Before a write: add the spec's new (nullable) columns to `table` (an additive
+        schema change, so older readers keep working) and the table properties a table
+        written by an earlier version lacks (the change data feed). Returns the table as
+        it is now."""
         missing = self.missing_columns(table)
-        if not missing:
-            return table
-        fields = [Field.from_arrow(self.spec.schema.field(n)) for n in missing]
-        with_retries(lambda: self._load().alter.add_columns(fields), f"adding {missing} to {self.url}")
-        return self._load()
+        if missing:
+            fields = [Field.from_arrow(self.spec.schema.field(n)) for n in missing]
+            with_retries(lambda: self._load().alter.add_columns(fields), f"adding {missing} to {self.url}")
+        have = table.metadata().configuration or {}
+        lacking = {k: v for k, v in self.spec.properties.items() if have.get(k) != v}
+        if lacking:
+            with_retries(lambda: self._load().alter.set_table_properties(lacking), f"setting {lacking} on {self.url}")
+        return self._load() if missing or lacking else table
+
+    def version(self) -> int | None:
+        """The table's current version (None when there is no table)."""
+        table = self.open()
+        return table.version() if table is not None else None
+
+    def scrub_change_data(self, ids: pa.Array, on: str) -> list[str]:
+        """Delete the change data files that hold a row whose `on` is in `ids` (an erasure:
+        change data is never rewritten, so a file that holds an erased row goes whole).
+        Returns the files deleted."""
+        folder = self.store.path(f"{self.key}/{CHANGE_DATA}")
+        try:
+            files = [f for f in self.store.fs.find(folder) if f.endswith(".parquet")]
+        except FileNotFoundError:
+            return []
+        deleted = []
+        for path in files:
+            with self.store.fs.open(path, "rb") as handle:
+                column = pq.read_table(handle, columns=[on])[on].cast(pa.string())  # delta-rs writes string views
+            if pc.any(pc.fill_null(pc.is_in(column, ids), False)).as_py():
+                with_retries(lambda p=path: self.store.fs.rm_file(p), f"removing {path}")
+                deleted.append(self.store.key_of(path))
+        return deleted
 
     def open_or_create(self):
         return self.open() or self.create()
@@ -157,8 +200,7 @@ class Table:
     def create(self, data: pa.Table | None = None, seq: int | None = None, mode: str = "error"):
         """Write `data` (or nothing) as a new table version: `error` creates the table,
         `overwrite` replaces an existing table of ours in one commit."""
-        configuration = {"delta.dataSkippingStatsColumns": ",".join(self.spec.stats_columns)} \
-            if self.spec.stats_columns else None
+        configuration = self.spec.properties or None
         data = self._data(data if data is not None else self.spec.schema.empty_table())
 
         def write() -> None:

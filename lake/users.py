@@ -45,7 +45,7 @@ USERS_SCHEMA = schema(
     required=("user_id",))
 
 USERS = TableSpec(
-    name="gender-pipeline users", schema=USERS_SCHEMA, partition_by=("answered_on",),
+    name="gender-pipeline users", schema=USERS_SCHEMA, partition_by=("answered_on",), change_data_feed=True,
     stats_columns=("gender", "p_male", "confidence", "uploaded_at", "answered_at", "model_name", "model_version",
                    "age_years", "age_band"),
     description="One current answer (gender, and age where the model answers it) per user, kept by "

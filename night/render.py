@@ -183,7 +183,19 @@ def render_text(summary: dict) -> str:
         lines.append(f"users        {users_line(summary)}" + (f"; {plural(left, 'user')} left the table tonight"
                                                                if left else ""))
         lines.append(f"             {summary['users']['table']}")
+        if feed_line(summary):
+            lines.append(f"             {feed_line(summary)}")
     return "\n".join(lines)
+
+
+def feed_line(summary: dict) -> str | None:
+    """Which versions of the users table the night wrote: its change data feed."""
+    versions = (summary.get("users") or {}).get("versions")
+    if not versions:
+        return None
+    first = (versions["from"] if versions["from"] is not None else -1) + 1
+    span = f"version {versions['to']}" if first == versions["to"] else f"versions {first} to {versions['to']}"
+    return f"tonight's changes: {span} (`DeltaTable(…).load_cdf(starting_version={first})`)"
 
 
 def render_markdown(summary: dict, source: str, output: str) -> str:
@@ -215,7 +227,8 @@ def render_markdown(summary: dict, source: str, output: str) -> str:
         parts += ["**p_male of the scored photos**", "", "```", bars(summary["p_male_histogram"]), "```", ""]
     users = summary.get("users")
     if users:
-        parts += [f"**Users table** (`{users['table']}`, one current answer per user): {users_line(summary)}.", "",
+        parts += [f"**Users table** (`{users['table']}`, one current answer per user): {users_line(summary)}."
+                  + (f" {feed_line(summary)[0].upper()}{feed_line(summary)[1:]}." if feed_line(summary) else ""), "",
                   "```python", "from deltalake import DeltaTable", f'DeltaTable("{users["table"]}").to_pandas()',
                   "```", ""]
     parts += _time_table(summary)
@@ -343,7 +356,13 @@ def render_status(status: dict, days: int = 14, runs_shown: int = 5) -> str:
                             if without else ""))
     else:
         lines.append("users        none with an answer yet")
-    lines.append(f"             {users['table']}")
+    lines.append(f"             {users['table']}" + (f" (version {users['version']})" if users.get("version")
+                                                     is not None else ""))
+    feed = users.get("feed")
+    if feed:
+        first = (feed["from"] if feed["from"] is not None else -1) + 1
+        lines.append(f"             the last night's changes: versions {first} to {feed['to']} of its change data "
+                     f"feed (load_cdf(starting_version={first}))")
     if status["partitions"]:
         shown = status["partitions"][-days:]
         lines.append(f"by day       {'dt':<10} {'rows':>8} {'rejected':>9} {'unknown':>8}"

@@ -146,7 +146,15 @@ def _users(night: "Night", users: UsersUpdate) -> dict:
             "on_model": users.users - users.behind, "behind": users.behind,
             "share": round((users.users - users.behind) / users.users, 4) if users.users else None,
             "refresh_budget": users.refresh_budget, "nights_left": users.nights_left,
-            "upserted": users.applied.users_upserted, "removed": users.applied.users_removed}
+            "upserted": users.applied.users_upserted, "removed": users.applied.users_removed,
+            "versions": _versions(users.applied)}
+
+
+def _versions(applied) -> dict | None:
+    """The users table's versions the night wrote (its feed: after `from`, up to `to`)."""
+    if applied.users_version_to is None:
+        return None
+    return {"from": applied.users_version_from, "to": applied.users_version_to}
 
 
 def completed_summary(night: "Night", users: UsersUpdate | None, listing_suite: dict | None,
@@ -179,7 +187,7 @@ def completed_summary(night: "Night", users: UsersUpdate | None, listing_suite: 
     summary.update(outcome="completed", outcome_tag=tag, message=message)
     record = run_record(summary, night, "completed", message)
     if users is not None:
-        record.update(users=users.users, users_behind=users.behind)
+        record.update(users=users.users, users_behind=users.behind, users_versions=_versions(users.applied))
     record_run(context.output, record)
     summary["recent_runs"] = listing.recent_runs[-9:] + [record]
     return summary
