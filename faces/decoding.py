@@ -145,7 +145,7 @@ def decode_photo(data: bytes, limits: DecodeLimits = DecodeLimits(),
             return Rejection(CORRUPT, f"{fmt} header could not be parsed: {error}", format=fmt)
         except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError,
                 struct.error, ZeroDivisionError, MemoryError, RuntimeError) as error:
-            return _classify_decode_error(error, fmt)
+            return _classify_decode_error(error, fmt, len(data))
 
 
 def precheck(data: bytes, limits: DecodeLimits = DecodeLimits()) -> str | Rejection:
@@ -197,13 +197,15 @@ def size_rejection(width: int, height: int, nbytes: int, fmt: str, limits: Decod
     return None
 
 
-def _classify_decode_error(error: BaseException, fmt: str) -> Rejection:
+def _classify_decode_error(error: BaseException, fmt: str, nbytes: int) -> Rejection:
     message = str(error) or type(error).__name__
     lowered = message.lower()
     if "truncated" in lowered or "premature end" in lowered or isinstance(error, EOFError) or (
         "not enough" in lowered and "data" in lowered
     ) or "unexpected end" in lowered:
-        return Rejection(TRUNCATED, f"{fmt}: {message}", format=fmt)
+        # In our words: Pillow's "(1 bytes not processed)" counts its buffer, not what is missing.
+        return Rejection(TRUNCATED, f"{fmt}: the file ends inside its image data after {nbytes:,} bytes (cut short "
+                                    f"in the upload or the copy)", format=fmt)
     return Rejection(CORRUPT, f"{fmt}: {message}", format=fmt)
 
 

@@ -12,5 +12,5 @@ def schedule_text(cron: str, timezone: str) -> str:
     time alone ("At 02:00 AM"), so the deployment's description says which zone it is."""
     parts = cron.split()
     if len(parts) == 5 and parts[2:] == ["*", "*", "*"] and parts[0].isdigit() and parts[1].isdigit():
-        return f"every day at {int(parts[1]):02d}:{int(parts[0]):02d} {timezone} time (cron {cron!r}, {timezone})"
+        return f"every day at {int(parts[1]):02d}:{int(parts[0]):02d} {timezone} time (cron {cron!r})"
     return f"on cron {cron!r} in the {timezone} time zone"

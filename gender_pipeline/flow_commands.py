@@ -17,9 +17,10 @@ from gender_pipeline.cli import night_options
 from gender_pipeline.flows.retrain import retrain as retrain_flow
 from gender_pipeline.flows.schedule import NIGHTLY_CONCURRENCY, schedule_text
 from gender_pipeline.flows.scoring import nightly_scoring
-from gender_pipeline.models.retrain_options import RetrainOptions
 from gender_pipeline.lake.storage import Stores
+from gender_pipeline.models.retrain_options import RetrainOptions
 from gender_pipeline.night.render import render_text
+from gender_pipeline.runtime import timeline
 from gender_pipeline.server import TemporaryServer
 
 
@@ -70,7 +71,7 @@ def score(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(json.dumps(summary, indent=2, default=str))
     else:
         print()
-        print(render_text(summary))
+        print(render_text(summary, command_seconds=timeline.since_start()))
     return 0
 
 

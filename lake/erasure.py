@@ -146,12 +146,14 @@ def _objects_under(source: Store, user_ids: list[str]) -> list[ObjectInfo]:
 
 def forget(state: "OutputState", user_ids: list[str], source: Store, owner: str, wait_seconds: float) -> Erasure:
     """`gender-pipeline forget`: erase users holding the output's lock (no night writes
-    meanwhile) and record the erasure (when, how many users, what it rewrote; no ids)
-    for the next night's summary and `status`."""
+    meanwhile) and record the erasure (when, how many ids were asked, how many of them
+    were erased and how many matched nothing, what it rewrote; no ids) for the next
+    night's summary and `status`."""
     with acquire(state.store, owner, wait_seconds=wait_seconds):
         now = datetime.now(timezone.utc)
         report = erase(state, user_ids, now, source)
         record_run(state.store, {"run_id": f"forget-{now:%f}", "listed_at": now.isoformat(), "users": report.users,
+                                 "erased": report.users - len(report.unmatched), "unmatched": len(report.unmatched),
                                  "rows_removed": report.rows_removed,
                                  "files_rewritten": report.files_rewritten + report.files_deleted}, folder=ERASURES)
     return report

@@ -17,9 +17,23 @@ FOLDER = "_runs"
 ERASURES = "_erasures"  # one record per `forget` call: when, how many users, what it rewrote (no ids)
 
 
+# A night's outcome: one word, the same in the run record, the trend, `status`, the
+# summary, the flow run's tag (outcome:WORD) and its final state's name (capitalised).
+OUTCOMES = ("completed", "warnings", "failed", "cancelled")
+FINISHED = ("completed", "warnings")  # the night did its work (with warnings or without)
+
+
 def completed(record: dict) -> bool:
-    """A night that completed (records written before outcomes were kept did)."""
-    return record.get("outcome", "completed") == "completed"
+    """A night that did its work, with or without warnings (records written before
+    outcomes were kept did)."""
+    return record.get("outcome", "completed") in FINISHED
+
+
+def erasure_counts(records: list[dict]) -> tuple[int, int]:
+    """(users erased, ids that matched nothing) over erasure records (records written
+    before the two were kept count every id asked as erased)."""
+    erased = sum(int(r.get("erased", r.get("users", 0))) for r in records)
+    return erased, sum(int(r.get("unmatched", 0)) for r in records)
 
 
 def record_run(store: Store, record: dict, folder: str = FOLDER) -> str:

@@ -31,6 +31,9 @@ from gender_pipeline.lake.photo_state import REFRESH_BUDGET
 
 DEVICES = ("auto", "cpu", "cuda")
 SHARD_SIZE = 2000
+# A share measured on fewer photos moves by several points from night to night by chance alone
+# (its standard error is 5 points at 100): no alarm rests on fewer.
+ALARM_MIN_PHOTOS = 100
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,11 @@ class Guards(_Group):
     max_listing_drop: Annotated[float, Field(ge=0.0, le=1.0, description="Fail the run when the source lists fewer "
                                              "objects than this share less than the last completed run (0.9: under "
                                              "10% of it); 1 turns the guard off.")] = 0.9
+    alarm_min_photos: Annotated[NonNegativeInt, Field(description="Photos a rate must rest on before it can raise an "
+                                                                  "alarm (photos read for the reject rate, scored "
+                                                                  "for the unknown rate, answered female or male "
+                                                                  "for the female share); fewer, and the summary "
+                                                                  "says the alarm was withheld.")] = ALARM_MIN_PHOTOS
     lock_lease_seconds: Annotated[float, Field(gt=0, description="How long a dead run's lock on the output outlives "
                                                "it (a live run renews it)."), Flag(name="--lock-lease")] = LEASE_SECONDS
     lock_wait_seconds: Annotated[float, Field(ge=0, description="How long to wait for another run on the same output "

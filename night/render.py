@@ -5,7 +5,7 @@ the trend of the last nights, where the rows are), the failure report, and `stat
 from __future__ import annotations
 
 from gender_pipeline.lake.answers import in_band_order
-from gender_pipeline.lake.runs import completed
+from gender_pipeline.lake.runs import completed, erasure_counts
 from gender_pipeline.night.words import plural
 
 
@@ -47,11 +47,21 @@ def gone_line(summary: dict) -> str | None:
     return ", ".join(parts) or None
 
 
+def erased_line(summary: dict) -> str | None:
+    """The erasures since the last night: the users erased, and the ids asked that matched
+    nothing (nobody was erased for them)."""
+    erased, unmatched = summary.get("erased_users") or 0, summary.get("erasure_ids_unmatched") or 0
+    if not (erased or unmatched):
+        return None
+    return (f"{plural(erased, 'user')} erased since the last run"
+            + (f" ({plural(unmatched, 'more id')} asked matched nobody)" if unmatched else ""))
+
+
 def headline(summary: dict) -> str:
     """One sentence: what this run did."""
     refreshed = summary.get("refreshed", 0)
-    erased = (f" {plural(summary['erased_users'], 'user')} erased since the last run." if summary.get(
-        "erased_users") else "")
+    erased = erased_line(summary)
+    erased = f" {erased[0].upper()}{erased[1:]}." if erased else ""
     gone = gone_line(summary)
     gone = f" {gone[0].upper()}{gone[1:]}." if gone else ""
     if summary["new"] == 0 and not refreshed:
@@ -145,11 +155,12 @@ def model_lines(summary: dict) -> list[str]:
     return lines
 
 
-def render_text(summary: dict) -> str:
-    """The one-screen summary the CLI prints."""
+def render_text(summary: dict, command_seconds: float | None = None) -> str:
+    """The one-screen summary the CLI prints (`command_seconds`: how long the command has
+    run, start-up included, beside the flow's own time)."""
     lines = [headline(summary)]
-    lines += [f"WARNING      {w}" for w in summary.get("warnings", [])]
-    lines += [f"ALARM        {a}" for a in summary.get("alarms", [])]
+    lines += [f"WARNING      {w}" for w in summary.get("warnings", []) + summary.get("alarms", [])]
+    lines += [f"withheld     alarm: {a}" for a in summary.get("alarms_withheld", [])]
     lines.append(f"listed       {summary['listed']:>8}   new {summary['new']}, unchanged {summary['skipped_unchanged']}"
                  + (f", gone {summary['removed']}" if summary.get("removed") else ""))
     if summary["rows"]:
@@ -166,7 +177,8 @@ def render_text(summary: dict) -> str:
     wall = summary.get("wall_seconds")
     if wall:
         rate = f", {summary['rows'] / wall:.2f} photos/s over the whole run" if summary["rows"] else ""
-        lines.append(f"time         {wall:.1f} s in all{rate}; "
+        command = f" ({command_seconds:.1f} s since the command started)" if command_seconds else ""
+        lines.append(f"time         {wall:.1f} s in the flow{command}{rate}; "
                      + ", ".join(f"{name} {summary['timings'].get(key, 0):.1f} s" for key, name in
                                  (("list", "list"), ("listing_suite", "listing suite"), ("score", "scoring"),
                                   ("predictions_suite", "predictions suite"), ("publish", "publish"),
@@ -202,11 +214,11 @@ def render_markdown(summary: dict, source: str, output: str) -> str:
     """The run's report for the Prefect UI."""
     parts = [f"## Nightly scoring, {summary['scoring_date']}",
              f"`{source}` → `{output}`", "", headline(summary), ""]
-    for warning in summary.get("warnings", []):
+    for warning in summary.get("warnings", []) + summary.get("alarms", []):
         parts.append(f"> **Warning:** {warning}")
-    for alarm in summary.get("alarms", []):
-        parts.append(f"> **Alarm:** {alarm}")
-    if summary.get("warnings") or summary.get("alarms"):
+    for withheld in summary.get("alarms_withheld", []):
+        parts.append(f"> Alarm withheld: {withheld}")
+    if summary.get("warnings") or summary.get("alarms") or summary.get("alarms_withheld"):
         parts.append("")
     if summary["rows"]:
         g = summary["genders"]
@@ -275,7 +287,7 @@ def _time_table(summary: dict) -> list[str]:
         return []
     timings = summary.get("timings", {})
     rate = f" ({summary['rows'] / wall:.2f} photos/s)" if summary.get("rows") else ""
-    rows = [f"**Where the time went**: {wall:.1f} s in all{rate}.", "", "| stage | seconds |", "| --- | --- |"]
+    rows = [f"**Where the time went**: {wall:.1f} s in the flow{rate}.", "", "| stage | seconds |", "| --- | --- |"]
     rows += [f"| {name} | {timings[key]:.2f} |" for key, name in STAGES if key in timings]
     other = wall - sum(timings.get(key, 0) for key, _ in STAGES)
     rows.append(f"| other (Prefect, lock, this report) | {max(0.0, other):.2f} |")
@@ -291,20 +303,27 @@ def _trend_table(summary: dict) -> list[str]:
     runs = summary.get("recent_runs") or []
     if len(runs) < 2:
         return []
-    # Narrow columns: the Prefect UI shows an artifact beside its details panel. "gone":
-    # photos no longer in the source; "left": users who left the users table; "s": seconds.
+    # Narrow columns (the Prefect UI shows an artifact beside its details panel): the time
+    # kept on one line with a non-breaking hyphen and space (characters, not HTML entities:
+    # the V1 UI shows those as written), the model a column only when the runs differ.
+    models = {run.get("model") for run in runs}
+    one_model = len(models) == 1
     rows = [f"**The last {len(runs)} runs of this output** (gone: photos no longer in the source; left: users "
-            "who left the users table)", "",
-            "| UTC | outcome | listed | new | gone | rows | rejected | unknown | female | left | s | model |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "who left the users table with them; erased: users erased by `forget` before the run"
+            + (f"; every run answered by {next(iter(models))}" if one_model else "") + ")", "",
+            "| UTC | outcome | listed | new | rows | rejected | unknown | female | gone | left | erased | s |"
+            + ("" if one_model else " model |"),
+            "| --- " * (12 if one_model else 13) + "|"]
     for run in runs:
         wall, count = run.get("wall_seconds") or 0, run.get("rows", 0)
         decided = run.get("female", 0) + run.get("male", 0)
-        rows.append(f"| {str(run.get('listed_at', ''))[5:16].replace('T', '&nbsp;').replace('-', '&#8209;')} | {run.get('outcome', 'completed')} "
+        when = str(run.get("listed_at", ""))[5:16].replace("T", "\u00a0").replace("-", "\u2011")
+        rows.append(f"| {when} | {run.get('outcome', 'completed')} "
                     f"| {'—' if run.get('listed') is None else run['listed']} | {run.get('new', 0)} "
-                    f"| {run.get('removed', '—')} | {count} | {_rate(run.get('rejected', 0), count)} "
+                    f"| {count} | {_rate(run.get('rejected', 0), count)} "
                     f"| {_rate(run.get('unknown', 0), run.get('scored', 0))} | {_rate(run.get('female', 0), decided)} "
-                    f"| {run.get('users_left', '—')} | {wall:.0f} | {run.get('model', '')} |")
+                    f"| {run.get('removed', '—')} | {run.get('users_left', '—')} | {run.get('erased', '—')} "
+                    f"| {wall:.0f} |" + ("" if one_model else f" {run.get('model', '')} |"))
     return rows + [""]
 
 
@@ -330,14 +349,15 @@ def render_status(status: dict, days: int = 14, runs_shown: int = 5) -> str:
         lines += [f"             {run_line(run)}" for run in shown]
         done = next((r for r in reversed(runs) if completed(r)), None)
         failed = [r for r in runs if not completed(r)]
-        lines.append("             last completed: " + (_when(done) + " UTC" if done else "none of these"))
+        lines.append("             last finished (completed or warnings): "
+                     + (_when(done) + " UTC" if done else "none of these"))
         production = next((r.get("production") for r in reversed(runs) if r.get("production")), None)
         if production:
             lines.append(f"production   {production}, as the last night found it (`gender-pipeline models` for the "
                          f"registry's own view)")
         if failed:
             which = ", ".join(f"{_when(r)} {r.get('outcome')}" for r in failed[-3:])
-            lines.append(f"             not completed: {len(failed)} of the last {len(runs)} ({which})")
+            lines.append(f"             failed or cancelled: {len(failed)} of the last {len(runs)} ({which})")
     else:
         lines.append("last runs    none recorded")
     days_seen = len(status["partitions"])
@@ -376,6 +396,8 @@ def render_status(status: dict, days: int = 14, runs_shown: int = 5) -> str:
         lines.append("models       " + ", ".join(f"{m['model']} {plural(m['rows'], 'row')}" for m in status["models"]))
     erasures = status.get("erasures") or []
     if erasures:
-        lines.append(f"erasures     {len(erasures)} ({plural(sum(int(e.get('users', 0)) for e in erasures), 'user')}), "
-                     f"the last {str(erasures[-1].get('listed_at', ''))[:16].replace('T', ' ')} UTC")
+        erased, unmatched = erasure_counts(erasures)
+        lines.append(f"erasures     {len(erasures)}: {plural(erased, 'user')} erased"
+                     + (f", {plural(unmatched, 'id')} that matched nobody" if unmatched else "")
+                     + f"; the last {str(erasures[-1].get('listed_at', ''))[:16].replace('T', ' ')} UTC")
     return "\n".join(lines)

@@ -12,7 +12,7 @@ import numpy as np
 from gender_pipeline.engine.engine import ScoringStats, merge_stats
 from gender_pipeline.lake.answers import in_band_order
 from gender_pipeline.lake.history import PhotoResult
-from gender_pipeline.lake.runs import completed, recent_runs, record_run
+from gender_pipeline.lake.runs import completed, erasure_counts, recent_runs, record_run
 from gender_pipeline.night.render import gone_line
 from gender_pipeline.night.shards import ShardResult
 from gender_pipeline.night.words import plural
@@ -56,63 +56,76 @@ def rejected_rows(rows: list[PhotoResult], limit: int = 100) -> list[dict]:
 
 
 def outcome(summary: dict) -> tuple[str, str]:
-    """The run's outcome tag and the one-line message of its final state."""
-    warnings = summary.get("warnings") or []
+    """The night's outcome (`completed` or `warnings`: lake.runs.OUTCOMES) and the
+    one-line message of its final state."""
+    warnings = (summary.get("warnings") or []) + (summary.get("alarms") or [])
     if summary["new"] or summary.get("refreshed"):
         what = f"{summary['new']} new" + (f", {summary['refreshed']} re-scored" if summary.get("refreshed") else "")
-        message = f"{what}: {summary['scored']} scored, {summary['rejected']} rejected"
-        tag = "scored"
+        message, worked = f"{what}: {summary['scored']} scored, {summary['rejected']} rejected", True
     elif not summary["listed"]:
-        message, tag = "the source is empty: nothing listed", "nothing-new"
+        message, worked = "the source is empty: nothing listed", False
     else:
         last = summary.get("last_run_at")
-        message = "nothing new" + (f" since {str(last)[:16].replace('T', ' ')} UTC" if last else "")
-        tag = "nothing-new"
+        message, worked = "nothing new" + (f" since {str(last)[:16].replace('T', ' ')} UTC" if last else ""), False
     gone = gone_line(summary)
     if gone:
         message += f"; {gone}"
-    alarms = summary.get("alarms") or []
-    if warnings or alarms:
-        notes = warnings + alarms  # every one: the runs list shows no more than this line
-        message = f"{plural(len(notes), 'warning')}: {'; '.join(notes)}" + (
-            f" ({message})" if tag == "scored" or gone else "")
-        tag = "warnings"
-    return tag, message
+    if not warnings:
+        return "completed", message
+    # Every warning: the runs list shows no more than this line.
+    return "warnings", f"{plural(len(warnings), 'warning')}: {'; '.join(warnings)}" + (
+        f" ({message})" if worked or gone else "")
 
 
-def state_name(tag: str) -> str:
-    """The name of a completed run's final state: a night with warnings or alarms reads
-    apart from a clean one in the runs list."""
-    return "Warnings" if tag == "warnings" else "Completed"
+def state_name(outcome_name: str) -> str:
+    """The name of a finished night's final state: its outcome, capitalised (`Completed`,
+    `Warnings`)."""
+    return outcome_name.capitalize()
 
 
-def alarms(record: dict, previous: list[dict], at_least: int = 3, margin: float = 0.01) -> list[str]:
-    """Where tonight's reject rate, `unknown` rate or female share falls outside the range of
-    the previous completed nights that answered photos (at least `at_least` of them) by more
-    than `margin` (a point: less is noise)."""
+def _outside_range(record: dict, previous: list[dict], at_least: int, margin: float) -> list[tuple[str, int]]:
+    """(what, photos it rests on) for each of tonight's rates outside the range of the
+    previous finished nights that answered photos (at least `at_least` of them) by more
+    than `margin`."""
     def rates(run: dict) -> dict:
         rows, scored = run.get("rows", 0), run.get("scored", 0)
         decided = run.get("female", 0) + run.get("male", 0)
-        return {"reject rate": run.get("rejected", 0) / rows if rows else None,
-                "unknown rate": run.get("unknown", 0) / scored if scored else None,
-                "female share": run.get("female", 0) / decided if decided else None}
+        return {"reject rate": (run.get("rejected", 0) / rows if rows else None, rows),
+                "unknown rate": (run.get("unknown", 0) / scored if scored else None, scored),
+                "female share": (run.get("female", 0) / decided if decided else None, decided)}
 
     history = [rates(r) for r in previous if r.get("rows") and completed(r)]
     if len(history) < at_least or not record.get("rows"):
         return []
     found = []
-    for name, value in rates(record).items():
-        past = [h[name] for h in history if h[name] is not None]
+    for name, (value, photos) in rates(record).items():
+        past = [h[name][0] for h in history if h[name][0] is not None]
         if value is None or len(past) < at_least:
             continue
         low, high = min(past), max(past)
+        span = f"the last {len(past)} nights' range ({100 * low:.1f}–{100 * high:.1f}%)"
         if value < low - margin:
-            found.append(f"{name} {100 * value:.1f}% is {100 * (low - value):.1f} points under the last "
-                         f"{len(past)} nights' range ({100 * low:.1f}–{100 * high:.1f}%)")
+            found.append((f"{name} {100 * value:.1f}% is {100 * (low - value):.1f} points under {span}", photos))
         elif value > high + margin:
-            found.append(f"{name} {100 * value:.1f}% is {100 * (value - high):.1f} points over the last "
-                         f"{len(past)} nights' range ({100 * low:.1f}–{100 * high:.1f}%)")
+            found.append((f"{name} {100 * value:.1f}% is {100 * (value - high):.1f} points over {span}", photos))
     return found
+
+
+def alarms(record: dict, previous: list[dict], at_least: int = 3, margin: float = 0.01,
+           min_photos: int = 0) -> list[str]:
+    """Where tonight's reject rate, `unknown` rate or female share falls outside the range of
+    the previous finished nights that answered photos (at least `at_least` of them) by more
+    than `margin` (a point: less is noise), each rate measured on at least `min_photos`
+    photos (photos read, scored and answered female or male)."""
+    return [what for what, photos in _outside_range(record, previous, at_least, margin) if photos >= min_photos]
+
+
+def withheld_alarms(record: dict, previous: list[dict], min_photos: int, at_least: int = 3,
+                    margin: float = 0.01) -> list[str]:
+    """The alarms tonight's rates would raise, withheld because each rests on fewer than
+    `min_photos` photos."""
+    return [f"{what}, on {plural(photos, 'photo')}: fewer than the {min_photos} an alarm needs"
+            for what, photos in _outside_range(record, previous, at_least, margin) if photos < min_photos]
 
 
 # -- a night's summary and its record -------------------------------------------------------------
@@ -128,7 +141,8 @@ def run_record(summary: dict, night: "Night", outcome_name: str, message: str) -
             "rejected": summary.get("rejected", 0), "unknown": genders.get("unknown", 0),
             "female": genders.get("female", 0), "male": genders.get("male", 0),
             "wall_seconds": summary.get("wall_seconds"), "files": summary.get("written") or [],
-            "removed": summary.get("removed", 0), "users_left": (summary.get("users") or {}).get("removed", 0)}
+            "removed": summary.get("removed", 0), "users_left": (summary.get("users") or {}).get("removed", 0),
+            "erased": summary.get("erased_users", 0)}
 
 
 def _suites(listing_suite: dict | None, results: list[ShardResult]) -> dict:
@@ -179,13 +193,20 @@ def completed_summary(night: "Night", users: UsersUpdate | None, listing_suite: 
     plan = listing.plan
     summary.update(new=summary["new"] - plan.refresh, refreshed=plan.refresh, removed=plan.removed.num_rows,
                    excluded=plan.excluded, erased_skipped=plan.erased_skipped, waiting=listing.waiting,
-                   erased_users=sum(int(r.get("users", 0)) for r in listing.erasures))
+                   erased_users=erasure_counts(listing.erasures)[0],
+                   erasure_ids_unmatched=erasure_counts(listing.erasures)[1])
     if users is not None:
         summary["users"] = _users(night, users)
-    summary["alarms"] = alarms(run_record(summary, night, "completed", ""), listing.recent_runs)
-    tag, message = outcome(summary)
-    summary.update(outcome="completed", outcome_tag=tag, message=message)
-    record = run_record(summary, night, "completed", message)
+    tonight, least = run_record(summary, night, "completed", ""), night.options.guards.alarm_min_photos
+    summary["alarms"] = alarms(tonight, listing.recent_runs, min_photos=least)
+    summary["alarms_withheld"] = withheld_alarms(tonight, listing.recent_runs, least)
+    for alarm in summary["alarms"]:
+        log.warning("alarm: %s", alarm)
+    for withheld in summary["alarms_withheld"]:
+        log.info("alarm withheld: %s", withheld)
+    outcome_name, message = outcome(summary)
+    summary.update(outcome=outcome_name, message=message)
+    record = run_record(summary, night, outcome_name, message)
     if users is not None:
         record.update(users=users.users, users_behind=users.behind, users_versions=_versions(users.applied))
     record_run(context.output, record)

@@ -31,6 +31,11 @@ def _process_start() -> float:
 STARTED = _process_start() if ENABLED else 0.0
 
 
+def since_start() -> float:
+    """Seconds since this process started (start-up and imports included)."""
+    return _clock() - (STARTED if ENABLED else _process_start())
+
+
 def mark(event: str, once: bool = True) -> None:
     """Print `event` with the seconds since the process started (when enabled)."""
     if not ENABLED or (once and event in _seen):

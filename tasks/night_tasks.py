@@ -191,8 +191,10 @@ class NightRun:
         return self.futures.result()
 
     def completed(self, summary: dict) -> None:
-        tag_run(outcome=summary["outcome_tag"])
-        self.state = Completed(message=summary["message"], data=summary, name=state_name(summary["outcome_tag"]))
+        warned = len(summary.get("warnings") or []) + len(summary.get("alarms") or [])
+        # A night with warnings reads apart from a clean one in both runs lists: its name too.
+        tag_run(outcome=summary["outcome"], rename=f"⚠ {plural(warned, 'warning')}" if warned else None)
+        self.state = Completed(message=summary["message"], data=summary, name=state_name(summary["outcome"]))
 
     def __exit__(self, kind, error, _traceback) -> bool:
         finish_all(self.futures)  # stop, then let go: no shard of this run can write after this

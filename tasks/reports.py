@@ -81,26 +81,30 @@ def report_night(night: Night, users: UsersUpdate | None, listing_suite: dict | 
     summary = completed_summary(night, users, listing_suite, model_card_summary(registry, night.context.model))
     output, source = where.output, where.source
     message = summary["message"]
+    # Each entry of a key's history names its night: the Artifacts pages list them by description.
+    night_of = f"night of {summary['scoring_date']} (listed {night.context.listed_at:%Y-%m-%d %H:%M} UTC)"
     create_markdown_artifact(render_markdown(summary, source, output), key=artifact_key("scoring-summary", output),
-                             description=f"{message[0].upper()}{message[1:]} (nightly scoring of {source} into "
-                                         f"{output})")
+                             description=f"{summary['outcome'].capitalize()}, {night_of}: {message} (nightly "
+                                         f"scoring of {source} into {output})")
     create_table_artifact([{"status": "scored", "photos": summary["scored"]},
                            {"status": "rejected", "photos": summary["rejected"]},
                            {"status": "unchanged (skipped)", "photos": summary["skipped_unchanged"]}],
                           key=artifact_key("scoring-counts", output),
-                          description=f"Photos by status in this run of {output}")
+                          description=f"Photos by status, {night_of}, in {output}")
     rejected = rejected_rows([row for result in night.results for row in result.rows])
-    if rejected:
-        more = summary["rejected"] - len(rejected)
-        create_table_artifact(rejected, key=artifact_key("rejected-photos", output),
-                              description=f"Rejected photos of this run of {output}, with the reason"
-                                          + (f" (the first {len(rejected)}; {more} more in the Parquet)" if more else ""))
+    more = summary["rejected"] - len(rejected)
+    # Every night, none rejected included: the key's latest entry is always tonight's.
+    create_table_artifact(rejected or [{"photo_key": "", "reason": "", "detail": "no photo rejected tonight"}],
+                          key=artifact_key("rejected-photos", output),
+                          description=f"Rejected photos, {night_of}, in {output}: "
+                                      + (f"{len(rejected)}, with the reason" if rejected else "none")
+                                      + (f" (the first {len(rejected)}; {more} more in the Parquet)" if more else ""))
     store = night.context.output
     for url in summary["written"]:
         link = file_link(url, where.file_links, store)
         if link:
             create_link_artifact(link, link_text=url, key=artifact_key("predictions-file", output),
-                                 description="A Parquet file written by this run")
+                                 description=f"A Parquet file written on the night of {summary['scoring_date']}")
     return summary
 
 
@@ -112,8 +116,8 @@ def report_failed_night(night: Night, outcome_name: str, message: str, error: Ba
     try:
         create_markdown_artifact(render_failure_markdown(summary, where.source, where.output),
                                  key=artifact_key("scoring-summary", where.output),
-                                 description=f"{outcome_name.capitalize()}: {message} (nightly scoring of "
-                                             f"{where.source} into {where.output})")
+                                 description=f"{outcome_name.capitalize()}, night of {summary['scoring_date']}: "
+                                             f"{message} (nightly scoring of {where.source} into {where.output})")
     except Exception as failure:
         get_run_logger().warning("the failure report could not be written: %s", failure)
     return summary

@@ -172,9 +172,10 @@ def sent_parameters() -> dict:
     return dict(context.flow_run.parameters or {}) if context is not None and context.flow_run is not None else {}
 
 
-def tag_run(**values: str) -> None:
+def tag_run(rename: str | None = None, **values: str) -> None:
     """Tag this flow run, e.g. scoring-date:2026-11-29 and model:NAME@VERSION, plus how it
-    was started: cli, deployment or schedule."""
+    was started: cli, deployment or schedule; `rename` puts words before its name (the
+    runs lists show a run's name, its state's name and its tags, never its message)."""
     if not flow_run.id:
         return
     try:
@@ -184,6 +185,7 @@ def tag_run(**values: str) -> None:
             tags = (set(run.tags) | {f"{k.replace('_', '-')}:{v}" for k, v in values.items()}
                     | {f"started-by:{started_by}"})
             # The outcome first: the runs list shows the first tags of a run.
-            client.update_flow_run(flow_run.id, tags=sorted(tags, key=lambda t: (not t.startswith("outcome:"), t)))
+            client.update_flow_run(flow_run.id, tags=sorted(tags, key=lambda t: (not t.startswith("outcome:"), t)),
+                                   name=f"{rename} · {run.name}" if rename and rename not in run.name else None)
     except Exception as error:  # tags help people find runs; they never fail one
         get_run_logger().warning("could not tag the flow run: %s", error)

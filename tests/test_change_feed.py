@@ -17,6 +17,7 @@ from deltalake import DeltaTable
 from gender_pipeline import samples
 from gender_pipeline.cli import main
 from gender_pipeline.flows.scoring import nightly_scoring
+from gender_pipeline.night.render import headline
 from tests.conftest import night_options
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -99,8 +100,9 @@ def test_an_erasure_leaves_no_erased_id_under_the_output_but_the_tombstone(uploa
 
     capsys.readouterr()
     assert main(["forget", "--output", str(output), "--source", str(source), "--user-id", erased[0],
-                 "--user-id", erased[1]]) == 0
+                 "--user-id", erased[1], "--user-id", "zq-nobody"]) == 0
     report = json.loads(capsys.readouterr().out)
+    assert report["unmatched_user_ids"] == ["zq-nobody"]
     assert report["change_data_files_removed"] >= 1 and report["change_data_whole_from_version"] is not None
     everything = [p for p in output.rglob("*") if p.is_file()]
     assert any("_delta_log" in str(p) for p in everything) and any(p.name.endswith(".checkpoint.parquet")
@@ -110,5 +112,12 @@ def test_an_erasure_leaves_no_erased_id_under_the_output_but_the_tombstone(uploa
     # The users table still answers the others, and the feed reads from the version `forget` names.
     assert "keeper" in DeltaTable(str(output / "users")).to_pandas()["user_id"].tolist()
     samples.write_tree(str(source), {"newcomer/me.jpg": face_files["progressive.jpg"]})
-    _night(source, output, registry, "2026-03-03")
+    summary = _night(source, output, registry, "2026-03-03")
     assert _changes(output, report["change_data_whole_from_version"]) == [("newcomer", "insert")]
+    # What the erasure did, in the next night's summary, its trend row and `status`: the users
+    # erased apart from the id that matched nobody.
+    assert (summary["erased_users"], summary["erasure_ids_unmatched"]) == (2, 1)
+    assert "2 users erased since the last run (1 more id asked matched nobody)." in headline(summary)
+    assert summary["recent_runs"][-1]["erased"] == 2 and summary["recent_runs"][-2]["erased"] == 0
+    assert main(["status", "--output", str(output)]) == 0
+    assert "erasures     1: 2 users erased, 1 id that matched nobody; the last " in capsys.readouterr().out

@@ -73,8 +73,8 @@ def test_serve_passes_schedule_and_parameters(monkeypatch):
     assert seen["global_limit"] == 1 and seen["entrypoint_type"].value == "module_path"
     options = seen["parameters"]["options"]
     assert options["where"]["source"] == "s3://b/uploads" and options["compute"]["batch_size"] == 32
-    assert seen["description"].endswith("Runs every day at 01:30 Europe/Berlin time (cron '30 1 * * *', "
-                                        "Europe/Berlin).")
+    assert seen["description"].endswith("Runs every day at 01:30 Europe/Berlin time (cron '30 1 * * *').")
+    assert seen["description"].count("Europe/Berlin") == 1  # the zone stated once
 
 
 def test_serve_and_the_deployment_file_agree():

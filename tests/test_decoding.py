@@ -133,6 +133,13 @@ def test_device_jpeg_decoder_leaves_cmyk_and_broken_files_to_pillow(face_files, 
     assert decode_photo(broken_files["truncated.jpg"][0], jpeg_device="cpu").reason == "truncated"
 
 
+def test_a_truncated_jpeg_is_described_in_our_words(broken_files):
+    data = broken_files["truncated.jpg"][0]
+    result = decode_photo(data)
+    assert result.reason == "truncated" and f"after {len(data):,} bytes" in result.detail
+    assert "not processed" not in result.detail  # Pillow's count of its buffer, not of what is missing
+
+
 def test_a_bomb_pillow_refuses_is_described_with_our_limit():
     result = decode_photo(samples.decompression_bomb_png(), DecodeLimits())
     assert result.reason == "decompression_bomb"

@@ -10,8 +10,8 @@ import pytest
 
 from gender_pipeline.cli import main
 from gender_pipeline.flows.scoring import nightly_scoring
-from gender_pipeline.night.render import headline, render_markdown
-from gender_pipeline.night.report import alarms, outcome, state_name
+from gender_pipeline.night.render import headline, render_markdown, render_text
+from gender_pipeline.night.report import alarms, outcome, state_name, withheld_alarms
 from gender_pipeline.runtime.errors import EXIT_EXPECTATIONS
 from tests.conftest import night_options
 from tests.test_operator_view import artifacts_of, by_prefix, flow_run
@@ -49,12 +49,14 @@ def test_every_night_is_on_the_record_and_a_failure_is_one_line(uploads, tmp_pat
     first = run(source, output, registry)
     details = flow_run(first["run_id"])
     assert details.state.message == f"{len(files)} new: 4 scored, {len(files) - 4} rejected"
-    assert "outcome:scored" in details.tags
+    assert "outcome:completed" in details.tags and details.state.name == "Completed"
+    assert "⚠" not in details.name  # only a night with warnings is renamed
     artifacts = artifacts_of(first["run_id"])
     assert not [a for a in artifacts if a.type == "progress"], "no leftover progress bar"
     assert all(a.description for a in artifacts if a.key), "every card says what it is"
     card = by_prefix(artifacts, "scoring-summary-")
-    assert card.description.startswith(f"{len(files)} new: 4 scored") and card.description.endswith(f"into {output})")
+    assert card.description.startswith("Completed, night of ") and card.description.endswith(f"into {output})")
+    assert f": {len(files)} new: 4 scored" in card.description
     text = card.data
     assert "**Data checks**: listing: 5 of 5 expectations passed; rows: 18 of 18 expectations passed" in text
     assert "abstains (answers `unknown`) under 0.600 confidence" in text and "LFW" in text
@@ -84,9 +86,10 @@ def test_every_night_is_on_the_record_and_a_failure_is_one_line(uploads, tmp_pat
 
     third = run(source, output, registry)
     details = flow_run(third["run_id"])
-    assert details.state.message.startswith("nothing new since ") and "outcome:nothing-new" in details.tags
+    assert details.state.message.startswith("nothing new since ") and "outcome:completed" in details.tags
     trend = by_prefix(artifacts_of(third["run_id"]), "scoring-summary-").data
-    assert "| failed |" in trend and trend.count("| completed |") == 2 and "| gone | rows |" in trend
+    assert "| failed |" in trend and trend.count("| completed |") == 2 and "| gone | left | erased |" in trend
+    assert "&#" not in trend and "&nbsp;" not in trend  # the V1 UI shows entities as written
     records = sorted((output / "_runs").glob("*.json"))
     assert [json.loads(r.read_text())["outcome"] for r in records] == ["completed", "failed", "completed"]
 
@@ -100,13 +103,13 @@ def summary(**values):
 
 
 def test_outcome_messages_for_the_runs_list():
-    assert outcome(summary()) == ("scored", "10 new: 8 scored, 2 rejected")
+    assert outcome(summary()) == ("completed", "10 new: 8 scored, 2 rejected")
     assert outcome(summary(new=0, rows=0, scored=0,
-                           rejected=0)) == ("nothing-new", "nothing new since 2026-03-03 02:00 UTC")
-    assert outcome(summary(new=0, listed=0)) == ("nothing-new", "the source is empty: nothing listed")
+                           rejected=0)) == ("completed", "nothing new since 2026-03-03 02:00 UTC")
+    assert outcome(summary(new=0, listed=0)) == ("completed", "the source is empty: nothing listed")
     tag, message = outcome(summary(warnings=["the source is empty", "x"]))
     assert tag == "warnings" and message == "2 warnings: the source is empty; x (10 new: 8 scored, 2 rejected)"
-    assert state_name(tag) == "Warnings" and state_name("scored") == "Completed"
+    assert state_name(tag) == "Warnings" and state_name("completed") == "Completed"
     tag, message = outcome(summary(alarms=["reject rate 30.0% is 24.0 points over"]))
     assert message.startswith("1 warning: reject rate") and "completed" not in message
     # Photos gone and users who left are counted, with plurals.
@@ -131,6 +134,25 @@ def test_a_night_outside_the_last_nights_range_raises_an_alarm():
     assert found[0] == "reject rate 30.0% is 24.0 points over the last 3 nights' range (4.0–6.0%)"
     assert found[1].startswith("female share 74.6% is ") and "over" in found[1]
     assert alarms(record(100, 30, 3, 50, 17), previous[:2]) == []  # too few nights to tell
+
+
+def test_an_alarm_needs_enough_photos_and_says_when_it_is_withheld():
+    previous = [record(100, 5, 3, 50, 42), record(100, 6, 4, 48, 42), record(100, 4, 2, 52, 42)]
+    small = record(2, 0, 0, 0, 2)  # 2 photos, both male, none rejected: every rate out of range
+    found = alarms(small, previous)
+    assert len(found) == 3 and found[2] == "female share 0.0% is 53.3 points under the last 3 nights' range " \
+                                           "(53.3–55.3%)"
+    assert alarms(small, previous, min_photos=100) == []
+    withheld = withheld_alarms(small, previous, 100)
+    assert withheld[2] == ("female share 0.0% is 53.3 points under the last 3 nights' range (53.3–55.3%), on 2 "
+                           "photos: fewer than the 100 an alarm needs")
+    # Each rate counts its own photos: 500 read, 498 rejected is an alarm on 500 photos.
+    rejected = record(500, 498, 0, 1, 1)
+    assert [a.split(" ", 2)[:2] for a in alarms(rejected, previous, min_photos=100)] == [["reject", "rate"]]
+    assert any(w.startswith("female share 50.0% is ") for w in withheld_alarms(rejected, previous, 100))
+    text = render_text({**summary(alarms_withheld=withheld_alarms(small, previous, 100)), "wall_seconds": 0})
+    assert "withheld     alarm: female share 0.0%" in text and "WARNING" not in text
+    assert outcome(summary(alarms_withheld=["x"]))[0] == "completed"  # a withheld alarm is no warning
 
 
 def test_the_empty_source_and_the_sql_read_right():
@@ -173,14 +195,16 @@ def test_status_shows_the_last_runs_with_their_outcomes(tmp_path, capsys):
                        "message": "10 new: 8 scored, 2 rejected; 1 photo gone from the source"})
     record_run(store, {**base, "run_id": "r2", "listed_at": "2026-03-02T02:00:00+00:00", "outcome": "failed",
                        "message": "ListingLooksWrong: the source lists 0 objects"})
-    record_run(store, {**base, "run_id": "r3", "listed_at": "2026-03-03T02:00:00+00:00", "outcome": "completed",
+    record_run(store, {**base, "run_id": "r3", "listed_at": "2026-03-03T02:00:00+00:00", "outcome": "warnings",
                        "message": "2 warnings: a; b (3 new: 3 scored, 0 rejected)"})
     assert main(["status", "--output", str(tmp_path / "lake")]) == 0
     text = capsys.readouterr().out
     assert "last runs    the last 3 runs (UTC), newest last:" in text
     assert "2026-03-01 02:00  completed  10 new: 8 scored, 2 rejected; 1 photo gone from the source" in text
     assert "2026-03-02 02:00  failed     ListingLooksWrong" in text
-    assert "last completed: 2026-03-03 02:00 UTC" in text and "not completed: 1 of the last 3 (2026-03-02 02:00" in text
+    assert "2026-03-03 02:00  warnings   2 warnings: a; b" in text
+    assert "last finished (completed or warnings): 2026-03-03 02:00 UTC" in text
+    assert "failed or cancelled: 1 of the last 3 (2026-03-02 02:00" in text
     assert "completed: completed" not in text and "completed with" not in text
 
 
@@ -192,4 +216,11 @@ def test_a_night_with_warnings_ends_in_a_state_named_warnings(tmp_path):
     details = flow_run(summary["run_id"])
     assert details.state.is_completed() and details.state.name == "Warnings"
     assert details.state.message == "1 warning: the source is empty: no object listed"
-    assert "outcome:warnings" in details.tags
+    assert "outcome:warnings" in details.tags and details.name.startswith("⚠ 1 warning · ")
+    # The night's one word is the same in its record, its trend row and its summary's card.
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "lake" / "_runs").glob("*.json")]
+    assert record["outcome"] == summary["outcome"] == "warnings"
+    card = by_prefix(artifacts_of(summary["run_id"]), "scoring-summary-")
+    assert card.description.startswith("Warnings, night of ")
+    logs = logs_of(details.id, "the source is empty")
+    assert any("the source is empty" in m for m in logs)
