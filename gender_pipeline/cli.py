@@ -13,6 +13,7 @@ import argparse
 import importlib
 import json
 import os
+import re
 import sys
 import typing
 from datetime import date
@@ -49,6 +50,7 @@ COMMANDS = {
     "forget": "gender_pipeline.output_commands:forget", "status": "gender_pipeline.output_commands:status",
     "rebuild-users": "gender_pipeline.output_commands:rebuild_users",
     "compact": "gender_pipeline.output_commands:compact",
+    "alerts": "gender_pipeline.alert_commands:alerts",
 }
 FLOW_COMMANDS = ("score", "serve", "retrain")  # they run a Prefect flow: a Prefect server is needed
 
@@ -122,6 +124,24 @@ def _timezone(text: str) -> str:
     except (ZoneInfoNotFoundError, ValueError):
         raise ValueError(f"unknown time zone {text!r} (an IANA name such as Europe/Berlin)") from None
     return text
+
+
+def _duration(text: str) -> float:
+    """Seconds from `4h`, `90min`, `45s` or a plain number of seconds."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(h|min|m|s)?\s*", check_text(text, "duration"))
+    if not found:
+        raise ValueError(f"a duration is a number with h, min or s (4h, 90min, 45s), got {text!r}")
+    seconds = float(found.group(1)) * {"h": 3600, "min": 60, "m": 60, "s": 1, None: 1}[found.group(2)]
+    if not 10 <= seconds <= 7 * 86400:
+        raise ValueError(f"between 10 s (Prefect's shortest window) and 7 days, got {text!r}")
+    return seconds
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, colon, value = check_text(text, "header").partition(":")
+    if not colon or not re.fullmatch(r"[A-Za-z0-9-]+", name.strip()) or not value.strip():
+        raise ValueError(f"a header is 'Name: value', got {text!r}")
+    return name.strip(), value.strip()
 
 
 _model_ref = _checked(_model_name)
@@ -243,6 +263,19 @@ def _add_flow_commands(commands) -> None:
                        help="the schedule, cron syntax (default 02:00 every day, as in deployments/prefect.yaml)")
     serve.add_argument("--timezone", type=_checked(_timezone), default=NIGHTLY_TIMEZONE,
                        help=f"the schedule's time zone (default {NIGHTLY_TIMEZONE}, as in deployments/prefect.yaml)")
+
+    alerts = commands.add_parser(
+        "alerts", help="create the nightly flow's alerts on the Prefect server (automations calling a webhook)",
+        description="Create (or replace) three automations on the Prefect server that PREFECT_API_URL names, each "
+                    "posting JSON to the webhook: a night failed or crashed; a night ended in Warnings; a night "
+                    "not finished --finish-within after it was due.")
+    alerts.add_argument("--webhook-url", type=_endpoint, default=None, metavar="URL",
+                        help="where the alerts are posted (http:// or https://)")
+    alerts.add_argument("--finish-within", type=_checked(_duration), default=None, metavar="DURATION",
+                        help="how long after it is due a night must have finished: 4h (the default), 90min, 45s")
+    alerts.add_argument("--header", type=_checked(_header), action="append", default=[], metavar="'NAME: VALUE'",
+                        help="a header sent with each alert, e.g. an authorization token (repeat for more)")
+    alerts.add_argument("--remove", action="store_true", help="delete the alerts instead")
 
     retrain = commands.add_parser("retrain", help="run the retrain flow: the study, selection, promotion")
     retrain.add_argument("--config", type=_checked(_config), default=None,

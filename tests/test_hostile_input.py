@@ -96,6 +96,15 @@ def _cases():
         (f"forget {out} {src} --users-from {{value}}", "{root}/ids.txt", "ids.txt, line 4: user id 'u1/../u2'"),
         (f"score {src} {out} {reg} --exclude-users {{value}}", "{root}/ids.txt", "ids.txt, line 4"),
     ]
+    for value in ("", "   ", "ftp://hooks.example/x", "hooks.example/x", "http://a b", NOT_UTF8):
+        cases.append(("alerts --webhook-url {value}", value, "--webhook-url"))
+    for value in ("", "soon", "5s", "-1h", "8d", "4 hours"):
+        cases.append(("alerts --webhook-url http://127.0.0.1:9/hook --finish-within {value}", value,
+                      "--finish-within"))
+    for value in ("", "no-colon", "Bad Name: x", "X-Token:"):
+        cases.append(("alerts --webhook-url http://127.0.0.1:9/hook --header {value}", value, "--header"))
+    cases += [("alerts --finish-within {value}", "4h", "needs --webhook-url"),
+              ("alerts --remove --webhook-url {value}", "http://127.0.0.1:9/hook", "--remove takes no other")]
     return cases
 
 

@@ -224,3 +224,52 @@ def test_a_night_with_warnings_ends_in_a_state_named_warnings(tmp_path):
     assert card.description.startswith("Warnings, night of ")
     logs = logs_of(details.id, "the source is empty")
     assert any("the source is empty" in m for m in logs)
+
+
+def _warning_logs(run_id, wanted, seconds=10.0):
+    """The run's log messages at WARNING level or above, once one holds `wanted`."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterLevel
+
+    deadline = time.monotonic() + seconds
+    with get_client(sync_client=True) as client:
+        while True:
+            messages = [log.message for log in client.read_logs(log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[run_id]), level=LogFilterLevel(ge_=30)))]
+            if any(wanted in m for m in messages) or time.monotonic() > deadline:
+                return messages
+            time.sleep(0.2)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_an_alarm_is_a_warning_everywhere_and_is_withheld_on_too_few_photos(uploads, tmp_path):
+    from gender_pipeline.lake.runs import record_run
+    from gender_pipeline.lake.storage import Store
+
+    source, files = uploads
+    past = {"outcome": "completed", "listed": len(files), "rows": 200, "scored": 200, "rejected": 0, "unknown": 0,
+            "female": 100, "male": 100, "model": "m@1", "source": str(source)}
+    for name in ("few", "enough"):
+        for day in (1, 2, 3):  # three quiet nights before: nothing rejected
+            record_run(Store(str(tmp_path / name)), {**past, "run_id": f"r{day}",
+                                                     "listed_at": f"2026-03-0{day}T02:00:00+00:00"})
+    # Tonight most photos are rejected (the fixture's broken files): a reject rate far over the range.
+    withheld = run(source, tmp_path / "few", tmp_path / "registry")
+    assert withheld["alarms"] == [] and withheld["outcome"] == "completed"
+    assert withheld["alarms_withheld"][0].startswith("reject rate ")
+    assert f"on {len(files)} photos: fewer than the 100 an alarm needs" in withheld["alarms_withheld"][0]
+    assert flow_run(withheld["run_id"]).state.name == "Completed"
+
+    fired = run(source, tmp_path / "enough", tmp_path / "registry", alarm_min_photos=10)
+    assert fired["alarms"][0].startswith("reject rate ") and fired["outcome"] == "warnings"
+    details = flow_run(fired["run_id"])
+    assert details.state.name == "Warnings" and "outcome:warnings" in details.tags
+    assert details.name.startswith(f"⚠ {len(fired['alarms'])} warning")
+    logged = _warning_logs(details.id, "alarm: reject rate")
+    assert any(m.startswith("alarm: reject rate ") for m in logged), logged
+    card = by_prefix(artifacts_of(fired["run_id"]), "scoring-summary-").data
+    assert "> **Warning:** reject rate" in card and "**Alarm" not in card and "ALARM" not in card
+    assert "> Alarm withheld: female share" in card  # on the 4 photos scored
+    assert "| warnings |" in card  # tonight's row of the trend
