@@ -1,8 +1,8 @@
 """A tour of the Prefect UI after a few `nightly-scoring` runs, in a real headless browser.
 
 Starts a Prefect server of its own (temporary PREFECT_HOME, a free port on 127.0.0.1),
-scores a small demo uploads tree three times with the CLI against it (new photos; nothing
-new; an empty source folder), then opens the UI with Playwright and Debian's Chromium and
+scores a small demo uploads tree four times with the CLI against it (a night with warnings;
+the rest of the photos; nothing new; an empty source folder), then opens the UI with Playwright and Debian's Chromium and
 takes full-page screenshots of what a data engineer would look at: the runs list, each
 flow run (Logs, Artifacts, Parameters), every artifact listed (link artifacts followed),
 the Artifacts page, each artifact key's history page and, with a short-lived
@@ -44,7 +44,10 @@ from tests.browser import CHROMIUM, launch_browser  # noqa: E402
 VIEWPORT = {"width": 1440, "height": 900}
 UIS = ("v2", "v1")  # v2 is what http://127.0.0.1:N/ opens by default in Prefect 3.9; v1 via "Switch to V1 UI"
 UI_PREFIX = {"v2": "/v2", "v1": ""}
-SCENARIOS = ("new-photos", "nothing-new", "empty-source")
+# (scenario, the source, extra flags): a night with warnings (a photo limit leaves some for the
+# next night), a clean one (the rest), one with nothing new, an empty source (the listing guard).
+SCENARIOS = (("warnings", "uploads", ("--max-photos", "3")), ("new-photos", "uploads", ()),
+             ("nothing-new", "uploads", ()), ("empty-source", "empty-uploads", ()))
 PAGE_TIMEOUT_MS = 60_000
 TEXT_LIMIT = 6000
 MAX_SHOT_HEIGHT = 8000
@@ -223,15 +226,15 @@ def score_command(source: str, lake: str, registry: str) -> list[str]:
 
 
 def run_scenarios(work: str, server: PrefectServer, project_dir: str, log_path: str) -> list[CliRun]:
-    """Three scoring runs against the server: new photos, nothing new, an empty source."""
+    """The SCENARIOS' scoring runs against the server, in order."""
     uploads, empty, lake, registry = (os.path.join(work, d) for d in ("uploads", "empty-uploads", "lake", "registry"))
     env = base_env(server.home, server.api_url)
     build_uploads_tree(uploads, env, project_dir, log_path)
     os.makedirs(empty, exist_ok=True)
     runs = []
-    for scenario, source in zip(SCENARIOS, (uploads, uploads, empty)):
+    for scenario, folder, extra in SCENARIOS:
         before = flow_run_ids(server.api_url)
-        argv = score_command(source, lake, registry)
+        argv = score_command(os.path.join(work, folder), lake, registry) + list(extra)
         rc, seconds, output = run_command(argv, env, project_dir, log_path)
         new = sorted(flow_run_ids(server.api_url) - before)
         runs.append(CliRun(scenario, argv, rc, seconds, output, new[0] if new else None))

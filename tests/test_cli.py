@@ -69,12 +69,12 @@ def test_serve_passes_schedule_and_parameters(monkeypatch):
     assert status == 0
     assert seen["name"] == "nightly-scoring"
     (schedule,) = seen["schedules"]
-    assert (schedule.cron, schedule.timezone) == ("30 1 * * *", "Europe/Berlin")
+    assert (schedule.cron, schedule.timezone) == ("30 1 * * *", "UTC")
     assert seen["global_limit"] == 1 and seen["entrypoint_type"].value == "module_path"
     options = seen["parameters"]["options"]
     assert options["where"]["source"] == "s3://b/uploads" and options["compute"]["batch_size"] == 32
-    assert seen["description"].endswith("Runs every day at 01:30 Europe/Berlin time (cron '30 1 * * *').")
-    assert seen["description"].count("Europe/Berlin") == 1  # the zone stated once
+    assert seen["description"].endswith("Runs every day at 01:30 UTC (cron '30 1 * * *').")
+    assert seen["description"].count("UTC") == 1  # the zone stated once
 
 
 def test_serve_and_the_deployment_file_agree():
@@ -99,7 +99,11 @@ def test_serve_and_the_deployment_file_agree():
     assert getattr(serve, "model.name") is None  # the CLI sends only what it was told
     # The UI's schedule card shows "At 02:00 AM" alone: the description names the zone.
     assert f"Runs {schedule_text(NIGHTLY_CRON, NIGHTLY_TIMEZONE)}." in nightly["description"]
-    assert schedule_text("0 2 * * *", "Europe/Berlin").startswith("every day at 02:00 Europe/Berlin time")
+    assert schedule_text("0 2 * * *", "Europe/Berlin").startswith("every day at 02:00 Europe/Berlin (cron")
+    # The zone stated once, the same in the CLI's default, the README and the deployment file.
+    with open(os.path.join(ROOT, "README.md")) as handle:
+        readme = handle.read()
+    assert f"on its schedule (02:00 {NIGHTLY_TIMEZONE})" in readme and "Europe/Berlin" not in readme
 
 
 def test_demo_tree_has_faces_and_every_broken_kind(tmp_path):

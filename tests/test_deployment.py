@@ -90,7 +90,7 @@ def test_served_deployment_runs_on_a_real_server(prefect_server, uploads, tmp_pa
         assert len(pd.read_parquet(str(tmp_path / "lake-flat" / "predictions"))) == len(files)
         # As deployments/prefect.yaml has it: a clean entrypoint, the schedule's time zone, one run at a time.
         assert deployment.schedules and deployment.schedules[0].schedule.cron == "0 3 * * *"
-        assert deployment.schedules[0].schedule.timezone == "Europe/Berlin"
+        assert deployment.schedules[0].schedule.timezone == "UTC"
         assert deployment.entrypoint == "gender_pipeline.flows.scoring.nightly_scoring"
         assert deployment.global_concurrency_limit is not None and deployment.global_concurrency_limit.limit == 1
         keys = {a.key for a in artifacts}
