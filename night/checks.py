@@ -60,6 +60,11 @@ def warm_up() -> threading.Thread:
 
 
 def _context():
+    # scipy (under Great Expectations) looks at sys.modules["torch"] while it imports: were
+    # torch half imported by the command's own thread then, it would fail. Importing torch
+    # here first waits for that import (or does it; the command needs torch either way).
+    import torch  # noqa: F401 - lazy: see above
+
     with _context_lock:  # one context, even when the warm-up and a suite ask at once
         return _new_context()
 

@@ -156,14 +156,17 @@ def _short(url: str) -> str:
 
 
 def scoring_run_name() -> str:
-    """A scoring run's name from its options: the date, the source and the output."""
+    """A scoring run's name from its options: the date, the source and the output, and when
+    it started (`2026-11-29 shop-signups/uploads → shop-lake/gender, 02:00 UTC`)."""
     options = flow_run.parameters.get("options")
     if isinstance(options, dict):  # the parameters as they were sent
         options = SimpleNamespace(scoring_date=options.get("scoring_date"),
                                   where=SimpleNamespace(**(options.get("where") or {})))
-    day = getattr(options, "scoring_date", None) or datetime.now(timezone.utc).date()
+    now = datetime.now(timezone.utc)
+    day = getattr(options, "scoring_date", None) or now.date()
     where = getattr(options, "where", None)
-    return f"{day} {_short(getattr(where, 'source', '?'))} → {_short(getattr(where, 'output', '?'))}"
+    # The start time too: the runs lists and an artifact key's history tell two runs of a day apart.
+    return f"{day} {_short(getattr(where, 'source', '?'))} → {_short(getattr(where, 'output', '?'))}, {now:%H:%M} UTC"
 
 
 def sent_parameters() -> dict:

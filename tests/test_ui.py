@@ -39,11 +39,17 @@ def test_a_scoring_run_reads_right_in_the_ui(prefect_server, uploads, tmp_path):
                               "--output", str(output), "--registry", str(tmp_path / "registry"), "--workers", "0",
                               "--date", "2026-03-05"], cwd=ROOT, env=prefect_server, capture_output=True, text=True,
                              timeout=300)
-    assert failing.returncode == 4 and "Traceback" not in failing.stderr
+    assert failing.returncode == 4 and "Traceback" not in failing.stderr, failing.stderr[-3000:]
+    warning = subprocess.run([sys.executable, "-m", "gender_pipeline.cli", "score", "--source", str(empty),
+                              "--output", str(tmp_path / "lake-2"), "--registry", str(tmp_path / "registry"),
+                              "--workers", "0"], cwd=ROOT, env=prefect_server, capture_output=True, text=True,
+                             timeout=300)
+    assert warning.returncode == 0, warning.stderr[-3000:]
     api = prefect_server["PREFECT_API_URL"]
     with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
         runs = client.read_flow_runs()
-        (run,) = [r for r in runs if r.state.is_completed()]
+        (run,) = [r for r in runs if r.state.is_completed() and r.state.name == "Completed"]
+        (warned,) = [r for r in runs if r.state.name == "Warnings"]
         (failed,) = [r for r in runs if r.state.is_failed()]
         summaries = [a for a in client.read_artifacts() if a.key and a.key.startswith("scoring-summary-")]
         (summary,) = [a for a in summaries if a.flow_run_id == run.id]
@@ -76,11 +82,26 @@ def test_a_scoring_run_reads_right_in_the_ui(prefect_server, uploads, tmp_path):
         page.get_by_text(failed.name, exact=False).first.wait_for(timeout=30_000)
         page.wait_for_timeout(1000)
         text = page.inner_text("body")
-        assert "outcome:scored" in text and "outcome:failed" in text
+        # Each night's state by its name (a list with long run names folds the tags into "+4").
+        assert "Completed" in text and "Failed" in text and "Warnings" in text
+        # A night with warnings stands apart from a clean one in both runs lists: its name says so.
+        for runs_list in (f"{ui}/v2/runs", f"{ui}/runs"):
+            page.goto(runs_list, wait_until="networkidle")
+            page.get_by_text(warned.name, exact=False).first.wait_for(timeout=30_000)
+            page.wait_for_timeout(1000)
+            text = page.inner_text("body")
+            assert "⚠ 1 warning · " in text and "Warnings" in text and text.count("⚠") == 1, runs_list
         page.goto(f"{ui}/v2/runs/flow-run/{failed.id}", wait_until="networkidle")
         page.get_by_text("ListingLooksWrong", exact=False).first.wait_for(timeout=30_000)
+        assert "outcome:failed" in page.inner_text("body")
         page.goto(f"{ui}/artifacts/artifact/{failure.id}", wait_until="networkidle")
         page.get_by_text("Nightly scoring FAILED", exact=False).first.wait_for(timeout=30_000)
         text = page.inner_text("body")
         assert "written: nothing" in text and "stage: listing the source" in text and "failed" in text
+        # The trend in the V1 UI: no HTML entity shown as written, no column past the page's edge.
+        assert "| completed |" not in text and "completed" in text and "&#" not in text and "&nbsp;" not in text
+        table = page.locator("table").last
+        assert "outcome" in table.inner_text()
+        right = page.evaluate("(t) => t.getBoundingClientRect().right", table.element_handle())
+        assert right <= page.viewport_size["width"], right
         browser.close()
