@@ -66,6 +66,10 @@ def test_a_nights_inserts_updates_and_deletes_read_from_the_feed(uploads, tmp_pa
     exec(compile(code, "docs/outputs.md", "exec"), namespace)
     assert sorted(namespace["feed"]["_change_type"]) == sorted(namespace["changes"]["_change_type"].to_list()) \
         == ["delete", "insert", "update_postimage", "update_preimage"]
+    # A reader that is up to date reads nothing, and does not fail.
+    namespace = {}
+    exec(compile(code.replace(f"N = {start - 1}", f"N = {versions['to']}"), "docs/outputs.md", "exec"), namespace)
+    assert "feed" not in namespace and "changes" not in namespace
     # The run's record and `status` name the same versions.
     record = json.loads(sorted((output / "_runs").iterdir())[-1].read_text())
     assert record["users_versions"] == versions
