@@ -52,22 +52,23 @@ def _local(text: str) -> str | None:
     return text
 
 
-def check_folder(text: str) -> str:
-    """A location that holds objects: not a local file."""
+def _not_local(text: str, wrong, says: str) -> str:
+    """A location, refused when it is a local path that `wrong` holds true of."""
     check_location(text)
     path = _local(text)
-    if path is not None and os.path.isfile(path):
-        raise ValueError(f"{text} is a file, not a folder")
+    if path is not None and wrong(path):
+        raise ValueError(f"{text} {says}")
     return text
+
+
+def check_folder(text: str) -> str:
+    """A location that holds objects: not a local file."""
+    return _not_local(text, os.path.isfile, "is a file, not a folder")
 
 
 def check_file(text: str) -> str:
     """A location of one file: not a local folder."""
-    check_location(text)
-    path = _local(text)
-    if path is not None and os.path.isdir(path):
-        raise ValueError(f"{text} is a folder, not a file")
-    return text
+    return _not_local(text, os.path.isdir, "is a folder, not a file")
 
 
 def check_endpoint(text: str | None) -> str | None:
