@@ -147,8 +147,9 @@ def model_lines(summary: dict) -> list[str]:
     if age:
         measured = (f"; held-out age MAE {age['mae']:.2f} years, band right {100 * age['band_accuracy']:.1f}%"
                     if age.get("mae") is not None else "")
-        lines.append(f"answers age too: the band is `unknown` under {age['abstain_threshold']:.3f} probability"
-                     + measured)
+        withheld = (f"the band is `unknown` under {age['abstain_threshold']:.3f} probability"
+                    if age["abstain_threshold"] > 0 else "a band for every face (no threshold)")
+        lines.append(f"answers age too: {withheld}" + measured)
     trained = card.get("trained_on")
     accuracy = card.get("accuracy")
     lines.append(f"trained on {trained}" + (f"; held-out accuracy {accuracy}" if accuracy else ""))

@@ -273,3 +273,14 @@ def test_an_alarm_is_a_warning_everywhere_and_is_withheld_on_too_few_photos(uplo
     assert "> **Warning:** reject rate" in card and "**Alarm" not in card and "ALARM" not in card
     assert "> Alarm withheld: female share" in card  # on the 4 photos scored
     assert "| warnings |" in card  # tonight's row of the trend
+
+
+def test_a_model_that_withholds_no_age_band_says_so():
+    from gender_pipeline.night.render import model_lines
+
+    card = {"kind": "onnx-attributes", "framing": {}, "abstain_threshold": 0.6, "trained_on": "x", "accuracy": None,
+            "age": {"abstain_threshold": 0.0, "mae": None, "band_accuracy": None}}
+    lines = model_lines(summary(model_card=card))
+    assert "answers age too: a band for every face (no threshold)" in lines and "0.000" not in " ".join(lines)
+    card["age"]["abstain_threshold"] = 0.4
+    assert "answers age too: the band is `unknown` under 0.400 probability" in model_lines(summary(model_card=card))
