@@ -15,7 +15,7 @@ import pytest
 from tests.test_deployment import prefect_server  # noqa: F401 - the fixture
 from tests.test_stop import ROOT
 
-WITHIN = 30  # seconds a night has to finish in, here (the default is 4 h)
+WITHIN = 20  # seconds a night has to finish in, here (the default is 4 h)
 
 
 @pytest.fixture
