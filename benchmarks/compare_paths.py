@@ -1,6 +1,6 @@
 """The GPU path's rows against the CPU path's, photo by photo, on an uploads folder.
 
-The GPU path (headers on the CPU, JPEGs decoded by `decode_jpeg` on the device, other
+The GPU path (headers on the CPU, JPEGs decoded by TorchCodec's `decode_jpeg` on the device, other
 formats by the CPU workers through shared memory, RetinaFace batched and the chip warp on
 the device) runs here on `--device` (the CPU device by default: torchvision's decoder and
 the same kernels). It prints how many rows agree on status and reject reason, on the

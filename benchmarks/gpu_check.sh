@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One short GPU check: the CUDA tests, then ResNet18 at 224 px and the face-embedding model
+# One short GPU check: the device JPEG decoder against the CPU's (benchmarks/decode_check.py),
+# the CUDA tests, then ResNet18 at 224 px and the face-embedding model
 # (dlib's face ResNet + head) at 150 px with bf16 autocast, model-only and end to end, with GPU
 # memory; last, the GPU path fed from the bytes (JPEGs decoded on the device): 10,000
 # phone-sized JPEG uploads and the mixed uploads, photos/s, GPU utilisation, seconds per
@@ -10,6 +11,8 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export PREFECT_SERVER_ANALYTICS_ENABLED=false GX_ANALYTICS_ENABLED=False
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+# First: the device JPEG decoder gives the CPU's pixels while other work is queued (fails the check if not).
+$PY benchmarks/decode_check.py --device cuda --rounds 50 ${1:+--uploads "$1/uploads"}
 $PY -m pytest -q -m gpu tests/test_gpu.py tests/test_dlib_resnet.py
 $PY - "${1:-}" <<'PYEOF'
 import io, json, os, sys, tempfile, time

@@ -126,7 +126,7 @@ def decode_photo(data: bytes, limits: DecodeLimits = DecodeLimits(),
     """Decode upload bytes into an RGB working image, or say why not.
 
     With `jpeg_device` ("cuda"), plain RGB/grayscale JPEGs are decoded by
-    torchvision.io.decode_jpeg on that device (nvJPEG) and downscaled there; anything it
+    the device's JPEG decoder (faces.jpeg_device: nvJPEG) and downscaled there; anything it
     cannot take falls back to Pillow."""
     fmt = precheck(data, limits)
     if isinstance(fmt, Rejection):
@@ -260,13 +260,14 @@ def shrunk(image: Image.Image, side: int) -> Image.Image:
 
 
 def _decode_jpeg_torch(data: bytes, device: str, working_side: int) -> tuple[np.ndarray, int, int]:
-    """JPEG -> RGB on `device` with EXIF orientation, downscaled there (antialiased) to the
-    working size; only the small working copy comes back to host memory."""
-    import torch  # lazy: the device decoder only
-    from torchvision.io import ImageReadMode, decode_jpeg  # lazy: the device decoder only
+    """JPEG -> RGB on `device` with EXIF orientation (faces.jpeg_device), downscaled there
+    (antialiased) to the working size; only the small working copy comes back to host
+    memory."""
+    from gender_pipeline.faces.jpeg_device import decode_jpegs  # lazy: torch, for the device decoder only
 
-    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    tensor = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+    (tensor,) = decode_jpegs([data], device)
+    if tensor is None:
+        raise RuntimeError("the device JPEG decoder refused the file")
     height, width = tensor.shape[-2:]
     tensor = shrunk_tensor(tensor, working_side)
     return np.ascontiguousarray(tensor.permute(1, 2, 0).cpu().numpy()), int(width), int(height)

@@ -1,10 +1,10 @@
 """The face front end on a GPU, batched: JPEG bytes or decoded photos in, aligned chips out,
 on the device.
 
-JPEG bytes are decoded on the device in one call per batch (`torchvision.io.decode_jpeg`,
-nvJPEG on CUDA; libjpeg-turbo when the device is the CPU, as in the tests), with their EXIF
-orientation, and shrunk there (antialiased) to the working size: their pixels never
-travel to host memory.
+JPEG bytes are decoded on the device in one call per batch (faces.jpeg_device: TorchCodec's
+`decode_jpeg`, nvJPEG on CUDA, libjpeg-turbo when the device is the CPU, as in the tests),
+with their EXIF orientation, and shrunk there (antialiased) to the working size: their
+pixels never travel to host memory.
 
 Photos are letterboxed to a few fixed sizes (their longest side scaled to `detect_side`,
 padded to multiples of 32, so few shapes reach the GPU), RetinaFace runs in PyTorch on the
@@ -22,7 +22,6 @@ near the face only). The same code runs on the CPU for tests.
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +30,7 @@ import torch
 from gender_pipeline.faces.decoding import shrunk_tensor
 from gender_pipeline.faces.framing import Framing, clip_box, hog_box, template_points
 from gender_pipeline.faces.front_end import FaceFrontEnd, image_tensor
+from gender_pipeline.faces.jpeg_device import decode_jpegs
 from gender_pipeline.faces.retinaface import RetinaFaceTorch, detect_batch, letterbox
 from gender_pipeline.faces.warp import dlib_chip_matrix, similarity, warp_chips
 from gender_pipeline.runtime.timing import timed
@@ -67,25 +67,11 @@ class GpuFaceFrontEnd:
                      timings: dict | None = None) -> list[tuple[torch.Tensor, int, int] | None]:
         """JPEG bytes to working images on the device: (3 x H x W uint8 tensor, original
         width, original height), EXIF orientation applied, longest side at most
-        `working_side`. One call decodes the batch; when it fails, each photo is tried
-        alone, and one the device decoder refuses comes back as None (for the CPU path)."""
-        from torchvision.io import ImageReadMode, decode_jpeg  # lazy: torchvision, a second to import
-
-        with timed(timings, "device_decode"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # read-only bytes: decode_jpeg never writes them
-            encoded = [torch.frombuffer(data, dtype=torch.uint8) for data in payloads]
-            try:
-                images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device,
-                                     apply_exif_orientation=True)
-            except RuntimeError as error:
-                log.debug("batch JPEG decode failed (%s); decoding one by one", error)
-                images = []
-                for one in encoded:
-                    try:
-                        images.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=self.device,
-                                                  apply_exif_orientation=True))
-                    except RuntimeError:
-                        images.append(None)
+        `working_side`. One call decodes the batch, ordered against this stream
+        (faces.jpeg_device); one the device decoder refuses comes back as None (for the
+        CPU path)."""
+        with timed(timings, "device_decode"):
+            images = decode_jpegs(payloads, self.device)
             out = [None if image is None else self._working(image, working_side) for image in images]
             self._settle()
             return out

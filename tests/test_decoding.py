@@ -145,3 +145,27 @@ def test_a_bomb_pillow_refuses_is_described_with_our_limit():
     assert result.reason == "decompression_bomb"
     assert "limit 50,000,000" in result.detail and "400,000,000 pixels" in result.detail
     assert "178956970" not in result.detail and "DOS" not in result.detail
+
+
+def test_the_device_jpeg_decoder_on_the_cpu_gives_pillows_pixels():
+    """benchmarks/decode_check.py's comparison, on the CPU: TorchCodec's decoder (the one
+    faces.jpeg_device uses) against Pillow's, EXIF orientation included."""
+    from benchmarks.decode_check import compare, sample_jpegs
+    from gender_pipeline.faces.jpeg_device import DECODER
+
+    assert DECODER == "torchcodec"  # a dependency: torchvision's decoders are deprecated
+    found = compare(sample_jpegs(), "cpu", queued=False)
+    assert len(found) >= 30 and all(d.decoded and d.sum_matches for d in found)
+    assert {d.name for d in found} >= {"face0-640-progressive.jpg", "face0-640-gray.jpg", "face0-640-exif6.jpg",
+                                       "cmyk.jpg", "rotated-exif6.jpg"}
+    assert max(d.max_abs for d in found) == 0  # the same libjpeg-turbo: not a level apart
+
+
+def test_the_device_jpeg_decoder_takes_a_batch_with_a_broken_file_one_by_one(face_files, broken_files):
+    from gender_pipeline.faces.jpeg_device import decode_jpegs
+
+    images = decode_jpegs([face_files["baseline.jpg"], broken_files["truncated.jpg"][0], b"\xff\xd8\xff junk",
+                           face_files["rotated-exif6.jpg"]], "cpu")
+    assert images[1] is None and images[2] is None
+    assert images[0].shape == (3, 600, 512) and images[3].shape[0] == 3
+    assert decode_jpegs([], "cpu") == []

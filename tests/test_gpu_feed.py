@@ -1,5 +1,5 @@
 """The GPU path's feed: headers read on the CPU, JPEG bytes decoded on the device (the CPU
-device here: torchvision's decode_jpeg runs there too), everything else decoded by the
+device here: TorchCodec's decode_jpeg runs there too), everything else decoded by the
 CPU workers and handed over through shared memory. Its rows are the CPU path's rows."""
 
 import struct
