@@ -169,3 +169,19 @@ def test_the_device_jpeg_decoder_takes_a_batch_with_a_broken_file_one_by_one(fac
     assert images[1] is None and images[2] is None
     assert images[0].shape == (3, 600, 512) and images[3].shape[0] == 3
     assert decode_jpegs([], "cpu") == []
+
+
+def test_without_torchcodec_torchvisions_deprecated_decoder_gives_the_same_pixels(monkeypatch, face_files):
+    """Where TorchCodec does not install, faces.jpeg_device falls back to torchvision's
+    decoder: the same images, and its deprecation shows (it is not hidden)."""
+    import torch
+
+    from gender_pipeline.faces import jpeg_device
+
+    payloads = [face_files["baseline.jpg"], face_files["progressive.jpg"], face_files["rotated-exif6.jpg"]]
+    expected = jpeg_device.decode_jpegs(payloads, "cpu")
+    monkeypatch.setattr(jpeg_device, "DECODER", "torchvision")
+    with pytest.warns(DeprecationWarning, match="TorchCodec"):
+        fallback = jpeg_device.decode_jpegs(payloads + [b"\xff\xd8\xff junk"], "cpu")
+    assert fallback[3] is None
+    assert all(torch.equal(a, b) for a, b in zip(expected, fallback[:3]))
