@@ -11,6 +11,7 @@ from gender_pipeline.lake.answers import ModelRef
 from gender_pipeline.lake.storage import Stores
 from gender_pipeline.models.datasets import load_dataset, stratified_sample
 from gender_pipeline.models.experiment import evaluate_predictor
+from gender_pipeline.models.metrics import group_lines
 from gender_pipeline.models.registry import Registry
 from gender_pipeline.runtime.errors import EXIT_USAGE
 
@@ -23,7 +24,20 @@ def evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     predictor = Registry(args.registry, options).load_predictor(args.model, device=args.device)
     report = evaluate_predictor(predictor, data, workers=args.workers, options=options)
     print(json.dumps(report, indent=2, default=float))
+    for title, lines in group_summary(report):
+        print(title, *lines, sep="\n  ", file=sys.stderr)
     return 0
+
+
+def group_summary(report: dict) -> list[tuple[str, list[str]]]:
+    """The figures per group, with their 95% intervals, as readable lines (for stderr)."""
+    parts = []
+    if report.get("groups"):
+        parts.append((f"{report['model']}: gender accuracy per group, 95% intervals", group_lines(report["groups"])))
+    if report.get("age", {}).get("groups_mae"):
+        parts.append((f"{report['model']}: age MAE in years per group, 95% intervals",
+                      group_lines(report["age"]["groups_mae"], "mae", percent=False)))
+    return parts
 
 
 def promote(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

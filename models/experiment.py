@@ -4,7 +4,6 @@ do not need Prefect: evaluate, calibrate, select, plot, register."""
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from gender_pipeline.models.dlib_resnet import CHIP_SIZE
 from gender_pipeline.models.face_attributes import (AttributeSettings, AttributeSpec, KIND as ATTRIBUTES_KIND,
                                                     validation_score)
 from gender_pipeline.models.face_embedding import EmbeddingSettings, HeadSpec, KIND as EMBEDDING_KIND
-from gender_pipeline.models.metrics import (age_report, classification_report, fit_temperature, group_report,
+from gender_pipeline.models.metrics import (age_report, banded, classification_report, fit_temperature, group_report,
                                             threshold_for_coverage)
 from gender_pipeline.models.predictor import Predictor, calibrate
 from gender_pipeline.models.train import RunSpec
@@ -277,7 +276,9 @@ def evaluate_predictor(predictor: Predictor, data: LabelledSet, batch_size: int 
         report["faces"] = {"index": kept, "correct": (joined["p_male"] >= 0.5).astype(int) == data.labels[kept]
                            if "gender" in predictor.attributes else None,
                            "age_error": np.abs(joined["years"] - ages[kept]) if "age" in report else None,
-                           "age_known": ages[kept] >= 0 if "age" in report else None}
+                           "age_known": ages[kept] >= 0 if "age" in report else None,
+                           "groups": {column: banded(values, column)
+                                      for column, values in face_groups(data, kept).items()}}
     report["model"] = f"{predictor.name}@{predictor.version}"
     report["images"] = len(data.images)
     report["evaluated"] = int(len(kept))
@@ -286,117 +287,26 @@ def evaluate_predictor(predictor: Predictor, data: LabelledSet, batch_size: int 
     return report
 
 
-def mcnemar_p(a_right: np.ndarray, b_right: np.ndarray) -> float:
-    """Exact two-sided McNemar test on paired right/wrong outcomes."""
-    b = int((a_right & ~b_right).sum())
-    c = int((~a_right & b_right).sum())
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n
-    return float(min(1.0, 2 * tail))
-
-
-def paired_error_p(a_error: np.ndarray, b_error: np.ndarray) -> float:
-    """Two-sided p of a paired t-test on absolute errors (normal approximation: n is the
-    test split's hundreds of faces)."""
-    d = np.asarray(a_error, dtype=np.float64) - np.asarray(b_error, dtype=np.float64)
-    if len(d) < 2 or d.std(ddof=1) == 0:
-        return 1.0 if len(d) < 2 or d.mean() == 0 else 0.0
-    z = d.mean() / (d.std(ddof=1) / math.sqrt(len(d)))
-    return float(math.erfc(abs(z) / math.sqrt(2)))
-
-
-def faces_in_common(reports: list[dict]) -> np.ndarray:
-    """The dataset indices of the faces every report (with `keep_faces`) evaluated, sorted."""
-    common = set(reports[0]["faces"]["index"].tolist())
-    for report in reports[1:]:
-        common &= set(report["faces"]["index"].tolist())
-    return np.array(sorted(common), dtype=np.int64)
-
-
-def outcomes_on(report: dict, common: np.ndarray, key: str) -> np.ndarray:
-    """A per-face outcome of a report (`correct`, `age_error`, `age_known`) on the faces `common`."""
-    faces = report["faces"]
-    position = {index: i for i, index in enumerate(faces["index"].tolist())}
-    return np.asarray(faces[key])[[position[i] for i in common.tolist()]]
-
-
-def _paired(candidate: dict, current: dict, key: str, mask_key: str | None = None):
-    """Per-face outcomes of both models over the faces both evaluated (None without them)."""
-    if (candidate.get("faces") or {}).get(key) is None or (current.get("faces") or {}).get(key) is None:
-        return None
-    common = faces_in_common([candidate, current])
-    left, right = outcomes_on(candidate, common, key), outcomes_on(current, common, key)
-    if mask_key:
-        keep = outcomes_on(candidate, common, mask_key).astype(bool)
-        left, right = left[keep], right[keep]
-    return left, right
-
-
-def decide_promotion(candidate: dict, current: dict, alpha: float = 0.05) -> dict:
-    """Per attribute, on the same held-out images: an attribute production answers that
-    the candidate answers worse beyond noise (McNemar for gender, a paired test on age
-    errors, p < `alpha`; without per-face outcomes, any drop), or does not answer at all,
-    blocks the promotion; at least one attribute must get better (or be new)."""
-    verdicts, better, worse = {}, [], []
-
-    def judge(attribute: str, new: float, old: float, pair, test, higher_is_better: bool, text: str) -> None:
-        change = new - old
-        p = test(*pair) if pair is not None else None
-        verdicts[attribute] = {"candidate": new, "production": old, "change": change, "p": p}
-        line = text + (f" (p={p:.3g})" if p is not None else "")
-        got_worse, got_better = (change < 0, change > 0) if higher_is_better else (change > 0, change < 0)
-        if got_worse and (p is None or p < alpha):
-            worse.append(line)
-        elif got_better:
-            better.append(line)
-
-    if "accuracy" in current or "accuracy" in candidate:
-        if "accuracy" not in candidate:
-            worse.append("gender (not answered)")
-        elif "accuracy" in current:
-            judge("gender", candidate["accuracy"], current["accuracy"], _paired(candidate, current, "correct"),
-                  mcnemar_p, True, f"gender accuracy {candidate['accuracy']:.4f} vs {current['accuracy']:.4f}")
-    new_age, old_age = candidate.get("age", {}), current.get("age", {})
-    if old_age.get("count") and not new_age.get("count"):
-        worse.append("age (not answered)")
-    elif new_age.get("count") and not old_age.get("count"):
-        better.append(f"age is new (MAE {new_age['mae']:.2f} years)")
-        verdicts["age"] = {"candidate": new_age["mae"], "production": None}
-    elif new_age.get("count"):
-        judge("age", new_age["mae"], old_age["mae"], _paired(candidate, current, "age_error", "age_known"),
-              paired_error_p, False, f"age MAE {new_age['mae']:.2f} vs {old_age['mae']:.2f} years")
-    promote = bool(better) and not worse
-    images = candidate.get("images", "?")
-    if promote:
-        reason = f"{candidate['model']} promoted over {current['model']}: better: {'; '.join(better)}"
-    elif worse:
-        reason = f"{candidate['model']} not promoted over {current['model']}: worse: {'; '.join(worse)}"
-    else:
-        reason = f"{candidate['model']} not promoted over {current['model']}: no attribute got better"
-    reason += f" (on the same {images} held-out images)"
-    strip = (lambda report: {k: v for k, v in report.items() if k != "faces"})
-    return {"promote": promote, "reason": reason, "attributes": verdicts, "better": better, "worse": worse,
-            "candidate": strip(candidate), "production": strip(current),
-            "decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+def face_groups(data: LabelledSet, kept: np.ndarray) -> dict[str, list]:
+    """The groups of the faces `kept`: their true gender, and every extra column of the dataset."""
+    return {"gender": ["male" if data.labels[i] else "female" for i in kept],
+            **{k: [v[i] for i in kept] for k, v in data.groups.items() if k != "gender"}}
 
 
 def age_metrics(data: LabelledSet, kept: np.ndarray, ages: np.ndarray, years: np.ndarray, confidence: np.ndarray,
                 abstain_threshold: float) -> dict:
     """The age report for the faces `kept`, by gender, by every extra column, and by the
     true age's band."""
-    groups = {"gender": ["male" if data.labels[i] else "female" for i in kept],
-              **{k: [v[i] for i in kept] for k, v in data.groups.items()}}
-    return age_report(ages[kept], years, confidence, abstain_threshold, groups)
+    return age_report(ages[kept], years, confidence, abstain_threshold, face_groups(data, kept))
 
 
 def metrics_report(data: LabelledSet, kept: np.ndarray, p_male: np.ndarray, abstain_threshold: float) -> dict:
-    """Accuracy, calibration (ECE), coverage at the threshold, and accuracy per group of
-    every extra column with the largest gap: for the faces `kept` of `data`."""
+    """Accuracy, calibration (ECE), coverage at the threshold, and accuracy per group (the
+    true gender and every extra column) with its interval and the largest gap: for the
+    faces `kept` of `data`."""
     labels = data.labels[kept]
     report = classification_report(labels, p_male, abstain_threshold)
-    report["groups"] = group_report(labels, p_male, {k: [v[i] for i in kept] for k, v in data.groups.items()})
+    report["groups"] = group_report(labels, p_male, face_groups(data, kept))
     return report
 
 

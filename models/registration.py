@@ -22,7 +22,8 @@ from gender_pipeline.models.face_attributes import (AGES, ATTRIBUTES, FORMAT as 
                                                     softmax)
 from gender_pipeline.models.face_embedding import BACKBONE, FORMAT as EMBEDDING_FORMAT, HeadSpec, KIND as EMBEDDING_KIND
 from gender_pipeline.models.predictor import calibrate
-from gender_pipeline.models.report_plots import plot_age, plot_calibration, plot_confusion, plot_curves, plot_face_grid
+from gender_pipeline.models.report_plots import (plot_age, plot_calibration, plot_confusion, plot_curves,
+                                                 plot_face_grid, plot_groups)
 from gender_pipeline.models.retrain_options import TrainingRun
 
 
@@ -140,6 +141,7 @@ def report_files(run: TrainingRun, winner: Winner, data: LabelledSet, calibratio
                  "winner_test": calibration.test, **calibration.age}),
              "report/confusion_matrix.png": plot_confusion(calibration.test["confusion_matrix"], name),
              "report/learning_curves.png": plot_curves(winner.results),
+             "report/groups.png": plot_groups(calibration.test, name),
              "report/faces.png": plot_face_grid(grid.chips, sample.labels[grid.kept], shown.p_male,
                                                 ages=shown.age_years, bands=shown.age_band,
                                                 band_confidence=shown.age_confidence,

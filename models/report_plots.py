@@ -114,10 +114,16 @@ def plot_age(true_ages: np.ndarray, years: np.ndarray, report: dict, title: str)
     scatter.set_title(f"{title}: MAE {report['mae']:.2f} years")
     by_band = report.get("groups_mae", {}).get("age", {}).get("groups", {})
     names = [b for b in report["bands"] if b in by_band]
-    errors.bar(names, [by_band[b]["mae"] for b in names])
+    values = np.array([by_band[b]["mae"] for b in names])
+    spread = np.nan_to_num(np.maximum(0, np.array([[by_band[b]["mae"] - by_band[b]["low"] for b in names],
+                                                   [by_band[b]["high"] - by_band[b]["mae"] for b in names]])
+                                      .reshape(2, -1)))
+    errors.bar(names, values, yerr=spread, capsize=3, ecolor="black",
+               color=["lightgray" if by_band[b]["too_small"] else "C0" for b in names])
     for i, b in enumerate(names):
-        errors.text(i, by_band[b]["mae"], f"{by_band[b]['count']}", ha="center", va="bottom", fontsize=7)
-    errors.set_title("MAE by true age band (faces above the bars)")
+        errors.text(i, values[i] + spread[1, i], f"{by_band[b]['count']}", ha="center", va="bottom", fontsize=7)
+    errors.set_title("MAE by true age band, 95% intervals\n(faces above the bars; grey: too few to compare)",
+                     fontsize=9)
     errors.set_ylabel("years")
     matrix = np.asarray(report["band_confusion"])
     matrix_axis.imshow(matrix, cmap="Blues")
@@ -155,4 +161,51 @@ def plot_calibration(labels: np.ndarray, p_male: np.ndarray, true_ages: np.ndarr
         axis.set_xlabel("confidence given")
         axis.set_ylabel("share right")
         axis.set_title(f"{title}: calibration (faces per point)")
+    return _figure_bytes(figure)
+
+
+def plot_groups(report: dict, title: str) -> bytes:
+    """Every group's figure with its 95% interval, one panel per group column: gender
+    accuracy (top row) and, for a model that answers age, age MAE (bottom row). Each
+    panel's title gives the largest gap with its interval; groups too small to compare are
+    grey and say so."""
+    plt = _pyplot()
+
+    rows = [("accuracy", "gender accuracy, %", report.get("groups", {}), 100)]
+    if report.get("age", {}).get("groups_mae"):
+        rows.append(("mae", "age MAE, years", report["age"]["groups_mae"], 1))
+    rows = [row for row in rows if row[2]]
+    if not rows:
+        figure, axis = plt.subplots(figsize=(6, 1.5))
+        axis.axis("off")
+        axis.text(0.5, 0.5, f"{title}: the data has no group columns", ha="center", va="center")
+        return _figure_bytes(figure)
+    columns = max(len(part) for _, _, part, _ in rows)
+    figure, axes = plt.subplots(len(rows), columns, figsize=(4.6 * columns, 0.5 + 2.9 * len(rows)), squeeze=False)
+    for r, (metric, label, part, scale) in enumerate(rows):
+        for c in range(columns):
+            axis = axes[r][c]
+            if c >= len(part):
+                axis.axis("off")
+                continue
+            column, column_report = list(part.items())[c]
+            groups = list(column_report["groups"].items())
+            for y, (group, v) in enumerate(groups):
+                colour = "gray" if v["too_small"] else "C0"
+                value = scale * v[metric]
+                spread = np.nan_to_num(np.maximum(0, [[value - scale * v["low"]], [scale * v["high"] - value]]))
+                axis.errorbar(value, y, xerr=spread, fmt="o", color=colour, capsize=3)
+            axis.set_yticks(range(len(groups)), [f"{g} ({v['count']}{', too small' if v['too_small'] else ''})"
+                                                 for g, v in groups], fontsize=8)
+            axis.invert_yaxis()
+            axis.set_xlabel(label, fontsize=8)
+            axis.grid(axis="x", alpha=0.3)
+            heading = column
+            if column_report.get("max_gap_between"):
+                unit = " points" if metric == "accuracy" else " y"
+                heading += (f": largest gap {scale * column_report['max_gap']:.1f}{unit}\n(95% interval "
+                            f"{scale * column_report['max_gap_low']:.1f} to {scale * column_report['max_gap_high']:.1f})")
+            axis.set_title(heading, fontsize=9)
+    figure.suptitle(f"{title}: per group, 95% intervals (faces in brackets)", fontsize=10)
+    figure.tight_layout()
     return _figure_bytes(figure)

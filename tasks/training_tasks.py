@@ -17,17 +17,18 @@ from prefect.cache_policies import NO_CACHE
 from gender_pipeline.models.chips import ChipSet, Parts, Reading, cached_parts, check_skipped, extract_chips
 from gender_pipeline.models.datasets import DatasetError, LabelledSet, dataset_ages, load_dataset
 from gender_pipeline.models.dlib_resnet import load_dlib_face_resnet
-from gender_pipeline.models.experiment import AgeResult, Experiment, RunResult, decide_promotion, evaluate_predictor
+from gender_pipeline.models.experiment import AgeResult, Experiment, RunResult, evaluate_predictor
 from gender_pipeline.models.face_attributes import (AttributeSpec, Inputs, KIND as ATTRIBUTES_KIND, cached_views,
                                                     fit_attributes, predict_inputs, split_metrics)
 from gender_pipeline.models.face_embedding import (BACKBONE, Embedder, Embeddings, HeadSpec, KIND as EMBEDDING_KIND,
                                                    embed_dataset, fit_head, head_logits)
-from gender_pipeline.models.metrics import classification_report
+from gender_pipeline.models.metrics import MIN_GROUP, classification_report, group_lines
 from gender_pipeline.models.networks import build_network
 from gender_pipeline.models.predictor import calibrate
 from gender_pipeline.models.presets import eval_preset
+from gender_pipeline.models.promotion import decide_promotion
 from gender_pipeline.models.registration import Winner, register_version
-from gender_pipeline.models.registry import BASELINE_NAME, BASELINE_VERSION, PRODUCTION_MODEL, ModelRef
+from gender_pipeline.models.registry import BASELINE_NAME, BASELINE_VERSION, ModelRef, PRODUCTION_MODEL
 from gender_pipeline.models.retrain_options import TrainingRun
 from gender_pipeline.models.train import Checkpoint, FitOptions, evaluate, fit, make_loader
 
@@ -323,18 +324,22 @@ def register_winner(run: TrainingRun, winner: RunResult, why: str, results: list
     get_run_logger().info("registered %s@%s (temperature %.3f, abstain below %.3f)", name, version,
                           registered.temperature, registered.threshold)
     calibrated = registered.test
-    fairness = [{"column": column, "group": group, "accuracy": round(v["accuracy"], 4), "faces": v["count"]}
-                for column, report in calibrated["groups"].items() for group, v in report["groups"].items()]
+    fairness = fairness_rows(calibrated)
     if fairness:
-        create_table_artifact(fairness, key="fairness", description=f"{name}@{version}: test accuracy per group")
-    gaps = "; ".join(f"{column} {report['max_gap']:.3f}" for column, report in calibrated["groups"].items())
+        create_table_artifact(fairness, key="fairness",
+                              description=f"{name}@{version}: test figures per group, with 95% intervals")
+    age = calibrated.get("age", {})
+    groups = _bullets(group_lines(calibrated.get("groups", {})))
+    age_groups = _bullets(group_lines(age.get("groups_mae", {}), "mae", percent=False))
     create_markdown_artifact(
         f"## Registered {name}@{version}\n\n{why}\n\n"
         f"Test accuracy {calibrated['accuracy']:.4f}, ROC-AUC {calibrated['roc_auc']:.4f}, "
         f"ECE {calibrated['ece']:.4f}; coverage {calibrated['coverage']:.3f} at the abstain threshold, "
         f"accuracy {calibrated['accuracy_when_answering']:.4f} when answering.\n\n"
-        f"Largest accuracy gap between groups (of at least 20 faces): {gaps or 'no group columns'}.\n\n"
-        f"Temperature {registered.temperature:.3f}, abstain below {registered.threshold:.3f} "
+        f"Gender accuracy per group (95% intervals; the largest gap over groups of at least {MIN_GROUP} faces):\n\n"
+        f"{groups or '- no group columns'}\n\n"
+        + (f"Age MAE in years per group (95% intervals):\n\n{age_groups}\n\n" if age_groups else "")
+        + f"Temperature {registered.temperature:.3f}, abstain below {registered.threshold:.3f} "
         f"(target coverage {run.experiment.target_coverage:.0%}).\n\n"
         f"Report files: `{reg.url}/{name}/{version}/report/`",
         key="registered-model", description="the winner of this retraining run")
@@ -344,7 +349,7 @@ def register_winner(run: TrainingRun, winner: RunResult, why: str, results: list
 @task(name="promotion-gate", cache_policy=NO_CACHE)
 def promotion_gate(run: TrainingRun, version: str, data: LabelledSet) -> dict:
     """Promote only when, on the same test images, no attribute of production gets worse
-    beyond noise and one gets better (or is new): models.experiment.decide_promotion."""
+    beyond noise and one gets better (or is new): models.promotion.decide_promotion."""
     logger = get_run_logger()
     experiment, device, reg, options = run.experiment, run.device, run.registry, run.stores.options
     test = data.subset(data.indices("test"))
@@ -358,9 +363,36 @@ def promotion_gate(run: TrainingRun, version: str, data: LabelledSet) -> dict:
     reg.store.write_atomic(f"{experiment.model_name}/{version}/promotion.json",
                            json.dumps(decision, indent=2, default=float).encode())
     logger.info(decision["reason"])
-    create_markdown_artifact(f"## Promotion\n\n{decision['reason']}", key="promotion",
-                             description="promotion decision")
+    tested = [row for row in decision["groups"] if row["tested"]]
+    table = "".join(f"| {row['attribute']} | {row['column']} | {row['group']} | {row['faces']} "
+                    f"| {row['candidate']:.4f} | {row['production']:.4f} | {row['change']:+.4f} | {row['p']:.3g} "
+                    f"| {row['p_holm']:.3g} | {'worse' if row['worse'] else 'no'} |\n" for row in tested)
+    create_markdown_artifact(
+        f"## Promotion\n\n{decision['reason']}\n\n"
+        + (f"Groups of at least {decision['group_rule']['min_faces']} test faces, paired tests, Holm-adjusted:\n\n"
+           "| attribute | column | group | faces | candidate | production | change | p | Holm p | blocks |\n"
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n" + table if tested else
+           f"No group had {decision['group_rule']['min_faces']} test faces to test."),
+        key="promotion", description="promotion decision")
     return decision
+
+
+def _bullets(lines: list[str]) -> str:
+    """metrics.group_lines as a Markdown list (its indented lines one level down)."""
+    return "\n".join(f"  - {line.strip()}" if line.startswith("  ") else f"- {line}" for line in lines)
+
+
+def fairness_rows(report: dict) -> list[dict]:
+    """The fairness table: gender accuracy and age MAE per group with their 95% intervals."""
+    rows = []
+    for attribute, part, metric in (("gender accuracy", report.get("groups", {}), "accuracy"),
+                                    ("age MAE (years)", report.get("age", {}).get("groups_mae", {}), "mae")):
+        for column, column_report in part.items():
+            for group, v in column_report["groups"].items():
+                rows.append({"figure": attribute, "column": column, "group": group, "value": round(v[metric], 4),
+                             "low": round(v["low"], 4), "high": round(v["high"], 4), "faces": v["count"],
+                             "note": "too small to compare" if v["too_small"] else ""})
+    return rows
 
 
 def train_candidates(run: TrainingRun, dataset: LabelledSet) -> tuple[list[RunResult], int]:

@@ -91,3 +91,57 @@ def test_tiny_groups_do_not_make_the_gap():
     p_male = np.array([0.9] * 21 + [0.1] * 4)
     out = group_report(labels, p_male, {"race": ["a"] * 21 + ["b"] * 4})
     assert out["race"]["groups"]["b"]["accuracy"] == 0.0 and out["race"]["max_gap"] == 0.0
+
+
+def test_wilson_interval():
+    from gender_pipeline.models.metrics import wilson
+
+    low, high = wilson(0, 10)
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)  # the textbook value
+    low, high = wilson(180, 190)
+    assert low < 180 / 190 < high and (low, high) == pytest.approx((0.9058, 0.9712), abs=1e-4)
+    assert wilson(20, 20)[1] == 1.0 and wilson(20, 20)[0] == pytest.approx(0.8389, abs=1e-4)
+    assert all(np.isnan(wilson(0, 0)))
+
+
+def test_difference_intervals():
+    from gender_pipeline.models.metrics import mean_difference, mean_interval, share_difference
+
+    low, high = share_difference((56, 70), (48, 80))  # Newcombe (1998), example (d): 0.2 [0.0524, 0.3339]
+    assert (low, high) == pytest.approx((0.0524, 0.3339), abs=1e-4)
+    values = np.array([1.0, 2.0, 3.0, 4.0])
+    low, high = mean_interval(values)
+    assert (low + high) / 2 == pytest.approx(2.5) and high - low == pytest.approx(2 * 1.96 * values.std(ddof=1) / 2,
+                                                                                  rel=1e-3)
+    low, high = mean_difference(values + 10, values)
+    assert low < 10 < high and all(np.isnan(mean_interval(values[:1])))
+
+
+def test_every_group_has_an_interval_and_small_groups_are_named():
+    labels = np.ones(125, int)
+    p_male = np.array([0.9] * 95 + [0.1] * 5 + [0.9] * 20 + [0.1] * 5)
+    out = group_report(labels, p_male, {"race": ["a"] * 100 + ["b"] * 20 + ["c"] * 5})["race"]
+    assert out["too_small"] == ["c"] and out["groups"]["c"]["too_small"] and not out["groups"]["b"]["too_small"]
+    a, b = out["groups"]["a"], out["groups"]["b"]
+    assert a["low"] < a["accuracy"] == 0.95 < a["high"] and b["accuracy"] == 1.0 == b["high"] and b["low"] < 1
+    assert out["max_gap_between"] == ["b", "a"] and out["max_gap"] == pytest.approx(0.05)
+    assert out["max_gap_low"] < 0 < 0.05 < out["max_gap_high"]  # 5 points over 20 faces: within noise
+    from gender_pipeline.models.metrics import group_lines
+
+    text = "\n".join(group_lines({"race": out}))
+    assert "a 95.0% (88.8-97.8, 100 faces)" in text and "c 0.0% (0.0-43.4, 5 faces, too small)" in text
+    assert "largest gap 5.0 points (95% interval" in text and "b against a" in text
+    assert "too small to compare (under 20 faces): c" in text
+
+
+def test_age_groups_have_mean_intervals():
+    from gender_pipeline.models.metrics import age_report
+
+    rng = np.random.default_rng(0)
+    true = rng.integers(20, 60, 200).astype(float)
+    years = true + rng.normal(0, 5, 200)
+    report = age_report(true, years, np.full(200, 0.9), 0.5, {"gender": ["f", "m"] * 100})
+    part = report["groups_mae"]["gender"]
+    for v in part["groups"].values():
+        assert v["low"] < v["mae"] < v["high"] and v["high"] - v["low"] < 2
+    assert part["max_gap_low"] < part["max_gap"] < part["max_gap_high"]

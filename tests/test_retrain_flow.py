@@ -6,7 +6,7 @@ import pytest
 
 from gender_pipeline import samples
 from gender_pipeline.cli import main
-from gender_pipeline.models.experiment import decide_promotion
+from gender_pipeline.models.promotion import decide_promotion
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -49,10 +49,15 @@ def test_retrain_registers_reports_and_gates_promotion(tiny, capsys):
     assert card["initial_weights"] == "none" and card["calibration"]["temperature"] > 0
     assert 0.5 <= card["abstain_threshold"] <= 1 and len(card["data"]["fingerprint"]) == 64
     for name in ("model.pt", "config.yaml", "report/results.json", "report/confusion_matrix.png",
-                 "report/learning_curves.png", "report/faces.png", "promotion.json"):
+                 "report/learning_curves.png", "report/faces.png", "report/groups.png", "promotion.json"):
         assert (version / name).stat().st_size > 0, name
+    gender_groups = card["metrics"]["test"]["groups"]["gender"]["groups"]
+    assert all(v["low"] <= v["accuracy"] <= v["high"] and v["too_small"] for v in gender_groups.values())
     decision = json.loads((version / "promotion.json").read_text())
     assert decision["production"]["model"] == "dlib-gender-v1@1"
+    # Six test faces: every group is listed, none big enough for the gate to test.
+    assert {row["column"] for row in decision["groups"]} >= {"gender", "age_band"}
+    assert not any(row["tested"] for row in decision["groups"]) and decision["group_rule"]["min_faces"] == 100
     promoted = decision["candidate"]["accuracy"] > decision["production"]["accuracy"]
     assert decision["promote"] == promoted
     pointer = registry / "production.json"
