@@ -82,7 +82,11 @@ def test_evaluate_prints_the_report(tiny, capsys):
     status = main(["evaluate", "--model", "dlib-gender-v1", "--data", str(tiny / "data"), "--format",
                    "manifest", "--registry", str(tiny / "eval-registry"), "--workers", "0"])
     assert status == 0
-    report = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr()
+    report = json.loads(printed.out)
+    # The figures per group, readable on stderr: 30 faces, every group too small to compare.
+    assert "dlib-gender-v1@1: gender accuracy per group, 95% intervals" in printed.err
+    assert "too small to compare (under 20 faces): female, male" in printed.err
     for key in ("accuracy", "per_class", "roc_auc", "ece", "coverage", "accuracy_when_answering",
                 "groups", "images_per_second", "abstain_threshold"):
         assert key in report, key
