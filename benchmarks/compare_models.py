@@ -44,7 +44,7 @@ def gap(part: dict, scale: float = 100, digits: int = 2) -> str:
     if not part:
         return "—"
     if not part.get("max_gap_between"):
-        return "no two groups of 20"
+        return f"no two groups of {part['max_gap_over_groups_of_at_least']} faces"
     return (f"{scale * part['max_gap']:.{digits}f} ({scale * part['max_gap_low']:.{digits}f} to "
             f"{scale * part['max_gap_high']:.{digits}f}; {' − '.join(part['max_gap_between'])})")
 

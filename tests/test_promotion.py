@@ -97,3 +97,25 @@ def test_holm():
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     assert holm([]) == []
     assert holm([0.5]) == [0.5]
+
+
+def test_compare_models_prints_intervals_and_the_gates_verdict(production, capsys):
+    """benchmarks/compare_models.py's tables, on two reports of the same faces."""
+    from benchmarks.compare_models import gate_verdicts, gender_table
+    from gender_pipeline.models.metrics import classification_report, group_report
+
+    labels = np.arange(len(RACES)) % 2
+    runs = []
+    for name, correct in (("prod@1", production), ("new@2", _made_worse_on(production, "other", 16))):
+        p_male = np.where(correct, labels, 1 - labels) * 0.8 + 0.1
+        report = _report(name, correct)
+        report.update(classification_report(labels, p_male), images_per_second=10.0,
+                      groups=group_report(labels, p_male, {"race": RACES}))
+        runs.append((name, report))
+    gender_table(runs, len(RACES))
+    gate_verdicts(runs)
+    out = capsys.readouterr().out
+    assert "| race | other | 91.9 (86.6–95.2), 160 | 81.9 (75.2–87.1), 160 |" in out
+    assert "asian − other" in out or "white − other" in out or "black − other" in out  # the gap names its groups
+    assert "- new@2: new@2 not promoted over prod@1: worse: gender accuracy for race other (160 faces)" in out
+    assert "race other (160 faces): 0.8187 vs 0.9187, change -0.1000" in out and "— blocks" in out
