@@ -63,9 +63,12 @@ def groups_table(runs: list[tuple[str, dict]], title: str, parts, metric: str, s
             cells = []
             for part in by_run:
                 v = part.get(column, {}).get("groups", {}).get(group)
-                cells.append("—" if v is None else
-                             f"{scale * v[metric]:.{digits}f} ({scale * v['low']:.{digits}f}–{scale * v['high']:.{digits}f}), "
-                             f"{v['count']}" + (" too small" if v["too_small"] else ""))
+                if v is None:
+                    cells.append("—")
+                    continue
+                value, low, high = (scale * v[key] for key in (metric, "low", "high"))
+                cells.append(f"{value:.{digits}f} ({low:.{digits}f}–{high:.{digits}f}), {v['count']}"
+                             + (" too small" if v["too_small"] else ""))
             print(f"| {column} | {group} | " + " | ".join(cells) + " |")
 
 

@@ -11,7 +11,7 @@ from gender_pipeline.lake.answers import ModelRef
 from gender_pipeline.lake.storage import Stores
 from gender_pipeline.models.datasets import load_dataset, stratified_sample
 from gender_pipeline.models.experiment import evaluate_predictor
-from gender_pipeline.models.metrics import group_lines
+from gender_pipeline.models.metrics import group_figures, group_lines
 from gender_pipeline.models.registry import Registry
 from gender_pipeline.runtime.errors import EXIT_USAGE
 
@@ -29,15 +29,13 @@ def evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+GROUP_TITLES = {"accuracy": "gender accuracy per group", "mae": "age MAE in years per group"}
+
+
 def group_summary(report: dict) -> list[tuple[str, list[str]]]:
     """The figures per group, with their 95% intervals, as readable lines (for stderr)."""
-    parts = []
-    if report.get("groups"):
-        parts.append((f"{report['model']}: gender accuracy per group, 95% intervals", group_lines(report["groups"])))
-    if report.get("age", {}).get("groups_mae"):
-        parts.append((f"{report['model']}: age MAE in years per group, 95% intervals",
-                      group_lines(report["age"]["groups_mae"], "mae", percent=False)))
-    return parts
+    return [(f"{report['model']}: {GROUP_TITLES[metric]}, 95% intervals", group_lines(part, metric))
+            for metric, part in group_figures(report)]
 
 
 def promote(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -204,9 +204,18 @@ def per_group(values: np.ndarray, groups: dict[str, list], min_count: int = MIN_
     return out
 
 
-def group_lines(report: dict, metric: str = "accuracy", percent: bool = True) -> list[str]:
+def group_figures(report: dict) -> list[tuple[str, dict]]:
+    """The figures per group an evaluation report has, as (metric, `per_group` report):
+    `accuracy` (gender), and `mae` (age, in years) for a model that answers age."""
+    parts = [("accuracy", report.get("groups") or {}), ("mae", (report.get("age") or {}).get("groups_mae") or {})]
+    return [(metric, part) for metric, part in parts if part]
+
+
+def group_lines(report: dict, metric: str = "accuracy") -> list[str]:
     """Readable lines of a `per_group` report: every group's figure with its 95% interval
-    and faces, the largest gap with its interval, the groups too small to compare."""
+    and faces, the largest gap with its interval, the groups too small to compare. A
+    share reads in percent and points, an MAE in its own unit."""
+    percent = metric != "mae"
     scale, unit = (100, "%") if percent else (1, "")
     number = (lambda x: f"{scale * x:.1f}") if percent else (lambda x: f"{x:.2f}")
     gap_unit = " points" if percent else ""

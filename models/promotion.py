@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -68,19 +70,22 @@ def faces_in_common(reports: list[dict]) -> np.ndarray:
     return np.array(sorted(common), dtype=np.int64)
 
 
+def positions_on(report: dict, common: np.ndarray) -> np.ndarray:
+    """Where each face of `common` stands in a report's per-face arrays."""
+    position = {index: i for i, index in enumerate(report["faces"]["index"].tolist())}
+    return np.array([position[i] for i in common.tolist()], dtype=np.int64)
+
+
 def outcomes_on(report: dict, common: np.ndarray, key: str) -> np.ndarray:
     """A per-face outcome of a report (`correct`, `age_error`, `age_known`) on the faces `common`."""
-    faces = report["faces"]
-    position = {index: i for i, index in enumerate(faces["index"].tolist())}
-    return np.asarray(faces[key])[[position[i] for i in common.tolist()]]
+    return np.asarray(report["faces"][key])[positions_on(report, common)]
 
 
 def groups_on(report: dict, common: np.ndarray) -> dict[str, np.ndarray]:
     """Every face's group per group column, on the faces `common`."""
-    faces = report["faces"]
-    position = np.array([{index: i for i, index in enumerate(faces["index"].tolist())}[i] for i in common.tolist()],
-                        dtype=np.int64)
-    return {column: np.asarray(values, dtype=object)[position] for column, values in (faces.get("groups") or {}).items()}
+    at = positions_on(report, common)
+    groups = report["faces"].get("groups") or {}
+    return {column: np.asarray(values, dtype=object)[at] for column, values in groups.items()}
 
 
 class Paired:
@@ -102,14 +107,33 @@ class Paired:
         return cls(candidate, current, key, mask_key)
 
 
-ATTRIBUTES = {  # attribute: (per-face key, mask key, its test, higher is better, the figure's name, format)
-    "gender": ("correct", None, mcnemar_p, True, "accuracy", lambda x: f"{100 * x:.1f}%"),
-    "age": ("age_error", "age_known", paired_error_p, False, "MAE", lambda x: f"{x:.2f} years"),
+@dataclass(frozen=True)
+class Attribute:
+    """How the gate compares one attribute: the per-face outcome (and the mask of faces it
+    counts on), the paired test, which way is better, and how figures and changes read."""
+
+    key: str
+    mask: str | None
+    test: Callable[[np.ndarray, np.ndarray], float]
+    test_name: str
+    higher_is_better: bool
+    figure: str
+    shown: Callable[[float], str]
+    change_shown: Callable[[float], str]
+
+    def worse(self, change: float) -> bool:
+        return change < 0 if self.higher_is_better else change > 0
+
+    def better(self, change: float) -> bool:
+        return change > 0 if self.higher_is_better else change < 0
+
+
+ATTRIBUTES = {
+    "gender": Attribute("correct", None, mcnemar_p, "McNemar", True, "accuracy", lambda x: f"{100 * x:.1f}%",
+                        lambda x: f"{100 * x:+.1f} points"),
+    "age": Attribute("age_error", "age_known", paired_error_p, "paired test", False, "MAE",
+                     lambda x: f"{x:.2f} years", lambda x: f"{x:+.2f} years"),
 }
-
-
-def _change_text(attribute: str, change: float) -> str:
-    return f"{100 * change:+.1f} points" if attribute == "gender" else f"{change:+.2f} years"
 
 
 def group_verdicts(attribute: str, pair: Paired, min_group: int = GATE_MIN_GROUP, alpha: float = ALPHA) -> list[dict]:
@@ -117,7 +141,7 @@ def group_verdicts(attribute: str, pair: Paired, min_group: int = GATE_MIN_GROUP
     change, the paired test's p and Holm's adjusted p over all the groups tested; `worse`
     when the candidate is worse there beyond noise. Groups under `min_group` are listed
     with `tested: False`."""
-    _, _, test, higher_is_better, _, _ = ATTRIBUTES[attribute]
+    spec = ATTRIBUTES[attribute]
     rows = []
     for column, members in pair.groups.items():
         for group in sorted(set(members.tolist()), key=str):
@@ -126,20 +150,18 @@ def group_verdicts(attribute: str, pair: Paired, min_group: int = GATE_MIN_GROUP
             tested = int(inside.sum()) >= min_group
             rows.append({"attribute": attribute, "column": column, "group": str(group), "faces": int(inside.sum()),
                          "candidate": new, "production": old, "change": new - old, "tested": tested,
-                         "p": test(pair.candidate[inside], pair.current[inside]) if tested else None})
+                         "p": spec.test(pair.candidate[inside], pair.current[inside]) if tested else None})
     tested = [row for row in rows if row["tested"]]
     for row, adjusted in zip(tested, holm([row["p"] for row in tested])):
-        got_worse = row["change"] < 0 if higher_is_better else row["change"] > 0
-        row.update(p_holm=adjusted, worse=bool(got_worse and adjusted < alpha))
+        row.update(p_holm=adjusted, worse=bool(spec.worse(row["change"]) and adjusted < alpha))
     return rows
 
 
 def _group_line(row: dict) -> str:
-    _, _, test, _, figure, shown = ATTRIBUTES[row["attribute"]]
-    name = "McNemar" if test is mcnemar_p else "paired test"
-    return (f"{row['attribute']} {figure} for {row['column']} {row['group']} ({row['faces']} faces): "
-            f"{shown(row['candidate'])} vs {shown(row['production'])}, {_change_text(row['attribute'], row['change'])} "
-            f"({name} p={row['p']:.3g}, Holm-adjusted over {row['family']} groups {row['p_holm']:.3g})")
+    spec = ATTRIBUTES[row["attribute"]]
+    return (f"{row['attribute']} {spec.figure} for {row['column']} {row['group']} ({row['faces']} faces): "
+            f"{spec.shown(row['candidate'])} vs {spec.shown(row['production'])}, {spec.change_shown(row['change'])} "
+            f"({spec.test_name} p={row['p']:.3g}, Holm-adjusted over {row['family']} groups {row['p_holm']:.3g})")
 
 
 def decide_promotion(candidate: dict, current: dict, alpha: float = ALPHA, min_group: int = GATE_MIN_GROUP) -> dict:
@@ -150,16 +172,16 @@ def decide_promotion(candidate: dict, current: dict, alpha: float = ALPHA, min_g
     it and by how much (`worse`, `groups`)."""
     verdicts, better, worse, groups = {}, [], [], []
 
-    def judge(attribute: str, new: float, old: float, pair: Paired | None, text: str) -> None:
-        _, _, test, higher_is_better, _, _ = ATTRIBUTES[attribute]
+    def judge(attribute: str, new: float, old: float, text: str) -> None:
+        spec = ATTRIBUTES[attribute]
+        pair = Paired.of(candidate, current, spec.key, spec.mask)
         change = new - old
-        p = test(pair.candidate, pair.current) if pair is not None else None
+        p = spec.test(pair.candidate, pair.current) if pair is not None else None
         verdicts[attribute] = {"candidate": new, "production": old, "change": change, "p": p}
         line = text + (f" (p={p:.3g})" if p is not None else "")
-        got_worse, got_better = (change < 0, change > 0) if higher_is_better else (change > 0, change < 0)
-        if got_worse and (p is None or p < alpha):
+        if spec.worse(change) and (p is None or p < alpha):
             worse.append(line)
-        elif got_better:
+        elif spec.better(change):
             better.append(line)
         if pair is not None and pair.groups:
             rows = group_verdicts(attribute, pair, min_group, alpha)
@@ -175,7 +197,7 @@ def decide_promotion(candidate: dict, current: dict, alpha: float = ALPHA, min_g
         if "accuracy" not in candidate:
             worse.append("gender (not answered)")
         elif "accuracy" in current:
-            judge("gender", candidate["accuracy"], current["accuracy"], Paired.of(candidate, current, "correct"),
+            judge("gender", candidate["accuracy"], current["accuracy"],
                   f"gender accuracy {candidate['accuracy']:.4f} vs {current['accuracy']:.4f}")
     new_age, old_age = candidate.get("age", {}), current.get("age", {})
     if old_age.get("count") and not new_age.get("count"):
@@ -184,8 +206,7 @@ def decide_promotion(candidate: dict, current: dict, alpha: float = ALPHA, min_g
         better.append(f"age is new (MAE {new_age['mae']:.2f} years)")
         verdicts["age"] = {"candidate": new_age["mae"], "production": None}
     elif new_age.get("count"):
-        judge("age", new_age["mae"], old_age["mae"], Paired.of(candidate, current, "age_error", "age_known"),
-              f"age MAE {new_age['mae']:.2f} vs {old_age['mae']:.2f} years")
+        judge("age", new_age["mae"], old_age["mae"], f"age MAE {new_age['mae']:.2f} vs {old_age['mae']:.2f} years")
     promote = bool(better) and not worse
     images = candidate.get("images", "?")
     if promote:

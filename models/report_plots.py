@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gender_pipeline.lake.answers import age_band_index
-from gender_pipeline.models.metrics import reliability_bins
+from gender_pipeline.models.metrics import group_figures, reliability_bins
 
 if TYPE_CHECKING:
     from gender_pipeline.models.experiment import RunResult
@@ -171,18 +171,16 @@ def plot_groups(report: dict, title: str) -> bytes:
     grey and say so."""
     plt = _pyplot()
 
-    rows = [("accuracy", "gender accuracy, %", report.get("groups", {}), 100)]
-    if report.get("age", {}).get("groups_mae"):
-        rows.append(("mae", "age MAE, years", report["age"]["groups_mae"], 1))
-    rows = [row for row in rows if row[2]]
+    labels = {"accuracy": ("gender accuracy, %", 100), "mae": ("age MAE, years", 1)}  # the axis, the scale
+    rows = [(metric, *labels[metric], part) for metric, part in group_figures(report)]
     if not rows:
         figure, axis = plt.subplots(figsize=(6, 1.5))
         axis.axis("off")
         axis.text(0.5, 0.5, f"{title}: the data has no group columns", ha="center", va="center")
         return _figure_bytes(figure)
-    columns = max(len(part) for _, _, part, _ in rows)
+    columns = max(len(part) for _, _, _, part in rows)
     figure, axes = plt.subplots(len(rows), columns, figsize=(4.6 * columns, 0.5 + 2.9 * len(rows)), squeeze=False)
-    for r, (metric, label, part, scale) in enumerate(rows):
+    for r, (metric, label, scale, part) in enumerate(rows):
         for c in range(columns):
             axis = axes[r][c]
             if c >= len(part):
@@ -203,8 +201,9 @@ def plot_groups(report: dict, title: str) -> bytes:
             heading = column
             if column_report.get("max_gap_between"):
                 unit = " points" if metric == "accuracy" else " y"
+                low, high = scale * column_report["max_gap_low"], scale * column_report["max_gap_high"]
                 heading += (f": largest gap {scale * column_report['max_gap']:.1f}{unit}\n(95% interval "
-                            f"{scale * column_report['max_gap_low']:.1f} to {scale * column_report['max_gap_high']:.1f})")
+                            f"{low:.1f} to {high:.1f})")
             axis.set_title(heading, fontsize=9)
     figure.suptitle(f"{title}: per group, 95% intervals (faces in brackets)", fontsize=10)
     figure.tight_layout()

@@ -22,7 +22,7 @@ from gender_pipeline.models.face_attributes import (AttributeSpec, Inputs, KIND 
                                                     fit_attributes, predict_inputs, split_metrics)
 from gender_pipeline.models.face_embedding import (BACKBONE, Embedder, Embeddings, HeadSpec, KIND as EMBEDDING_KIND,
                                                    embed_dataset, fit_head, head_logits)
-from gender_pipeline.models.metrics import MIN_GROUP, classification_report, group_lines
+from gender_pipeline.models.metrics import MIN_GROUP, classification_report, group_figures, group_lines
 from gender_pipeline.models.networks import build_network
 from gender_pipeline.models.predictor import calibrate
 from gender_pipeline.models.presets import eval_preset
@@ -328,9 +328,9 @@ def register_winner(run: TrainingRun, winner: RunResult, why: str, results: list
     if fairness:
         create_table_artifact(fairness, key="fairness",
                               description=f"{name}@{version}: test figures per group, with 95% intervals")
-    age = calibrated.get("age", {})
-    groups = _bullets(group_lines(calibrated.get("groups", {})))
-    age_groups = _bullets(group_lines(age.get("groups_mae", {}), "mae", percent=False))
+    figures = dict(group_figures(calibrated))
+    groups = _bullets(group_lines(figures.get("accuracy", {})))
+    age_groups = _bullets(group_lines(figures.get("mae", {}), "mae"))
     create_markdown_artifact(
         f"## Registered {name}@{version}\n\n{why}\n\n"
         f"Test accuracy {calibrated['accuracy']:.4f}, ROC-AUC {calibrated['roc_auc']:.4f}, "
@@ -384,12 +384,12 @@ def _bullets(lines: list[str]) -> str:
 
 def fairness_rows(report: dict) -> list[dict]:
     """The fairness table: gender accuracy and age MAE per group with their 95% intervals."""
+    names = {"accuracy": "gender accuracy", "mae": "age MAE (years)"}
     rows = []
-    for attribute, part, metric in (("gender accuracy", report.get("groups", {}), "accuracy"),
-                                    ("age MAE (years)", report.get("age", {}).get("groups_mae", {}), "mae")):
+    for metric, part in group_figures(report):
         for column, column_report in part.items():
             for group, v in column_report["groups"].items():
-                rows.append({"figure": attribute, "column": column, "group": group, "value": round(v[metric], 4),
+                rows.append({"figure": names[metric], "column": column, "group": group, "value": round(v[metric], 4),
                              "low": round(v["low"], 4), "high": round(v["high"], 4), "faces": v["count"],
                              "note": "too small to compare" if v["too_small"] else ""})
     return rows
