@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from gender_pipeline.lake.keys import KEY_RULE
 from gender_pipeline.lake.runs import completed
-from gender_pipeline.night.words import plural
+from gender_pipeline.night.words import plural, run_time
 from gender_pipeline.runtime.errors import DataFailure
 
 
@@ -37,18 +37,15 @@ def check_listing(listed: int, new: int, previous: list[dict], min_new_photos: i
                                 f"was scored. Check the source, or lower the guard.", listed, new)
     if last is not None and listed < (1 - max_listing_drop) * last["listed"]:
         raise ListingLooksWrong(
-            f"the source lists {plural(listed, 'object')}, the run of {_when(last)} listed "
+            f"the source lists {plural(listed, 'object')}, the run of {run_time(last, '?')} UTC listed "
             f"{last['listed']:,}: a drop of more than {max_listing_drop:.0%} usually means a wrong prefix or a "
             f"missing mount; nothing was scored. If the photos really were removed, run once with "
             f"--max-listing-drop 1 (the max_listing_drop parameter).", listed, new)
     if listed == 0:
         warnings.append("the source is empty: no object listed" + (
-            "" if last is None else f" (the run of {_when(last)} listed {plural(last['listed'], 'object')})"))
+            "" if last is None else
+            f" (the run of {run_time(last, '?')} UTC listed {plural(last['listed'], 'object')})"))
     return warnings
-
-
-def _when(run: dict) -> str:
-    return str(run.get("listed_at", "?"))[:16].replace("T", " ") + " UTC"
 
 
 def key_shape_warnings(listed: int, bad_keys: int, one_user: str | None) -> list[str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from gender_pipeline.lake.answers import in_band_order
 from gender_pipeline.lake.runs import completed, erasure_counts
-from gender_pipeline.night.words import plural
+from gender_pipeline.night.words import plural, run_time
 
 
 # The flow's stages, in order, for the time table.
@@ -328,15 +328,11 @@ def _trend_table(summary: dict) -> list[str]:
     return rows + [""]
 
 
-def _when(run: dict) -> str:
-    return str(run.get("listed_at", ""))[:16].replace("T", " ")
-
-
 def run_line(run: dict) -> str:
     """One run of the output, for `status`: when, the outcome, what it did, the model."""
     seconds = f", {run['wall_seconds']:.0f} s" if run.get("wall_seconds") else ""
     what = run.get("message") or ""
-    return f"{_when(run)}  {run.get('outcome', 'completed'):<9}  {what} (model {run.get('model')}{seconds})"
+    return f"{run_time(run)}  {run.get('outcome', 'completed'):<9}  {what} (model {run.get('model')}{seconds})"
 
 
 def render_status(status: dict, days: int = 14, runs_shown: int = 5) -> str:
@@ -351,13 +347,13 @@ def render_status(status: dict, days: int = 14, runs_shown: int = 5) -> str:
         done = next((r for r in reversed(runs) if completed(r)), None)
         failed = [r for r in runs if not completed(r)]
         lines.append("             last finished (completed or warnings): "
-                     + (_when(done) + " UTC" if done else "none of these"))
+                     + (run_time(done) + " UTC" if done else "none of these"))
         production = next((r.get("production") for r in reversed(runs) if r.get("production")), None)
         if production:
             lines.append(f"production   {production}, as the last night found it (`gender-pipeline models` for the "
                          f"registry's own view)")
         if failed:
-            which = ", ".join(f"{_when(r)} {r.get('outcome')}" for r in failed[-3:])
+            which = ", ".join(f"{run_time(r)} {r.get('outcome')}" for r in failed[-3:])
             lines.append(f"             failed or cancelled: {len(failed)} of the last {len(runs)} ({which})")
     else:
         lines.append("last runs    none recorded")
